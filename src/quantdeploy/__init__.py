@@ -1,0 +1,28 @@
+"""quantdeploy: quantize a fine-tuned causal LM, measure what it cost, run it and serve it.
+
+The stable public API::
+
+    import quantdeploy as qd
+    base = qd.load_model("path/or/model.gguf", adapter=None)
+    q = qd.quantize(base, qd.RTNConfig(bits=4, group_size=64))
+    qd.save(q, "out/")
+    q2 = qd.load("out/")
+    report = qd.evaluate({"int4": q2.model}, base, text_tokens)   # see quantdeploy.eval
+"""
+
+__version__ = "0.1.0"
+
+from quantdeploy.errors import CheckpointError, ConfigError, DataError, ModelSourceError, QuantDeployError  # noqa: E402
+from quantdeploy.models import ModelBundle, load_model  # noqa: E402
+from quantdeploy.pipeline import describe, generate, load, quantize, save  # noqa: E402
+from quantdeploy.quant.methods.fp8 import FP8Config  # noqa: E402
+from quantdeploy.quant.methods.nf4 import NF4Config  # noqa: E402
+from quantdeploy.quant.methods.rtn import RTNConfig  # noqa: E402
+from quantdeploy.quant.spec import QuantSpec  # noqa: E402
+from quantdeploy.quant.targets import TargetConfig  # noqa: E402
+
+__all__ = [
+    "__version__", "load_model", "quantize", "save", "load", "generate", "describe", "ModelBundle",
+    "RTNConfig", "NF4Config", "FP8Config", "QuantSpec", "TargetConfig",
+    "QuantDeployError", "ConfigError", "ModelSourceError", "CheckpointError", "DataError",
+]

@@ -1,0 +1,269 @@
+"""The command line: one subcommand per public function (quantize, eval, generate, inspect, demo).
+
+Errors a user can cause (:class:`~quantdeploy.errors.QuantDeployError`) print one line and exit 2;
+anything else is a bug and keeps its traceback. Long steps show rich progress bars on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from quantdeploy.errors import ConfigError, QuantDeployError
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+def run_with_progress(description: str, fn, *args, **kwargs):
+    """Call ``fn(*args, progress=callback, **kwargs)`` under a progress bar."""
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=None)
+
+        def callback(done: int, total: int, *_: Any) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return fn(*args, progress=callback, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- quantize
+def build_method_config(args: argparse.Namespace):
+    """A method config from --recipe (YAML) and the flags; flags win. Same schema as Python and YAML."""
+    from quantdeploy.quant.methods import get_method
+
+    recipe: dict[str, Any] = {}
+    if args.recipe:
+        recipe = _read_recipe(Path(args.recipe))
+    name = args.method or recipe.pop("method", None)
+    if name is None:
+        raise ConfigError("no method given; pass --method (rtn, nf4, fp8) or a --recipe with a 'method' key")
+    recipe.pop("method", None)
+    method = get_method(name)
+    fields = {f for f in method.config_cls.__dataclass_fields__}
+    values = dict(recipe)
+    flags = {"bits": args.bits, "symmetric": args.symmetric}
+    if args.group_size is not None:
+        flags["group_size"] = None if args.group_size == 0 else args.group_size
+        flags["pin_group_size"] = True
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key not in fields:
+            flag = {"bits": "--bits", "symmetric": "--sym/--asym"}.get(key, key)
+            raise ConfigError(f"{flag} does not apply to method '{name}'")
+        values[key] = value
+    targets = dict(values.get("targets", {}))
+    if args.include:
+        targets["include"] = args.include
+    if args.exclude:
+        targets["exclude"] = args.exclude
+    if args.lm_head:
+        targets["lm_head"] = True
+    if args.embeddings:
+        targets["embeddings"] = True
+    if targets:
+        values["targets"] = targets
+    return method.config_cls.from_dict(values)
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"no such recipe file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    return data
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import quantdeploy as qd
+
+    config = build_method_config(args)  # bad flags fail before anything is loaded
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
+    with err_console.status("loading model"):
+        base = qd.load_model(args.model, adapter=args.adapter, dtype=args.dtype)
+    quantized = run_with_progress("quantizing", qd.quantize, base, config, seed=args.seed)
+    with err_console.status("saving"):
+        size = qd.save(quantized, out, overwrite=args.overwrite)
+    info = qd.describe(quantized)
+    out_console.print(f"saved {out} ({size / 1e6:.1f} MB on disk, {info['bits_per_weight']:.3f} bits per weight "
+                      f"over {len(info['modules'])} quantized modules)")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- eval
+def _protocol(args: argparse.Namespace):
+    from quantdeploy.eval.fidelity import EvalProtocol
+
+    return EvalProtocol(max_tokens=args.tokens or None, window=args.window, stride=args.stride, bos=args.bos)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import quantdeploy as qd
+    from quantdeploy.eval.compare import compare
+    from quantdeploy.eval.report import rich_table
+
+    protocol = _protocol(args)
+    with err_console.status("loading models"):
+        model = qd.load(args.model)
+        baseline = qd.load(args.baseline) if args.baseline else None
+    rows = run_with_progress("evaluating", compare, {Path(args.model).name or args.model: model}, baseline,
+                             args.text, protocol)
+    out_console.print(rich_table(rows, title=f"{args.text}: {rows[-1]['tokens_scored']} tokens scored"))
+    result = {"protocol": protocol.to_dict(), "text": str(args.text), "results": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------- generate, inspect
+def cmd_generate(args: argparse.Namespace) -> int:
+    import quantdeploy as qd
+
+    bundle = qd.load(args.model)
+    text, ids = qd.generate(bundle, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
+    print(json.dumps({"text": text, "ids": ids}) if args.json else text)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    import quantdeploy as qd
+    from quantdeploy.formats.checkpoint import folder_size, read_checkpoint
+
+    path = Path(args.checkpoint)
+    _, manifest = read_checkpoint(path, verify_hashes=args.verify)
+    info = qd.describe(qd.load(path))
+    table = Table(title=str(path))
+    for header in ("module", "spec", "shape", "bits/weight", "bytes"):
+        table.add_column(header, justify="left" if header in ("module", "spec") else "right")
+    for m in info["modules"]:
+        table.add_row(m["module"], m["spec"], "x".join(map(str, m["shape"])), f"{m['bits_per_weight']:.3f}", f"{m['bytes']:,}")
+    out_console.print(table)
+    out_console.print(f"{len(info['modules'])} quantized modules, {info['quantized_weights']:,} weights at "
+                      f"{info['bits_per_weight']:.3f} bits per weight; left in full precision: "
+                      f"{', '.join(info['ignored']) or 'none'} (+ embeddings and norms unless quantized)")
+    out_console.print(f"size on disk: {folder_size(path) / 1e6:.1f} MB; source: {manifest['source'].get('path')} "
+                      f"({manifest['source'].get('kind')}); created {manifest.get('created_at')} with quantdeploy "
+                      f"{manifest.get('quantdeploy_version')}" + ("; hashes verified" if args.verify else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from quantdeploy.demo import DEMO_METHODS, default_text_path, run_demo
+    from quantdeploy.eval.report import rich_table, write_report
+
+    protocol = _protocol(args)
+    text = args.text or default_text_path()
+    err_console.print(f"demo: {len(DEMO_METHODS)} methods on {args.model}, scored on {text} "
+                      f"({protocol.max_tokens} tokens, {protocol.window}-token windows)")
+    rows, meta = run_with_progress("quantizing and evaluating", run_demo, args.model, text, protocol, Path(args.out))
+    out_console.print(rich_table(rows, title=f"{meta['model']} on {Path(str(text)).name}: "
+                                             f"{rows[-1]['tokens_scored']} tokens scored"))
+    written = write_report(Path(args.out), rows, meta)
+    out_console.print(f"report: {', '.join(str(p) for p in written)}; checkpoints in {Path(args.out) / 'checkpoints'}")
+    print(json.dumps({"meta": meta, "results": rows}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+def _add_protocol_flags(p: argparse.ArgumentParser, text_required: bool) -> None:
+    p.add_argument("--text", required=text_required, help="evaluation text: .txt, .jsonl or hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument("--tokens", type=int, default=32768, help="text tokens to score (0: all)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window)")
+    p.add_argument("--bos", choices=("auto", "always", "never"), default="auto", help="prepend BOS to each window")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantdeploy", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quantize", help="quantize a model and save a checkpoint folder")
+    p.add_argument("model", help="HF checkpoint folder, .gguf file, hub name, or 'bundled'")
+    p.add_argument("--method", help="rtn, nf4 or fp8")
+    p.add_argument("--recipe", help="YAML file with the method and its settings (flags override it)")
+    p.add_argument("--bits", type=int, help="rtn: 8, 4, 3 or 2")
+    p.add_argument("--group-size", type=int, help="weights per scale along the input (0: per-channel); pinned")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric grid")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric grid")
+    p.add_argument("--include", nargs="+", help="module names or re:REGEX to quantize (default: all Linear)")
+    p.add_argument("--exclude", nargs="+", help="module names or re:REGEX to leave out")
+    p.add_argument("--lm-head", action="store_true", help="also quantize the output head")
+    p.add_argument("--embeddings", action="store_true", help="also quantize the input embeddings")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder to merge before quantizing")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load dtype (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_quantize, symmetric=None)
+
+    p = sub.add_parser("eval", help="perplexity and KL divergence against the original")
+    p.add_argument("model", help="quantdeploy checkpoint or any model source")
+    p.add_argument("--baseline", help="the original model, for KL divergence and side-by-side numbers")
+    _add_protocol_flags(p, text_required=True)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy text continuation")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--json", action="store_true", help="print {text, ids} as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="per-layer spec, bits per weight and size of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="quantize the bundled model several ways and compare with the original")
+    p.add_argument("--model", default="bundled", help="model to demo (default: the bundled SmolLM2-135M)")
+    _add_protocol_flags(p, text_required=False)
+    p.add_argument("--out", default="report", help="report folder")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
+    for noisy in ("transformers", "httpx", "huggingface_hub", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except QuantDeployError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The pipeline's stages on a :class:`ModelBundle`: quantize, save, load (quantized or not), generate.
+
+This is the one module that touches every layer: it asks ``quant`` for quantized weights, swaps them
+into a copy of the model as ``engine`` modules, and hands tensors and configs to ``formats``. The
+stages themselves hold no state; each takes a bundle (or a path) and returns a new one.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantdeploy.config import Config
+from quantdeploy.engine.quant_linear import QuantEmbedding, QuantLinear
+from quantdeploy.errors import CheckpointError
+from quantdeploy.formats import checkpoint as ckpt
+from quantdeploy.models.bundle import ModelBundle, SourceInfo
+from quantdeploy.models.loading import load_model
+from quantdeploy.quant.apply import Progress, quantize_weights
+from quantdeploy.quant.primitives import QuantizedWeight
+from quantdeploy.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progress | None = None) -> ModelBundle:
+    """A new bundle whose target modules are quantized per ``config``; ``bundle`` is left untouched."""
+    torch.manual_seed(seed)
+    weights = quantize_weights(bundle.model, config, progress)
+    # Copy the model without copying the weights that are about to be replaced.
+    memo = {id(bundle.model.get_submodule(n).weight): nn.Parameter(torch.empty(0), requires_grad=False) for n in weights}
+    model = copy.deepcopy(bundle.model, memo)
+    for name, qw in weights.items():
+        original = bundle.model.get_submodule(name)
+        _set_submodule(model, name, _quant_module(original, qw))
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear) and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the head now has its own (quantized) weight
+    linears = [n for n, m in bundle.model.named_modules() if isinstance(m, nn.Linear)]
+    quant_config = {
+        "method": config.to_dict(),
+        "seed": seed,
+        "modules": {name: qw.spec.to_dict() for name, qw in weights.items()},
+        "ignore": [n for n in linears if n not in weights],
+    }
+    return ModelBundle(model=model.eval(), tokenizer=bundle.tokenizer, source=bundle.source, quant_config=quant_config)
+
+
+def _quant_module(original: nn.Module, qw: QuantizedWeight) -> nn.Module:
+    dtype = original.weight.dtype
+    if isinstance(original, nn.Embedding):
+        return QuantEmbedding.from_quantized(qw, dtype)
+    return QuantLinear.from_quantized(qw, original.bias, dtype)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear | QuantEmbedding]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+
+
+def save(bundle: ModelBundle, path: str | Path, overwrite: bool = False) -> int:
+    """Write ``bundle`` as a quantdeploy checkpoint folder (atomically); returns its size in bytes."""
+    if bundle.quant_config is None:
+        raise CheckpointError("this model is not quantized; run quantize first (or save it with transformers)")
+    import transformers
+
+    from quantdeploy import __version__
+
+    tensors, aliases = _dedupe(bundle.model.state_dict())
+    manifest = {
+        "quantdeploy_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seed": bundle.quant_config.get("seed"),
+        "calibration_sha256": bundle.quant_config.get("calibration_sha256"),
+        "source": bundle.source.to_dict(),
+    }
+
+    def write_extra(folder: Path) -> None:
+        bundle.model.config.save_pretrained(folder)
+        if getattr(bundle.model, "generation_config", None) is not None:
+            bundle.model.generation_config.save_pretrained(folder)
+        bundle.tokenizer.save_pretrained(folder)
+
+    return ckpt.write_checkpoint(Path(path), tensors, {**bundle.quant_config, "aliases": aliases}, manifest,
+                                 write_extra, overwrite=overwrite)
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied weights) once; ``aliases`` maps dropped → kept name."""
+    seen: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().cpu()
+    return tensors, aliases
+
+
+def load(path: str | Path, adapter: str | Path | None = None, device: str = "cpu") -> ModelBundle:
+    """Load a quantdeploy checkpoint, or any source that :func:`load_model` accepts."""
+    p = Path(path).expanduser()
+    if ckpt.is_checkpoint(p):
+        if adapter is not None:
+            raise CheckpointError("an adapter merges into the unquantized base; pass --adapter when quantizing")
+        return load_quantized(p, device)
+    bundle = load_model(path, adapter=adapter)
+    bundle.model.to(device)
+    return bundle
+
+
+def load_quantized(path: Path, device: str = "cpu") -> ModelBundle:
+    """Rebuild a quantized model from its checkpoint folder, validating shapes and dtypes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quant_config, manifest = ckpt.read_checkpoint(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: cannot rebuild the model from config.json ({err}); re-run quantize") from None
+    for name, spec_dict in quant_config.get("modules", {}).items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: quant_config.json names module '{name}', which the model lacks") from None
+        spec = QuantSpec.from_dict(spec_dict)
+        out_features, in_features = original.weight.shape
+        if isinstance(original, nn.Embedding):
+            module: nn.Module = QuantEmbedding(out_features, in_features, spec, original.weight.dtype)
+        else:
+            module = QuantLinear(in_features, out_features, spec, original.bias is not None, original.weight.dtype)
+        _set_submodule(model, name, module)
+    tensors = ckpt.load_tensors(path)
+    _check_tensors(model, tensors, path)
+    aliases: dict[str, str] = quant_config.get("aliases", {})
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: tensor shapes do not match the model ({str(err).splitlines()[-1].strip()})") from None
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"{path}: model.safetensors does not match the model ({what}); re-run quantize")
+    for dropped, kept in aliases.items():
+        owner, _, attr = dropped.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(kept))
+    source = SourceInfo(**manifest.get("source", {"path": str(path), "kind": "quantdeploy"}))
+    return ModelBundle(model=model.to(device).eval(), tokenizer=tokenizer, source=source,
+                       quant_config=quant_config, folder=path)
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Quantized buffers must match their layout in dtype too (load_state_dict would silently cast)."""
+    for name, module in quantized_modules(model).items():
+        for buf_name, buf in module.named_buffers(recurse=False):
+            key = f"{name}.{buf_name}"
+            if key in tensors and tensors[key].dtype != buf.dtype:
+                raise CheckpointError(f"{path}: {key} is {tensors[key].dtype}, expected {buf.dtype}; re-run quantize")
+
+
+@torch.inference_mode()
+def generate(bundle: ModelBundle, prompt: str, max_new_tokens: int = 32, chat: bool = False) -> tuple[str, list[int]]:
+    """Greedy continuation of ``prompt`` (transformers' generate; the engine replaces this later)."""
+    tok = bundle.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids
+    device = next(bundle.model.parameters()).device
+    out = bundle.model.generate(ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return tok.decode(new, skip_special_tokens=True), new
+
+
+def describe(bundle: ModelBundle) -> dict[str, Any]:
+    """Per-module spec, bits per weight and bytes of a quantized bundle (for ``inspect``)."""
+    rows = []
+    for name, module in quantized_modules(bundle.model).items():
+        qw = module.quantized_weight()
+        rows.append({"module": name, "spec": qw.spec.describe(), "shape": list(qw.shape),
+                     "bits_per_weight": round(qw.bits_per_weight, 3), "bytes": qw.nbytes})
+    n_weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    n_bytes = sum(r["bytes"] for r in rows)
+    return {"modules": rows, "quantized_weights": n_weights,
+            "bits_per_weight": 8.0 * n_bytes / n_weights if n_weights else None,
+            "ignored": (bundle.quant_config or {}).get("ignore", [])}

@@ -1,0 +1,61 @@
+"""The method registry: a method is a frozen config class plus a handler, looked up by name.
+
+Adding a method adds a file in this package that calls :func:`register`; nothing else branches on the
+method's name. A handler gets the config, a module's name, its weight and the spec chosen for it, and
+returns the :class:`~quantdeploy.quant.primitives.QuantizedWeight`. Calibrated methods (later) get a
+runner instead; this registry stays the single place that maps names to code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from quantdeploy.config import Config
+from quantdeploy.errors import ConfigError
+from quantdeploy.quant.primitives import QuantizedWeight
+from quantdeploy.quant.spec import QuantSpec
+
+Handler = Callable[[Config, str, torch.Tensor, QuantSpec], QuantizedWeight]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type[Config]
+    handler: Handler
+    summary: str
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config_cls: type[Config], summary: str) -> Callable[[Handler], Handler]:
+    def wrap(handler: Handler) -> Handler:
+        _METHODS[name] = Method(name, config_cls, handler, summary)
+        return handler
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+def method_for_config(config: Config) -> Method:
+    for method in _METHODS.values():
+        if type(config) is method.config_cls:
+            return method
+    raise ConfigError(f"{type(config).__name__} is not a quantization method config")
+
+
+# Import the method modules so that they register themselves.
+from quantdeploy.quant.methods import fp8, nf4, rtn  # noqa: E402,F401

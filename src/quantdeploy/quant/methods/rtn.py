@@ -1,0 +1,50 @@
+"""Round-to-nearest onto an integer grid: INT8 per-channel, INT4/INT3/INT2 group-wise, (a)symmetric.
+
+The baseline every calibrated method is compared against: each weight goes to the nearest grid point
+of its group's affine grid (``primitives.quantize_weight``). No data needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from quantdeploy.config import Config
+from quantdeploy.errors import ConfigError
+from quantdeploy.quant.methods import register
+from quantdeploy.quant.primitives import QuantizedWeight, quantize_weight
+from quantdeploy.quant.spec import QuantSpec
+from quantdeploy.quant.targets import TargetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RTNConfig(Config):
+    """bits in {2, 3, 4, 8}; group_size None is per output channel.
+
+    pin_group_size: fail when a layer's input size does not divide by ``group_size`` instead of
+    using the largest group that fits (the CLI pins a size the user typed).
+    """
+
+    TYPE = "rtn"
+    VERSION = 1
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    pin_group_size: bool = False
+    targets: TargetConfig = TargetConfig()
+
+    def validate(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"rtn supports 2, 3, 4 or 8 bits, got {self.bits}")
+        self.base_spec()
+
+    def base_spec(self) -> QuantSpec:
+        return QuantSpec(dtype=f"int{self.bits}", group_size=self.group_size, symmetric=self.symmetric)
+
+
+@register("rtn", RTNConfig, "round-to-nearest integer grid (int8/int4/int3/int2)")
+def round_to_nearest(config: Config, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Each weight to the nearest point of the grid ``spec`` names (no data, no error feedback)."""
+    return quantize_weight(weight, spec)
