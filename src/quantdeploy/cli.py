@@ -251,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_progress_bars() -> None:
+    """The CLI draws its own progress; transformers' per-tensor bars would bury it (public switches)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -258,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
     for noisy in ("transformers", "httpx", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_library_progress_bars()
     try:
         return args.func(args)
     except QuantDeployError as err:

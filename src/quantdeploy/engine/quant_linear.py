@@ -37,15 +37,14 @@ class _QuantWeightHolder(nn.Module):
         return QuantizedWeight(self.spec, self._shape(), {n: getattr(self, n) for n in self._names})
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
-        # Device moves are fine; dtype casts must not touch the stored codes and scales.
-        kept = {n: getattr(self, n).dtype for n in self._names}
-        out = super()._apply(fn, recurse)
-        for name, dtype in kept.items():
-            tensor = getattr(self, name)
-            if tensor.dtype != dtype:
-                raise TypeError(f"{type(self).__name__}: casting '{name}' to {tensor.dtype} would corrupt it; "
-                                "move the model with .to(device) and keep the stored dtypes")
-        return out
+        # Device moves are fine; a dtype cast would corrupt the stored codes and scales: refuse it
+        # before anything is touched, by probing what ``fn`` does to each stored dtype.
+        for name in self._names:
+            dtype = getattr(self, name).dtype
+            if fn(torch.zeros(1, dtype=dtype)).dtype != dtype:
+                raise TypeError(f"{type(self).__name__}: casting '{name}' ({dtype}) would corrupt it; "
+                                "move quantized models with .to(device) only")
+        return super()._apply(fn, recurse)
 
 
 class QuantLinear(_QuantWeightHolder):

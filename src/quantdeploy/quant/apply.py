@@ -40,11 +40,11 @@ def resolve_spec(base: QuantSpec, name: str, in_features: int, pinned: bool, not
     if base.group_size is None or in_features % base.group_size == 0:
         return base
     if pinned:
-        options = [g for g in (32, 64, 96, 128, 192, 256) if in_features % g == 0]
-        hint = f"a divisor such as {', '.join(map(str, options))}" if options else "per-channel (--group-size 0)"
+        options = [str(g) for g in (32, 64, 96, 128, 192, 256) if in_features % g == 0]
+        hint = f"a divisor ({', '.join(options)}) or" if options else ""
         raise ConfigError(
             f"group size {base.group_size} does not divide the {in_features} input features of {name}; "
-            f"use {hint}, or omit --group-size to let quantdeploy choose"
+            f"use {hint} per-channel (--group-size 0), or omit --group-size to let quantdeploy choose"
         )
     fitted = fit_group_size(in_features, base.group_size)
     if in_features not in notes:

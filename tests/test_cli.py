@@ -1,0 +1,98 @@
+"""The CLI in real subprocesses: end to end on a tiny model, and one-line errors with no output left."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import quantdeploy as qd
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "quantdeploy", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def error_line(proc):
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_quantize_inspect_eval_generate(tiny_llama_dir, tmp_path, data):
+    out = tmp_path / "q4"
+    proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--asym", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "bits per weight" in proc.stdout
+    proc = run("inspect", out, "--verify")
+    assert proc.returncode == 0, proc.stderr
+    assert "int4-asym-g32" in proc.stdout and "hashes verified" in proc.stdout
+    proc = run("eval", out, "--baseline", tiny_llama_dir, "--text", data / "text" / "wiki_en.test.txt",
+               "--tokens", "512", "--window", "128", "--json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = [r["name"] for r in result["results"]]
+    assert names == ["original", "q4"]
+    q = result["results"][1]
+    assert q["kld_mean"] > 0 and 0 < q["top1_agreement"] <= 1 and q["tokens_scored"] == 512 - 4
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+
+
+def test_saved_checkpoint_generates_the_same_greedy_tokens_in_a_new_process(tiny_bundle, tmp_path):
+    q = qd.quantize(tiny_bundle, qd.NF4Config(group_size=32))
+    _, in_memory = qd.generate(q, "The history of the city", max_new_tokens=12)
+    qd.save(q, tmp_path / "nf4")
+    proc = run("generate", tmp_path / "nf4", "The history of the city", "--max-new-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ids"] == in_memory
+
+
+def test_recipe_file_and_flag_override(tiny_llama_dir, tmp_path):
+    (tmp_path / "r.yaml").write_text("method: rtn\nbits: 8\ngroup_size: null\ntargets:\n  exclude: [down_proj]\n")
+    proc = run("quantize", tiny_llama_dir, "--recipe", tmp_path / "r.yaml", "--bits", "4", "-o", tmp_path / "q")
+    assert proc.returncode == 0, proc.stderr
+    qc = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    assert qc["method"]["bits"] == 4 and "model.layers.0.mlp.down_proj" in qc["ignore"]
+
+
+@pytest.mark.parametrize("case", ["missing", "not-a-model", "truncated", "unknown-method", "group-size",
+                                  "bad-recipe-key", "flag-not-for-method"])
+def test_user_errors_give_one_line_and_no_output(case, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    model = tiny_llama_dir
+    extra = ["--method", "rtn"]
+    if case == "missing":
+        model = tmp_path / "does-not-exist"
+    elif case == "not-a-model":
+        model = tmp_path / "folder"
+        model.mkdir()
+        (model / "notes.txt").write_text("hello")
+    elif case == "truncated":
+        ckpt = tmp_path / "ckpt"
+        qd.save(qd.quantize(qd.load_model(tiny_llama_dir), qd.RTNConfig(bits=8, group_size=None)), ckpt)
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        proc = run("eval", ckpt, "--text", "x.txt")
+        assert "truncated" in error_line(proc)
+        return
+    elif case == "unknown-method":
+        extra = ["--method", "magic"]
+    elif case == "group-size":
+        extra += ["--group-size", "48"]  # the tiny model's inputs are 64 and 128 wide
+    elif case == "bad-recipe-key":
+        (tmp_path / "r.yaml").write_text("method: rtn\nbitz: 4\n")
+        extra = ["--recipe", tmp_path / "r.yaml"]
+    elif case == "flag-not-for-method":
+        extra = ["--method", "nf4", "--bits", "4"]
+    proc = run("quantize", model, *extra, "-o", out)
+    line = error_line(proc)
+    expected = {"missing": "no such file or folder", "not-a-model": "not a model folder",
+                "unknown-method": "unknown method 'magic'", "group-size": "group size 48 does not divide",
+                "bad-recipe-key": "unknown key 'bitz'", "flag-not-for-method": "--bits does not apply"}[case]
+    assert expected in line and line.startswith("error:")
+    assert not out.exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())

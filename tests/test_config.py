@@ -1,0 +1,40 @@
+import pytest
+
+import quantdeploy as qd
+from quantdeploy.config import config_from_dict
+from quantdeploy.errors import ConfigError
+
+
+@pytest.mark.parametrize("config", [
+    qd.RTNConfig(bits=3, group_size=64, symmetric=False, targets=qd.TargetConfig(exclude=("down_proj",))),
+    qd.NF4Config(group_size=32, double_quant=False),
+    qd.FP8Config(),
+    qd.QuantSpec(dtype="nf4", group_size=64, double_quant=True),
+])
+def test_roundtrip_through_dict(config):
+    data = config.to_dict()
+    assert data["type"] == config.TYPE and data["version"] == config.VERSION
+    assert type(config).from_dict(data) == config
+    assert config_from_dict(data) == config
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown key 'bitz'"):
+        qd.RTNConfig.from_dict({"bitz": 4})
+    with pytest.raises(ConfigError, match="unknown key 'regex'"):
+        qd.RTNConfig.from_dict({"targets": {"regex": "x"}})
+
+
+def test_bad_values_are_errors():
+    with pytest.raises(ConfigError, match="2, 3, 4 or 8 bits"):
+        qd.RTNConfig(bits=5)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        qd.RTNConfig(group_size=20)
+    with pytest.raises(ConfigError, match="must be an integer"):
+        qd.RTNConfig.from_dict({"bits": "four"})
+    with pytest.raises(ConfigError, match="newer than this quantdeploy"):
+        qd.RTNConfig.from_dict({"version": 99})
+    with pytest.raises(ConfigError, match="expected a 'rtn' config"):
+        qd.RTNConfig.from_dict({"type": "nf4"})
+    with pytest.raises(ConfigError, match="symmetric by construction"):
+        qd.QuantSpec(dtype="nf4", symmetric=False)
