@@ -77,6 +77,15 @@ def build_method_config(args: argparse.Namespace):
         targets["embeddings"] = True
     if targets:
         values["targets"] = targets
+    calibration = dict(values.get("calibration", {}))
+    for key, value in (("source", args.calib), ("num_samples", args.calib_samples), ("seq_len", args.calib_seq_len)):
+        if value is not None:
+            calibration[key] = value
+    if calibration:
+        if "calibration" not in fields:
+            raise ConfigError(f"method '{name}' uses no calibration data; drop --calib*")
+        calibration.setdefault("seed", args.seed)
+        values["calibration"] = calibration
     return method.config_cls.from_dict(values)
 
 
@@ -103,7 +112,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
     with err_console.status("loading model"):
         base = qd.load_model(args.model, adapter=args.adapter, dtype=args.dtype)
-    quantized = run_with_progress("quantizing", qd.quantize, base, config, seed=args.seed)
+    quantized = run_with_progress("quantizing", qd.quantize, base, config, seed=args.seed, device=args.device)
     with err_console.status("saving"):
         size = qd.save(quantized, out, overwrite=args.overwrite)
     info = qd.describe(quantized)
@@ -205,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save a checkpoint folder")
     p.add_argument("model", help="HF checkpoint folder, .gguf file, hub name, or 'bundled'")
-    p.add_argument("--method", help="rtn, nf4 or fp8")
+    p.add_argument("--method", help="rtn, nf4, fp8 or gptq")
     p.add_argument("--recipe", help="YAML file with the method and its settings (flags override it)")
     p.add_argument("--bits", type=int, help="rtn: 8, 4, 3 or 2")
     p.add_argument("--group-size", type=int, help="weights per scale along the input (0: per-channel); pinned")
@@ -216,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", help="module names or re:REGEX to leave out")
     p.add_argument("--lm-head", action="store_true", help="also quantize the output head")
     p.add_argument("--embeddings", action="store_true", help="also quantize the input embeddings")
+    p.add_argument("--calib", help="calibration data: .txt, fine-tuning .jsonl (chat/instruction) or hf:NAME")
+    p.add_argument("--calib-samples", type=int, help="calibration samples (default 128)")
+    p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample (default 512)")
+    p.add_argument("--device", help="device for calibrated methods (default: cuda if present, else cpu)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder to merge before quantizing")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load dtype (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)

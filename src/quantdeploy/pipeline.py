@@ -29,10 +29,16 @@ from quantdeploy.quant.spec import QuantSpec
 log = logging.getLogger(__name__)
 
 
-def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progress | None = None) -> ModelBundle:
-    """A new bundle whose target modules are quantized per ``config``; ``bundle`` is left untouched."""
+def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progress | None = None,
+             device: torch.device | str | None = None) -> ModelBundle:
+    """A new bundle whose target modules are quantized per ``config``; ``bundle`` is left untouched.
+
+    Calibrated methods (GPTQ ...) read their data through the bundle's tokenizer and run block by block
+    on ``device`` (default: the GPU when there is one).
+    """
     torch.manual_seed(seed)
-    weights = quantize_weights(bundle.model, config, progress)
+    weights, record = quantize_weights(bundle.model, config, progress, tokenizer=bundle.tokenizer,
+                                       device=torch.device(device) if device is not None else None)
     # Copy the model without copying the weights that are about to be replaced.
     memo = {id(bundle.model.get_submodule(n).weight): nn.Parameter(torch.empty(0), requires_grad=False) for n in weights}
     model = copy.deepcopy(bundle.model, memo)
@@ -46,6 +52,7 @@ def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progr
     quant_config = {
         "method": config.to_dict(),
         "seed": seed,
+        **record,
         "modules": {name: qw.spec.to_dict() for name, qw in weights.items()},
         "ignore": [n for n in linears if n not in weights],
     }

@@ -20,9 +20,12 @@ from torch import nn
 
 from quantdeploy.config import Config
 from quantdeploy.errors import ConfigError
+from quantdeploy.device import default_device
+from quantdeploy.quant.calibration import load_calibration
 from quantdeploy.quant.methods import method_for_config
 from quantdeploy.quant.primitives import QuantizedWeight
 from quantdeploy.quant.spec import QuantSpec, fit_group_size
+from quantdeploy.quant.sequential import BlockRunner, find_blocks, run_sequential
 from quantdeploy.quant.targets import select_targets
 
 log = logging.getLogger(__name__)
@@ -69,14 +72,38 @@ def plan(model: nn.Module, config: Config) -> dict[str, QuantSpec]:
 
 
 @torch.no_grad()
-def quantize_weights(model: nn.Module, config: Config, progress: Progress | None = None) -> dict[str, QuantizedWeight]:
-    """Quantize every planned module's weight with the config's method handler."""
+def quantize_weights(model: nn.Module, config: Config, progress: Progress | None = None, tokenizer=None,
+                     device: torch.device | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Quantize every planned module's weight; returns the weights and a record for the manifest
+    (the calibration data's hash and sample count for calibrated methods)."""
     specs = plan(model, config)
-    handler = method_for_config(config).handler
+    method = method_for_config(config)
+    if method.calibrated:
+        return _quantize_calibrated(model, config, specs, method, progress, tokenizer, device)
     out: dict[str, QuantizedWeight] = {}
     for i, (name, spec) in enumerate(specs.items()):
-        weight = model.get_submodule(name).weight
-        out[name] = handler(config, name, weight, spec)
+        out[name] = method.handler(config, name, model.get_submodule(name).weight, spec)
         if progress:
             progress(i + 1, len(specs), name)
-    return out
+    return out, {}
+
+
+def _quantize_calibrated(model, config, specs, method, progress, tokenizer, device):
+    if tokenizer is None:
+        raise ConfigError(f"method '{method.name}' needs calibration data, and so a tokenizer")
+    calib = load_calibration(tokenizer, config.calibration)
+    device = device or default_device()
+    out: dict[str, QuantizedWeight] = {}
+
+    def per_block(index: int, block_name: str, block: nn.Module, runner: BlockRunner) -> None:
+        mine = {n: s for n, s in specs.items() if n.startswith(block_name + ".")}
+        if mine:
+            linears = {n: model.get_submodule(n) for n in mine}
+            out.update(method.block_handler(config, linears, mine, runner))
+
+    run_sequential(model, calib.tokens, device, batch_size=1, per_block=per_block, progress=progress)
+    for name, spec in specs.items():  # targets outside the blocks (an lm_head asked for) see no block inputs
+        if name not in out:
+            log.info("%s is outside the decoder blocks: quantized with round-to-nearest", name)
+            out[name] = method.handler(config, name, model.get_submodule(name).weight, spec)
+    return {n: out[n] for n in specs}, {"calibration": calib.record(), "calibration_sha256": calib.sha256}

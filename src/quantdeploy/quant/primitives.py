@@ -133,6 +133,15 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     return QuantizedWeight(spec=spec, shape=(out_features, in_features), tensors=tensors)
 
 
+def pack_affine(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """A QuantizedWeight from integer codes ``[out, in]``, fp16 scales and zero points ``[out, n_groups]``
+    chosen elsewhere (GPTQ): the same stored layout as round-to-nearest produces."""
+    tensors = {"qweight": pack_bits(codes, spec.bits), "scales": scales.to(torch.float16)}
+    if not spec.symmetric:
+        tensors["zeros"] = zeros.to(torch.uint8)
+    return QuantizedWeight(spec=spec, shape=tuple(codes.shape), tensors=tensors)
+
+
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ``[out, in]`` weight that ``qw`` represents (the reference every kernel must match)."""
     out_features, in_features = qw.shape
@@ -173,6 +182,6 @@ def roundtrip_error(w: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
 
 __all__ = [
     "INT_DTYPES", "QuantizedWeight", "tensor_layout", "storable_scale", "choose_qparams",
-    "quantize_affine", "dequantize_affine", "quantize_weight", "dequantize_weight", "quantize_fp8",
+    "quantize_affine", "dequantize_affine", "quantize_weight", "pack_affine", "dequantize_weight", "quantize_fp8",
     "roundtrip_error",
 ]

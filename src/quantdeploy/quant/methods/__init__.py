@@ -19,6 +19,9 @@ from quantdeploy.quant.primitives import QuantizedWeight
 from quantdeploy.quant.spec import QuantSpec
 
 Handler = Callable[[Config, str, torch.Tensor, QuantSpec], QuantizedWeight]
+# A calibrated method quantizes one decoder block at a time: (config, block's target Linears by name,
+# their specs, the block runner) -> QuantizedWeight per name. See quant/sequential.py.
+BlockHandler = Callable[..., dict[str, QuantizedWeight]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +30,11 @@ class Method:
     config_cls: type[Config]
     handler: Handler
     summary: str
+    block_handler: BlockHandler | None = None  # set for methods that need calibration data
+
+    @property
+    def calibrated(self) -> bool:
+        return self.block_handler is not None
 
 
 _METHODS: dict[str, Method] = {}
@@ -36,6 +44,16 @@ def register(name: str, config_cls: type[Config], summary: str) -> Callable[[Han
     def wrap(handler: Handler) -> Handler:
         _METHODS[name] = Method(name, config_cls, handler, summary)
         return handler
+
+    return wrap
+
+
+def register_calibrated(name: str, config_cls: type[Config], summary: str, fallback: Handler) -> Callable[[BlockHandler], BlockHandler]:
+    """Register a method that works block by block on calibration activations. ``fallback`` quantizes
+    target layers outside the decoder blocks (an lm_head asked for), which see no block activations."""
+    def wrap(block_handler: BlockHandler) -> BlockHandler:
+        _METHODS[name] = Method(name, config_cls, fallback, summary, block_handler)
+        return block_handler
 
     return wrap
 
@@ -58,4 +76,4 @@ def method_for_config(config: Config) -> Method:
 
 
 # Import the method modules so that they register themselves.
-from quantdeploy.quant.methods import fp8, nf4, rtn  # noqa: E402,F401
+from quantdeploy.quant.methods import fp8, gptq, nf4, rtn  # noqa: E402,F401

@@ -1,0 +1,139 @@
+"""Calibration data: token samples for methods that look at activations (GPTQ, AWQ, SmoothQuant).
+
+Sources (``CalibrationConfig.source``):
+
+- a ``.txt`` file: plain text;
+- a ``.jsonl`` file of fine-tuning data, one record per line, rendered the way the model saw it:
+  ``{"messages": [{"role", "content"}, ...]}`` through the tokenizer's chat template;
+  ``{"prompt", "completion"}`` or ``{"instruction", "input"?, "output"}`` as a user/assistant chat;
+  ``{"text"}`` as plain text;
+- ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face dataset's ``text`` column (cache or network needed).
+
+Rendered documents are tokenized, joined with EOS into one stream, and ``num_samples`` windows of
+``seq_len`` tokens are drawn without overlap at seeded random offsets. When the data holds fewer
+windows than asked for, all of them are used, the reduction is logged and recorded (``num_samples``
+in :class:`CalibrationData`), which the checkpoint manifest keeps together with the samples' sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from quantdeploy.config import Config
+from quantdeploy.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig(Config):
+    TYPE = "calibration"
+    VERSION = 1
+
+    source: str = ""
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(f"calibration num_samples must be at least 1, got {self.num_samples}")
+        if self.seq_len < 16:
+            raise ConfigError(f"calibration seq_len must be at least 16 tokens, got {self.seq_len}")
+
+
+@dataclasses.dataclass
+class CalibrationData:
+    tokens: torch.Tensor  # [num_samples, seq_len] int64
+    sha256: str  # of the token ids, so the same data gives the same hash on any machine
+    requested: int  # num_samples asked for; tokens.shape[0] may be smaller
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def record(self) -> dict:
+        return {"sha256": self.sha256, "num_samples": self.num_samples, "requested_samples": self.requested,
+                "seq_len": int(self.tokens.shape[1])}
+
+
+def load_calibration(tokenizer, config: CalibrationConfig) -> CalibrationData:
+    """Token windows for calibration; one-line errors for missing, empty, short or malformed data."""
+    if not config.source:
+        raise DataError("this method needs calibration data; pass --calib FILE (.txt, .jsonl) or hf:NAME")
+    documents = _documents(tokenizer, config.source)
+    needed = config.num_samples * config.seq_len
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in documents:
+        stream += tokenizer(doc, add_special_tokens=False).input_ids
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= 4 * needed:  # plenty to draw from; the rest is not needed
+            break
+    n_windows = len(stream) // config.seq_len
+    if n_windows == 0:
+        raise DataError(f"calibration data {config.source} holds {len(stream)} tokens, fewer than one sample of "
+                        f"seq_len {config.seq_len}; pass more text or a smaller --calib-seq-len")
+    ids = torch.tensor(stream[: n_windows * config.seq_len], dtype=torch.long).reshape(n_windows, config.seq_len)
+    gen = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(n_windows, generator=gen)
+    if n_windows < config.num_samples:
+        log.warning("calibration data holds %d samples of %d tokens, fewer than the %d asked for: using %d",
+                    n_windows, config.seq_len, config.num_samples, n_windows)
+    tokens = ids[order[: config.num_samples]]
+    digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    return CalibrationData(tokens=tokens, sha256=digest, requested=config.num_samples)
+
+
+def _documents(tokenizer, source: str) -> list[str]:
+    from quantdeploy.eval.text import load_text
+
+    path = Path(source).expanduser()
+    if source.startswith("hf:") or path.suffix.lower() not in (".jsonl", ".json"):
+        return [load_text(source)]
+    if not path.is_file():
+        raise DataError(f"no such calibration file: {path}")
+    docs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{lineno} is not a JSON object; calibration .jsonl needs one object per line") from None
+        docs.append(render_record(tokenizer, record, f"{path}:{lineno}"))
+    if not docs:
+        raise DataError(f"{path} holds no records")
+    return docs
+
+
+def render_record(tokenizer, record: object, where: str) -> str:
+    """One fine-tuning record as the text the model was trained on."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is not a JSON object")
+    if isinstance(record.get("messages"), list):
+        return _chat(tokenizer, record["messages"], where)
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return _chat(tokenizer, [{"role": "user", "content": record["prompt"]},
+                                 {"role": "assistant", "content": record["completion"]}], where)
+    if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return _chat(tokenizer, [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}], where)
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    raise DataError(f"{where}: expected 'messages', 'prompt'+'completion', 'instruction'+'output' or 'text'")
+
+
+def _chat(tokenizer, messages: list, where: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where} is chat data but the tokenizer has no chat template; use plain text records")
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise DataError(f"{where}: each message needs 'role' and 'content'")
+    return tokenizer.apply_chat_template(messages, tokenize=False)

@@ -1,0 +1,120 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"), as a pure function of a weight and its Hessian.
+
+Notation follows the paper: ``W`` is ``[out, in]``, ``H = 2 X Xᵀ / n`` is the ``[in, in]`` Hessian of
+the layer's squared output error, ``H⁻¹`` is taken through its upper Cholesky factor (Algorithm 1).
+Columns are quantized one at a time; the error of each, scaled by ``1 / [H⁻¹]_qq``, is spread over the
+columns not yet quantized (Eq. 3). Lazy batch updates apply that spread ``block_size`` columns at a time.
+
+- *act-order*: columns are visited in order of decreasing ``diag(H)``. With *static groups* the
+  per-group scales and zeros are chosen before the pass, from the original weights in their natural
+  groups, so the stored layout is the ordinary group-wise one and inference needs no reordering.
+- without act-order, each group's parameters are chosen when its first column is reached, from the
+  already-updated weights (the original GPTQ behaviour).
+- *dampening*: ``λ = damp · mean(diag(H))`` is added to the diagonal; if Cholesky still fails,
+  ``λ`` grows tenfold (up to four times) rather than crash.
+
+No modules, hooks or devices here: the caller collects ``H`` and packs the codes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from quantdeploy.quant.primitives import choose_qparams
+
+log = logging.getLogger(__name__)
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹``, growing λ if ``H`` is not positive definite."""
+    mean_diag = torch.diagonal(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(5):
+        L, info = torch.linalg.cholesky_ex(H + (damp * 10**attempt) * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                if attempt:
+                    log.info("Hessian needed dampening %.3g to be positive definite", damp * 10**attempt)
+                return U
+    raise ValueError("the Hessian is not positive definite even with strong dampening; "
+                     "use more calibration samples or a larger damp_percent")
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    act_order: bool = True,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``W [out, in]`` given ``H [in, in]``; returns codes (uint8 ``[out, in]``), scales
+    (fp16 ``[out, n_groups]``) and zero points (int64 ``[out, n_groups]``) in natural column order."""
+    out_features, n = W.shape
+    if n % group_size:
+        raise ValueError(f"group size {group_size} does not divide {n} columns")
+    n_groups, maxq = n // group_size, 2**bits - 1
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights do not matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.empty(out_features, n_groups, dtype=torch.float16, device=W.device)
+    zeros = torch.empty(out_features, n_groups, dtype=torch.int64, device=W.device)
+    if act_order:  # static groups, from the original weights
+        s, z = choose_qparams(W.reshape(out_features, n_groups, group_size), bits, symmetric)
+        scales.copy_(s.squeeze(-1))
+        zeros.copy_(z.squeeze(-1))
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(n, device=W.device)
+    Hinv = inverse_hessian_cholesky(H, damp)
+
+    codes = torch.empty(out_features, n, dtype=torch.uint8, device=W.device)  # in visiting order
+    cols = perm.tolist()
+    # Per-column scale and zero in visiting order (filled group by group without act-order).
+    S = scales.float()[:, perm // group_size] if act_order else torch.empty_like(W)
+    Z = zeros.float()[:, perm // group_size] if act_order else torch.empty_like(W)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not act_order and cols[j] % group_size == 0:
+                g = cols[j] // group_size
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                s, z = choose_qparams(upcoming, bits, symmetric)
+                scales[:, g], zeros[:, g] = s.squeeze(-1), z.squeeze(-1)
+                S[:, j:j + group_size] = s.float()
+                Z[:, j:j + group_size] = z.float()
+            w, s, z = W1[:, i], S[:, j], Z[:, j]
+            q = torch.round(w / s).add_(z).clamp_(0, maxq)
+            codes[:, j] = q.to(torch.uint8)
+            err = (w - s * (q - z)).div_(Hinv1[i, i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # Eq. 3: spread the error over later columns
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update
+    natural = torch.empty_like(codes)
+    natural[:, perm] = codes
+    return natural, scales, zeros
+
+
+def hessian_update(H: torch.Tensor, x: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """Running ``H = 2/n Σ x xᵀ`` over the rows of ``x [..., in]``; returns the new ``(H, n)``."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    rows = x.shape[0]
+    total = count + rows
+    H.mul_(count / total)
+    x = x * (2.0 / total) ** 0.5
+    H.addmm_(x.T, x)
+    return H, total
