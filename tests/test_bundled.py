@@ -60,13 +60,16 @@ def test_real_checkpoint_roundtrip_generates_identically(bundled_bundle, tmp_pat
         assert torch.equal(q.model(x).logits, loaded.model(x).logits)
 
 
-def test_gptq_cuts_kld_well_below_rtn_at_4_and_3_bits(bundled_bundle, tokens, data):
+def test_gptq_and_awq_cut_kld_well_below_rtn_at_4_and_3_bits(bundled_bundle, tokens, data):
     """Issue 3's bar (at least 30% below RTN at the same spec), on 16 calibration samples and 4,096 tokens."""
     calib = qd.CalibrationConfig(source=str(data / "text" / "wiki_en.train.txt"), num_samples=16, seq_len=512)
     models = {}
     for bits in (4, 3):
+        rtn = qd.RTNConfig(bits=bits, group_size=64)
+        models[f"rtn{bits}"] = qd.quantize(bundled_bundle, rtn).model
         models[f"gptq{bits}"] = qd.quantize(bundled_bundle, qd.GPTQConfig(bits=bits, group_size=64, calibration=calib)).model
-        models[f"rtn{bits}"] = qd.quantize(bundled_bundle, qd.RTNConfig(bits=bits, group_size=64)).model
+        models[f"awq{bits}"] = qd.quantize(bundled_bundle, qd.AWQConfig(quantizer=rtn, calibration=calib)).model
     res = evaluate(models, bundled_bundle.model, tokens[:4096], EvalProtocol(max_tokens=4096, window=1024))
     for bits in (4, 3):
-        assert res[f"gptq{bits}"]["kld_mean"] <= 0.7 * res[f"rtn{bits}"]["kld_mean"], (bits, res)
+        for method in ("gptq", "awq"):
+            assert res[f"{method}{bits}"]["kld_mean"] <= 0.7 * res[f"rtn{bits}"]["kld_mean"], (method, bits, res)

@@ -96,3 +96,24 @@ def test_user_errors_give_one_line_and_no_output(case, tiny_llama_dir, tmp_path)
     assert expected in line and line.startswith("error:")
     assert not out.exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_calibrated_methods_from_the_cli(tiny_llama_dir, tmp_path, data):
+    calib = data / "text" / "wiki_en.train.txt"
+    proc = run("quantize", tiny_llama_dir, "--method", "awq+gptq", "--bits", "3", "--group-size", "32",
+               "--calib", calib, "--calib-samples", "4", "--calib-seq-len", "64", "-o", tmp_path / "ag")
+    assert proc.returncode == 0, proc.stderr
+    qc = json.loads((tmp_path / "ag" / "quant_config.json").read_text())
+    assert qc["method"]["type"] == "awq" and qc["method"]["quantizer"]["bits"] == 3
+    assert qc["calibration"]["num_samples"] == 4 and qc["calibration"]["seq_len"] == 64
+    manifest = json.loads((tmp_path / "ag" / "manifest.json").read_text())
+    assert manifest["calibration_sha256"] == qc["calibration"]["sha256"]
+
+    proc = run("quantize", tiny_llama_dir, "--method", "gptq", "-o", tmp_path / "g")
+    assert "needs calibration data" in error_line(proc) and not (tmp_path / "g").exists()
+    proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--calib", calib, "-o", tmp_path / "r")
+    assert "uses no calibration data" in error_line(proc)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = run("quantize", tiny_llama_dir, "--method", "gptq", "--calib", empty, "-o", tmp_path / "e")
+    assert "holds no text" in error_line(proc) and not (tmp_path / "e").exists()

@@ -16,6 +16,7 @@ from quantdeploy.errors import CheckpointError, ConfigError, DataError, ModelSou
 from quantdeploy.models import ModelBundle, load_model  # noqa: E402
 from quantdeploy.pipeline import describe, generate, load, quantize, save  # noqa: E402
 from quantdeploy.quant.calibration import CalibrationConfig  # noqa: E402
+from quantdeploy.quant.methods.awq import AWQConfig  # noqa: E402
 from quantdeploy.quant.methods.fp8 import FP8Config  # noqa: E402
 from quantdeploy.quant.methods.gptq import GPTQConfig  # noqa: E402
 from quantdeploy.quant.methods.nf4 import NF4Config  # noqa: E402
@@ -25,6 +26,6 @@ from quantdeploy.quant.targets import TargetConfig  # noqa: E402
 
 __all__ = [
     "__version__", "load_model", "quantize", "save", "load", "generate", "describe", "ModelBundle",
-    "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "CalibrationConfig", "QuantSpec", "TargetConfig",
+    "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "AWQConfig", "CalibrationConfig", "QuantSpec", "TargetConfig",
     "QuantDeployError", "ConfigError", "ModelSourceError", "CheckpointError", "DataError",
 ]

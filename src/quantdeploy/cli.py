@@ -42,19 +42,46 @@ def run_with_progress(description: str, fn, *args, **kwargs):
 
 # ---------------------------------------------------------------------------------------- quantize
 def build_method_config(args: argparse.Namespace):
-    """A method config from --recipe (YAML) and the flags; flags win. Same schema as Python and YAML."""
+    """A method config from --recipe (YAML) and the flags; flags win. Same schema as Python and YAML.
+
+    ``awq`` and ``awq+gptq`` compose: the grid flags (--bits, --group-size, --sym/--asym, targets) go
+    to the quantizer (rtn or gptq) nested in the AWQ config, the calibration flags to AWQ itself.
+    """
     from quantdeploy.quant.methods import get_method
 
-    recipe: dict[str, Any] = {}
-    if args.recipe:
-        recipe = _read_recipe(Path(args.recipe))
+    recipe: dict[str, Any] = _read_recipe(Path(args.recipe)) if args.recipe else {}
     name = args.method or recipe.pop("method", None)
     if name is None:
-        raise ConfigError("no method given; pass --method (rtn, nf4, fp8) or a --recipe with a 'method' key")
+        raise ConfigError("no method given; pass --method (rtn, nf4, fp8, gptq, awq, awq+gptq) or a --recipe with 'method'")
     recipe.pop("method", None)
-    method = get_method(name)
-    fields = {f for f in method.config_cls.__dataclass_fields__}
+    outer_name, _, inner_name = name.partition("+")
+    if inner_name and outer_name != "awq":
+        raise ConfigError(f"unknown method '{name}'; only awq composes with a quantizer (awq+gptq)")
+    method = get_method(outer_name)
     values = dict(recipe)
+    if outer_name == "awq":
+        quantizer = dict(values.get("quantizer", {}))
+        quantizer["type"] = inner_name or quantizer.get("type", "rtn")
+        get_method(quantizer["type"])
+        _apply_grid_flags(args, quantizer, get_method(quantizer["type"]).config_cls, name)
+        values["quantizer"] = quantizer
+    else:
+        _apply_grid_flags(args, values, method.config_cls, name)
+    calibration = dict(values.get("calibration", {}))
+    for key, value in (("source", args.calib), ("num_samples", args.calib_samples), ("seq_len", args.calib_seq_len)):
+        if value is not None:
+            calibration[key] = value
+    if calibration:
+        if "calibration" not in method.config_cls.__dataclass_fields__:
+            raise ConfigError(f"method '{name}' uses no calibration data; drop --calib*")
+        calibration.setdefault("seed", args.seed)
+        values["calibration"] = calibration
+    return method.config_cls.from_dict(values)
+
+
+def _apply_grid_flags(args: argparse.Namespace, values: dict[str, Any], config_cls, name: str) -> None:
+    """--bits, --group-size, --sym/--asym and the target flags into ``values`` (a quantizer's dict)."""
+    fields = set(config_cls.__dataclass_fields__)
     flags = {"bits": args.bits, "symmetric": args.symmetric}
     if args.group_size is not None:
         flags["group_size"] = None if args.group_size == 0 else args.group_size
@@ -77,16 +104,6 @@ def build_method_config(args: argparse.Namespace):
         targets["embeddings"] = True
     if targets:
         values["targets"] = targets
-    calibration = dict(values.get("calibration", {}))
-    for key, value in (("source", args.calib), ("num_samples", args.calib_samples), ("seq_len", args.calib_seq_len)):
-        if value is not None:
-            calibration[key] = value
-    if calibration:
-        if "calibration" not in fields:
-            raise ConfigError(f"method '{name}' uses no calibration data; drop --calib*")
-        calibration.setdefault("seed", args.seed)
-        values["calibration"] = calibration
-    return method.config_cls.from_dict(values)
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
@@ -214,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save a checkpoint folder")
     p.add_argument("model", help="HF checkpoint folder, .gguf file, hub name, or 'bundled'")
-    p.add_argument("--method", help="rtn, nf4, fp8 or gptq")
+    p.add_argument("--method", help="rtn, nf4, fp8, gptq, awq or awq+gptq")
     p.add_argument("--recipe", help="YAML file with the method and its settings (flags override it)")
     p.add_argument("--bits", type=int, help="rtn: 8, 4, 3 or 2")
     p.add_argument("--group-size", type=int, help="weights per scale along the input (0: per-channel); pinned")

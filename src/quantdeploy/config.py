@@ -98,7 +98,15 @@ def _decode(hint: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _decode(inner[0], value, where) if len(inner) == 1 else value
+        if len(inner) == 1:
+            return _decode(inner[0], value, where)
+        choices = [a for a in inner if isinstance(a, type) and issubclass(a, Config)]
+        if choices and isinstance(value, dict):  # a union of configs: choose by the "type" key
+            allowed = {c.TYPE: c for c in choices}
+            if value.get("type") not in allowed:
+                raise ConfigError(f"{where} must have type {' or '.join(allowed)}, got {value.get('type')!r}")
+            return allowed[value["type"]].from_dict(value)
+        return value
     if isinstance(hint, type) and issubclass(hint, Config):
         return hint.from_dict(value)
     if origin is tuple:

@@ -37,14 +37,12 @@ def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progr
     on ``device`` (default: the GPU when there is one).
     """
     torch.manual_seed(seed)
-    weights, record = quantize_weights(bundle.model, config, progress, tokenizer=bundle.tokenizer,
+    # Work on a copy: transforms such as AWQ edit weights and norms, and the copy becomes the result.
+    model = copy.deepcopy(bundle.model)
+    weights, record = quantize_weights(model, config, progress, tokenizer=bundle.tokenizer,
                                        device=torch.device(device) if device is not None else None)
-    # Copy the model without copying the weights that are about to be replaced.
-    memo = {id(bundle.model.get_submodule(n).weight): nn.Parameter(torch.empty(0), requires_grad=False) for n in weights}
-    model = copy.deepcopy(bundle.model, memo)
     for name, qw in weights.items():
-        original = bundle.model.get_submodule(name)
-        _set_submodule(model, name, _quant_module(original, qw))
+        _set_submodule(model, name, _quant_module(model.get_submodule(name), qw))
     head = model.get_output_embeddings()
     if isinstance(head, QuantLinear) and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the head now has its own (quantized) weight

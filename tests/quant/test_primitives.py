@@ -155,3 +155,12 @@ def test_more_bits_means_less_error():
     assert errors == sorted(errors, reverse=True)
     assert roundtrip_error(w, QuantSpec("int8", None))["sqnr_db"] > 25  # 20x outlier columns set the row scales
     assert math.isinf(roundtrip_error(torch.zeros(4, 64), QuantSpec("int4", 64))["sqnr_db"])
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", 32), QuantSpec("int3", None, symmetric=False),
+                                  QuantSpec("nf4", 64), QuantSpec("fp8_e4m3", None)])
+def test_fake_quantize_equals_the_stored_roundtrip(spec):
+    from quantdeploy.quant.primitives import fake_quantize
+
+    w = weights(2, 16, 128, 0.1)
+    assert torch.equal(fake_quantize(w, spec), dequantize_weight(quantize_weight(w, spec)))

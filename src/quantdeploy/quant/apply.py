@@ -76,10 +76,13 @@ def quantize_weights(model: nn.Module, config: Config, progress: Progress | None
                      device: torch.device | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize every planned module's weight; returns the weights and a record for the manifest
     (the calibration data's hash and sample count for calibrated methods)."""
-    specs = plan(model, config)
     method = method_for_config(config)
-    if method.calibrated:
-        return _quantize_calibrated(model, config, specs, method, progress, tokenizer, device)
+    if method.calibrated:  # bad calibration data is reported before any planning or work
+        if tokenizer is None:
+            raise ConfigError(f"method '{method.name}' needs calibration data, and so a tokenizer")
+        calib = load_calibration(tokenizer, config.calibration)
+        return _quantize_calibrated(model, config, plan(model, config), method, calib, progress, device)
+    specs = plan(model, config)
     out: dict[str, QuantizedWeight] = {}
     for i, (name, spec) in enumerate(specs.items()):
         out[name] = method.handler(config, name, model.get_submodule(name).weight, spec)
@@ -88,10 +91,7 @@ def quantize_weights(model: nn.Module, config: Config, progress: Progress | None
     return out, {}
 
 
-def _quantize_calibrated(model, config, specs, method, progress, tokenizer, device):
-    if tokenizer is None:
-        raise ConfigError(f"method '{method.name}' needs calibration data, and so a tokenizer")
-    calib = load_calibration(tokenizer, config.calibration)
+def _quantize_calibrated(model, config, specs, method, calib, progress, device):
     device = device or default_device()
     out: dict[str, QuantizedWeight] = {}
 

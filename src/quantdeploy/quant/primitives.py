@@ -162,6 +162,17 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     return w.reshape(out_features, in_features).to(dtype)
 
 
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``dequantize_weight(quantize_weight(w, spec))`` without packing: for searches that try many grids."""
+    if spec.dtype not in INT_DTYPES:
+        return dequantize_weight(quantize_weight(w, spec))
+    out_features, in_features = w.shape
+    wg = _grouped(w.detach().float(), spec.group_for(in_features))
+    scale, zero = choose_qparams(wg, spec.bits, spec.symmetric)
+    q = quantize_affine(wg, scale, zero, spec.bits)
+    return dequantize_affine(q, scale, zero).reshape(out_features, in_features)
+
+
 def quantize_fp8(wg: torch.Tensor) -> dict[str, torch.Tensor]:
     """E4M3 codes with one fp32 scale per group, ``s = max|w| / 448``; ``wg`` is ``[out, n_groups, G]``."""
     amax = wg.abs().amax(dim=-1, keepdim=True)
@@ -182,6 +193,6 @@ def roundtrip_error(w: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
 
 __all__ = [
     "INT_DTYPES", "QuantizedWeight", "tensor_layout", "storable_scale", "choose_qparams",
-    "quantize_affine", "dequantize_affine", "quantize_weight", "pack_affine", "dequantize_weight", "quantize_fp8",
+    "quantize_affine", "dequantize_affine", "quantize_weight", "pack_affine", "fake_quantize", "dequantize_weight", "quantize_fp8",
     "roundtrip_error",
 ]

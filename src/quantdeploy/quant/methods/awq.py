@@ -1,0 +1,168 @@
+"""AWQ as a calibrated transform before a quantizer (round-to-nearest or GPTQ), block by block.
+
+For each mapping (producer → the Linear layers reading its output) the scale search of
+``awq_search.py`` picks per-channel scales; ``1/s`` is folded into the producer (an RMSNorm/LayerNorm
+weight, or a Linear's output rows) and ``s`` into the consumers' input columns, so the float model is
+unchanged. Then each Linear's clipping range is searched (q/k excepted, as in the reference
+implementation: attention logits are sensitive to their extremes), and the configured quantizer
+quantizes the scaled, clipped weights. The transform edits the model it is given; the pipeline hands
+it a copy.
+
+Mappings are those of the Llama family (Llama, Mistral, Qwen2, SmolLM2). The v→o mapping applies only
+where ``v_proj``'s outputs feed ``o_proj`` one to one (no grouped-query attention), and is skipped
+otherwise, as in AutoAWQ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from quantdeploy.config import Config
+from quantdeploy.errors import ConfigError
+from quantdeploy.quant.awq_search import apply_clip, scale_gram, search_clip, search_scales
+from quantdeploy.quant.calibration import CalibrationConfig
+from quantdeploy.quant.methods import gptq, register_calibrated
+from quantdeploy.quant.methods.gptq import GPTQConfig
+from quantdeploy.quant.methods.rtn import RTNConfig, round_to_nearest
+from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, fake_quantize, quantize_weight
+from quantdeploy.quant.sequential import BlockRunner, capture_hooks
+from quantdeploy.quant.spec import QuantSpec
+from quantdeploy.quant.targets import TargetConfig
+
+log = logging.getLogger(__name__)
+
+#: (producer, consumers), names relative to a decoder block.
+LLAMA_MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+NO_CLIP = ("q_proj", "k_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQConfig(Config):
+    """AWQ scaling (and clipping) followed by ``quantizer``, which sets bits, groups and targets."""
+
+    TYPE = "awq"
+    VERSION = 1
+
+    quantizer: RTNConfig | GPTQConfig = RTNConfig(bits=4, group_size=128)
+    n_grid: int = 20
+    clip: bool = True
+    calibration: CalibrationConfig = CalibrationConfig()
+
+    def validate(self) -> None:
+        if not isinstance(self.quantizer, (RTNConfig, GPTQConfig)):
+            raise ConfigError("awq's quantizer must be an rtn or gptq config")
+        if self.n_grid < 2:
+            raise ConfigError(f"n_grid must be at least 2, got {self.n_grid}")
+
+    @property
+    def targets(self) -> TargetConfig:
+        return self.quantizer.targets
+
+    @property
+    def pin_group_size(self) -> bool:
+        return self.quantizer.pin_group_size
+
+    def base_spec(self) -> QuantSpec:
+        return self.quantizer.base_spec()
+
+
+def fake_quant(spec: QuantSpec):
+    return lambda w: fake_quantize(w, spec)
+
+
+def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the consumers' inputs by it."""
+    s = s.to(producer.weight.dtype)
+    if isinstance(producer, nn.Linear):
+        producer.weight.data.div_(s.unsqueeze(1))
+    else:  # a norm: y = w * x_hat (+ b)
+        if "gemma" in type(producer).__name__.lower():
+            raise ConfigError("AWQ cannot fold scales into Gemma's (1 + weight) norms yet")
+        producer.weight.data.div_(s)
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.data.div_(s)
+    for c in consumers:
+        c.weight.data.mul_(s.unsqueeze(0).to(c.weight.dtype))
+
+
+def _capture_stats(runner: BlockRunner, linears: dict[str, nn.Linear]) -> dict[str, dict[str, torch.Tensor]]:
+    """Gram matrix ``XᵀX/n`` and mean ``|X|`` of each Linear's input over all calibration tokens, in one
+    pass; layers that share an input share one entry."""
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    leaders: dict[str, nn.Linear] = {}
+    for group in runner.input_groups(linears):
+        entry = {"G": None, "absmean": None, "n": 0}
+        for name in group:
+            stats[name] = entry
+        leaders[group[0]] = linears[group[0]]
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        entry = stats[name]
+        x = x.reshape(-1, x.shape[-1]).float()
+        if entry["G"] is None:
+            entry["G"] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            entry["absmean"] = torch.zeros(x.shape[1], device=x.device)
+        total = entry["n"] + x.shape[0]
+        entry["G"].mul_(entry["n"] / total).addmm_(x.T, x, alpha=1.0 / total)
+        entry["absmean"].mul_(entry["n"] / total).add_(x.abs().sum(dim=0) / total)
+        entry["n"] = total
+
+    with capture_hooks(leaders, accumulate):
+        runner.run()
+    return stats
+
+
+@register_calibrated("awq", AWQConfig, "AWQ: activation-aware scaling and clipping, then RTN or GPTQ (calibrated)",
+                     fallback=round_to_nearest)
+def quantize_block(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
+                   runner: BlockRunner) -> dict[str, QuantizedWeight]:
+    block = runner.block
+    relative = {id(m): n for n, m in block.named_modules()}
+    by_relative = {relative[id(m)]: full for full, m in linears.items()}
+    stats = _capture_stats(runner, linears)
+
+    for producer_name, consumer_names in LLAMA_MAPPINGS:
+        fulls = [by_relative.get(c) for c in consumer_names]
+        if any(f is None for f in fulls):
+            continue  # not all consumers are quantized here (excluded, or another architecture)
+        producer = block.get_submodule(producer_name)
+        consumers = [linears[f] for f in fulls]
+        width = producer.out_features if isinstance(producer, nn.Linear) else producer.weight.numel()
+        if width != consumers[0].in_features:
+            log.debug("AWQ: %s feeds %s through grouped heads; mapping skipped", producer_name, consumer_names)
+            continue
+        spec, entry = specs[fulls[0]], stats[fulls[0]]
+        s, err = search_scales(entry["G"], entry["absmean"], [c.weight for c in consumers], fake_quant(spec),
+                               spec.group_for(consumers[0].in_features), config.n_grid)
+        fold_scales(producer, consumers, s)
+        entry["G"] = scale_gram(entry["G"], s)  # the consumers now read X / s
+        entry["absmean"] = entry["absmean"] / s
+        log.debug("AWQ %s -> %s: relative output error %.3g", producer_name, consumer_names, err)
+
+    if config.clip:
+        for full, linear in linears.items():
+            if full.endswith(NO_CLIP):
+                continue
+            spec = specs[full]
+            group = spec.group_for(linear.in_features)
+            max_val = search_clip(stats[full]["G"], linear.weight.data, fake_quant(spec), group, config.n_grid)
+            linear.weight.data = apply_clip(linear.weight.data, max_val, group)
+    del stats
+
+    if isinstance(config.quantizer, GPTQConfig):
+        return gptq.quantize_block(config.quantizer, linears, specs, runner)
+    out = {}
+    for full, linear in linears.items():
+        qw = quantize_weight(linear.weight.data, specs[full])
+        runner.set_weight(linear, dequantize_weight(qw))
+        out[full] = qw
+    return out
