@@ -20,7 +20,7 @@ import time
 import torch
 
 
-def llama_config(shape: str):
+def llama_config(shape: str, layers: int | None = None):
     from transformers import LlamaConfig
 
     shapes = {
@@ -30,16 +30,19 @@ def llama_config(shape: str):
         "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096),
     }
-    return LlamaConfig(**shapes[shape], tie_word_embeddings=False, torch_dtype="bfloat16")
+    config = LlamaConfig(**shapes[shape], tie_word_embeddings=False, torch_dtype="bfloat16")
+    if layers:
+        config.num_hidden_layers = layers
+    return config
 
 
-def build_random_model(shape: str, device: torch.device):
+def build_random_model(shape: str, device: torch.device, layers: int | None = None):
     """Random bf16 weights, initialised on the device (fast) and returned on the host."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(llama_config(shape, layers), dtype=torch.bfloat16)
     return model.to("cpu").eval()
 
 
@@ -57,6 +60,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--layers", type=int, help="override the number of decoder blocks (for quick profiles)")
+    p.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -64,7 +69,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    model = build_random_model(args.shape, device)
+    model = build_random_model(args.shape, device, args.layers)
     build_s = time.perf_counter() - t0
     bundle = ModelBundle(model=model, tokenizer=AutoTokenizer.from_pretrained(args.tokenizer),
                          source=SourceInfo(path=f"random:{args.shape}", kind="random"))
@@ -77,7 +82,15 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    quantized = qd.quantize(bundle, config, device=device)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        quantized = profiler.runcall(qd.quantize, bundle, config, device=device)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    else:
+        quantized = qd.quantize(bundle, config, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
