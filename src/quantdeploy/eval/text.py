@@ -45,18 +45,23 @@ def load_text(source: str | Path) -> str:
     return raw
 
 
-def _jsonl_text(path: Path, raw: str) -> str:
-    parts = []
+def iter_jsonl(path: Path, raw: str):
+    """``(where, record)`` for each non-blank line of a .jsonl file; one-line errors for bad JSON."""
     for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError:
             raise DataError(f"{path}:{lineno} is not a JSON object; a .jsonl file needs one object per line") from None
+
+
+def _jsonl_text(path: Path, raw: str) -> str:
+    parts = []
+    for where, record in iter_jsonl(path, raw):
         field = next((f for f in TEXT_FIELDS if isinstance(record, dict) and isinstance(record.get(f), str)), None)
         if field is None:
-            raise DataError(f"{path}:{lineno} has no string field named {' or '.join(TEXT_FIELDS)}")
+            raise DataError(f"{where} has no string field named {' or '.join(TEXT_FIELDS)}")
         parts.append(record[field])
     return "\n\n".join(parts)
 

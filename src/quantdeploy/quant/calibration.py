@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -93,22 +92,15 @@ def load_calibration(tokenizer, config: CalibrationConfig) -> CalibrationData:
 
 
 def _documents(tokenizer, source: str) -> list[str]:
-    from quantdeploy.eval.text import load_text
+    from quantdeploy.eval.text import iter_jsonl, load_text
 
     path = Path(source).expanduser()
     if source.startswith("hf:") or path.suffix.lower() not in (".jsonl", ".json"):
         return [load_text(source)]
     if not path.is_file():
         raise DataError(f"no such calibration file: {path}")
-    docs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f"{path}:{lineno} is not a JSON object; calibration .jsonl needs one object per line") from None
-        docs.append(render_record(tokenizer, record, f"{path}:{lineno}"))
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    docs = [render_record(tokenizer, record, where) for where, record in iter_jsonl(path, raw)]
     if not docs:
         raise DataError(f"{path} holds no records")
     return docs

@@ -15,47 +15,36 @@ import logging
 import torch
 from torch import nn
 
-from quantdeploy.config import Config
 from quantdeploy.errors import ConfigError
 from quantdeploy.quant.calibration import CalibrationConfig
 from quantdeploy.quant.gptq_solver import gptq_quantize, hessian_update
 from quantdeploy.quant.methods import register_calibrated
-from quantdeploy.quant.methods.rtn import round_to_nearest
+from quantdeploy.quant.methods.rtn import IntGridConfig, round_to_nearest
 from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, pack_affine
 from quantdeploy.quant.sequential import BlockRunner, capture_hooks
 from quantdeploy.quant.spec import QuantSpec
-from quantdeploy.quant.targets import TargetConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQConfig(Config):
-    """bits/group_size/symmetric as for RTN; act_order uses static groups; damp_percent is λ / mean diag(H)."""
+class GPTQConfig(IntGridConfig):
+    """The integer grid of :class:`IntGridConfig`, chosen with GPTQ. act_order uses static groups;
+    damp_percent is λ / mean diag(H); block_size is the lazy-batch width."""
 
     TYPE = "gptq"
     VERSION = 1
 
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = True
-    pin_group_size: bool = False
     act_order: bool = True
     true_sequential: bool = True
     damp_percent: float = 0.01
     block_size: int = 128
     calibration: CalibrationConfig = CalibrationConfig()
-    targets: TargetConfig = TargetConfig()
 
     def validate(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise ConfigError(f"gptq supports 2, 3, 4 or 8 bits, got {self.bits}")
+        super().validate()
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
-        self.base_spec()
-
-    def base_spec(self) -> QuantSpec:
-        return QuantSpec(dtype=f"int{self.bits}", group_size=self.group_size, symmetric=self.symmetric)
 
 
 def solve(config: GPTQConfig, weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:

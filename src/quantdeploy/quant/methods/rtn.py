@@ -19,15 +19,13 @@ from quantdeploy.quant.targets import TargetConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class RTNConfig(Config):
-    """bits in {2, 3, 4, 8}; group_size None is per output channel.
+class IntGridConfig(Config):
+    """The integer-grid settings that RTN and GPTQ share.
 
-    pin_group_size: fail when a layer's input size does not divide by ``group_size`` instead of
-    using the largest group that fits (the CLI pins a size the user typed).
+    bits in {2, 3, 4, 8}; group_size None is per output channel. pin_group_size: fail when a layer's
+    input size does not divide by ``group_size`` instead of using the largest group that fits (the
+    CLI pins a size the user typed).
     """
-
-    TYPE = "rtn"
-    VERSION = 1
 
     bits: int = 4
     group_size: int | None = 128
@@ -37,11 +35,19 @@ class RTNConfig(Config):
 
     def validate(self) -> None:
         if self.bits not in (2, 3, 4, 8):
-            raise ConfigError(f"rtn supports 2, 3, 4 or 8 bits, got {self.bits}")
+            raise ConfigError(f"{self.TYPE} supports 2, 3, 4 or 8 bits, got {self.bits}")
         self.base_spec()
 
     def base_spec(self) -> QuantSpec:
         return QuantSpec(dtype=f"int{self.bits}", group_size=self.group_size, symmetric=self.symmetric)
+
+
+@dataclasses.dataclass(frozen=True)
+class RTNConfig(IntGridConfig):
+    """Round-to-nearest onto the integer grid (the fields of :class:`IntGridConfig`)."""
+
+    TYPE = "rtn"
+    VERSION = 1
 
 
 @register("rtn", RTNConfig, "round-to-nearest integer grid (int8/int4/int3/int2)")
