@@ -21,11 +21,12 @@ from quantdeploy.quant.methods.fp8 import FP8Config  # noqa: E402
 from quantdeploy.quant.methods.gptq import GPTQConfig  # noqa: E402
 from quantdeploy.quant.methods.nf4 import NF4Config  # noqa: E402
 from quantdeploy.quant.methods.rtn import RTNConfig  # noqa: E402
+from quantdeploy.quant.methods.smoothquant import SmoothQuantConfig  # noqa: E402
 from quantdeploy.quant.spec import QuantSpec  # noqa: E402
 from quantdeploy.quant.targets import TargetConfig  # noqa: E402
 
 __all__ = [
     "__version__", "load_model", "quantize", "save", "load", "generate", "describe", "ModelBundle",
-    "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "AWQConfig", "CalibrationConfig", "QuantSpec", "TargetConfig",
+    "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "AWQConfig", "SmoothQuantConfig", "CalibrationConfig", "QuantSpec", "TargetConfig",
     "QuantDeployError", "ConfigError", "ModelSourceError", "CheckpointError", "DataError",
 ]

@@ -6,7 +6,7 @@ import torch
 
 import quantdeploy as qd
 from quantdeploy.quant.awq_search import apply_clip, output_error, scale_gram, search_clip, search_scales
-from quantdeploy.quant.methods.awq import fold_scales
+from quantdeploy.quant.smoothing import fold_scales
 from quantdeploy.quant.primitives import fake_quantize
 from quantdeploy.quant.spec import QuantSpec
 

@@ -3,6 +3,10 @@
 Torch only, works on every device and dtype, and is the oracle that every fast path (Triton, CPU
 packed kernels) is tested against. It is deliberately not fast: the dequantized weight is rebuilt on
 every call and never cached.
+
+W8A8 specs (``spec.activations``) quantize the input per token first. int8 really computes in
+integers: int8 × int8 products accumulated in int32 (``torch._int_mm``), then scaled by the token and
+channel scales. fp8 multiplies the E4M3-rounded inputs and weights in fp32.
 """
 
 from __future__ import annotations
@@ -10,12 +14,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight
+from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, int8_weight, quantize_activations
 
 
 def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` the dequantized weight, computed in ``x``'s dtype."""
+    if qw.spec.activations == "int8":
+        return _w8a8_int8(x, qw, bias)
+    if qw.spec.activations == "fp8_e4m3":
+        xq, xs = quantize_activations(x, "fp8_e4m3")
+        return F.linear(xq.float() * xs, dequantize_weight(qw), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, dequantize_weight(qw, x.dtype), bias)
+
+
+def _w8a8_int8(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    xq, xs = quantize_activations(x, "int8")  # [..., k] int8, [..., 1] fp32
+    wq, ws = int8_weight(qw)  # [n, k] int8, [n] fp32
+    acc = torch._int_mm(xq.reshape(-1, xq.shape[-1]), wq.T.contiguous())  # int32 [m, n]
+    y = acc.float() * xs.reshape(-1, 1) * ws.unsqueeze(0)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 def qembedding(ids: torch.Tensor, qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:

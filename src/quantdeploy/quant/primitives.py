@@ -181,6 +181,24 @@ def quantize_fp8(wg: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": q.reshape(wg.shape[0], -1), "scales": scale.squeeze(-1)}
 
 
+def quantize_activations(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization of ``x [..., k]``: codes (int8 or float8_e4m3fn) and fp32 scales
+    ``[..., 1]`` with ``x ≈ codes * scale`` (symmetric: int8 ``s = max|x| / 127``, fp8 ``s = max|x| / 448``)."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    if dtype == "int8":
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def int8_weight(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed int8 codes ``[out, in]`` and fp32 scales ``[out]`` of a symmetric per-channel int8 weight."""
+    codes = qw.tensors["qweight"].to(torch.int16) - 128
+    return codes.to(torch.int8), qw.tensors["scales"].float().reshape(-1)
+
+
 def roundtrip_error(w: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
     """Error of quantize→dequantize on ``w``: max abs, RMS, and SQNR in dB."""
     deq = dequantize_weight(quantize_weight(w, spec))
@@ -193,6 +211,6 @@ def roundtrip_error(w: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
 
 __all__ = [
     "INT_DTYPES", "QuantizedWeight", "tensor_layout", "storable_scale", "choose_qparams",
-    "quantize_affine", "dequantize_affine", "quantize_weight", "pack_affine", "fake_quantize", "dequantize_weight", "quantize_fp8",
+    "quantize_affine", "dequantize_affine", "quantize_weight", "pack_affine", "fake_quantize", "quantize_activations", "int8_weight", "dequantize_weight", "quantize_fp8",
     "roundtrip_error",
 ]

@@ -28,6 +28,8 @@ class QuantSpec(Config):
     symmetric:    integer grids only: zero point fixed at the middle code (no ``zeros`` tensor).
     double_quant: nf4 only: the per-group absmax scales are themselves quantized to 8 bits
                   (blocks of 256, bitsandbytes' dynamic map), as in QLoRA.
+    activations:  None (weight-only), or "int8" / "fp8_e4m3": inputs are quantized dynamically per
+                  token at run time (W8A8), with per-channel weights of the same format.
     """
 
     TYPE = "quant_spec"
@@ -37,8 +39,14 @@ class QuantSpec(Config):
     group_size: int | None = 128
     symmetric: bool = True
     double_quant: bool = False
+    activations: str | None = None
 
     def validate(self) -> None:
+        if self.activations is not None:
+            if self.activations not in ("int8", "fp8_e4m3"):
+                raise ConfigError(f"activations must be int8 or fp8_e4m3, got {self.activations!r}")
+            if self.dtype != self.activations or self.group_size is not None or not self.symmetric:
+                raise ConfigError(f"{self.activations} activations need symmetric per-channel {self.activations} weights")
         if self.dtype not in DTYPE_BITS:
             raise ConfigError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPE_BITS)}")
         if self.group_size is not None and (self.group_size < 8 or self.group_size % 8):
@@ -64,7 +72,8 @@ class QuantSpec(Config):
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         sym = "" if self.dtype not in INT_DTYPES else ("-sym" if self.symmetric else "-asym")
         dq = "-dq" if self.double_quant else ""
-        return f"{self.dtype}{sym}-{group}{dq}"
+        act = "-a8" if self.activations else ""
+        return f"{self.dtype}{sym}-{group}{dq}{act}"
 
 
 def fit_group_size(in_features: int, requested: int) -> int | None:

@@ -8,9 +8,7 @@ implementation: attention logits are sensitive to their extremes), and the confi
 quantizes the scaled, clipped weights. The transform edits the model it is given; the pipeline hands
 it a copy.
 
-Mappings are those of the Llama family (Llama, Mistral, Qwen2, SmolLM2). The v→o mapping applies only
-where ``v_proj``'s outputs feed ``o_proj`` one to one (no grouped-query attention), and is skipped
-otherwise, as in AutoAWQ.
+Mappings and folding are shared with SmoothQuant (``quant/smoothing.py``).
 """
 
 from __future__ import annotations
@@ -30,18 +28,12 @@ from quantdeploy.quant.methods.gptq import GPTQConfig
 from quantdeploy.quant.methods.rtn import RTNConfig, round_to_nearest
 from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, fake_quantize, quantize_weight
 from quantdeploy.quant.sequential import BlockRunner, capture_hooks
+from quantdeploy.quant.smoothing import block_mappings, fold_scales
 from quantdeploy.quant.spec import QuantSpec
 from quantdeploy.quant.targets import TargetConfig
 
 log = logging.getLogger(__name__)
 
-#: (producer, consumers), names relative to a decoder block.
-LLAMA_MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
 NO_CLIP = ("q_proj", "k_proj")
 
 
@@ -79,21 +71,6 @@ def fake_quant(spec: QuantSpec):
     return lambda w: fake_quantize(w, spec)
 
 
-def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``s`` and multiply the consumers' inputs by it."""
-    s = s.to(producer.weight.dtype)
-    if isinstance(producer, nn.Linear):
-        producer.weight.data.div_(s.unsqueeze(1))
-    else:  # a norm: y = w * x_hat (+ b)
-        if "gemma" in type(producer).__name__.lower():
-            raise ConfigError("AWQ cannot fold scales into Gemma's (1 + weight) norms yet")
-        producer.weight.data.div_(s)
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.data.div_(s)
-    for c in consumers:
-        c.weight.data.mul_(s.unsqueeze(0).to(c.weight.dtype))
-
-
 def _capture_stats(runner: BlockRunner, linears: dict[str, nn.Linear]) -> dict[str, dict[str, torch.Tensor]]:
     """Gram matrix ``XᵀX/n`` and mean ``|X|`` of each Linear's input over all calibration tokens, in one
     pass; layers that share an input share one entry."""
@@ -125,28 +102,16 @@ def _capture_stats(runner: BlockRunner, linears: dict[str, nn.Linear]) -> dict[s
                      fallback=round_to_nearest)
 def quantize_block(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
                    runner: BlockRunner) -> dict[str, QuantizedWeight]:
-    block = runner.block
-    relative = {id(m): n for n, m in block.named_modules()}
-    by_relative = {relative[id(m)]: full for full, m in linears.items()}
     stats = _capture_stats(runner, linears)
-
-    for producer_name, consumer_names in LLAMA_MAPPINGS:
-        fulls = [by_relative.get(c) for c in consumer_names]
-        if any(f is None for f in fulls):
-            continue  # not all consumers are quantized here (excluded, or another architecture)
-        producer = block.get_submodule(producer_name)
+    for producer, fulls in block_mappings(runner.block, linears):
         consumers = [linears[f] for f in fulls]
-        width = producer.out_features if isinstance(producer, nn.Linear) else producer.weight.numel()
-        if width != consumers[0].in_features:
-            log.debug("AWQ: %s feeds %s through grouped heads; mapping skipped", producer_name, consumer_names)
-            continue
         spec, entry = specs[fulls[0]], stats[fulls[0]]
         s, err = search_scales(entry["G"], entry["absmean"], [c.weight for c in consumers], fake_quant(spec),
                                spec.group_for(consumers[0].in_features), config.n_grid)
         fold_scales(producer, consumers, s)
         entry["G"] = scale_gram(entry["G"], s)  # the consumers now read X / s
         entry["absmean"] = entry["absmean"] / s
-        log.debug("AWQ %s -> %s: relative output error %.3g", producer_name, consumer_names, err)
+        log.debug("AWQ -> %s: relative output error %.3g", fulls, err)
 
     if config.clip:
         for full, linear in linears.items():

@@ -1,7 +1,7 @@
-"""FP8 E4M3 weights with one fp32 scale per output channel (or per group), weight-only.
+"""FP8 E4M3 weights with one fp32 scale per output channel (or per group).
 
-Activations stay in the model's dtype here; W8A8 (dynamic per-token activation scales) belongs to the
-calibrated-methods work and will extend this config rather than add a second fp8 method.
+``activations=True`` makes it W8A8: inputs are quantized to E4M3 per token at run time (dynamic
+scales, no calibration), which needs per-channel weights.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ class FP8Config(Config):
     VERSION = 1
 
     group_size: int | None = None
+    activations: bool = False
     pin_group_size: bool = False
     targets: TargetConfig = TargetConfig()
 
@@ -28,7 +29,8 @@ class FP8Config(Config):
         self.base_spec()
 
     def base_spec(self) -> QuantSpec:
-        return QuantSpec(dtype="fp8_e4m3", group_size=self.group_size)
+        return QuantSpec(dtype="fp8_e4m3", group_size=self.group_size,
+                         activations="fp8_e4m3" if self.activations else None)
 
 
 # The grid is the whole method: the spec names it, round-to-nearest fills it.
