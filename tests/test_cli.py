@@ -117,3 +117,20 @@ def test_calibrated_methods_from_the_cli(tiny_llama_dir, tmp_path, data):
     empty.write_text("")
     proc = run("quantize", tiny_llama_dir, "--method", "gptq", "--calib", empty, "-o", tmp_path / "e")
     assert "holds no text" in error_line(proc) and not (tmp_path / "e").exists()
+
+
+def test_method_flags_build_the_same_configs_as_python():
+    from quantdeploy.cli import build_method_config, build_parser
+
+    def config(*argv):
+        return build_method_config(build_parser().parse_args(["quantize", "m", "-o", "o", *argv]))
+
+    assert config("--method", "smoothquant", "--alpha", "0.6", "--calib", "c.txt") == qd.SmoothQuantConfig(
+        alpha=0.6, calibration=qd.CalibrationConfig(source="c.txt"))
+    assert config("--method", "fp8", "--w8a8") == qd.FP8Config(activations=True)
+    assert config("--method", "awq", "--bits", "3", "--group-size", "64") == qd.AWQConfig(
+        quantizer=qd.RTNConfig(bits=3, group_size=64, pin_group_size=True))
+    with pytest.raises(qd.ConfigError, match="--alpha does not apply to method 'rtn'"):
+        config("--method", "rtn", "--alpha", "0.5")
+    with pytest.raises(qd.ConfigError, match="--bits does not apply to method 'smoothquant'"):
+        config("--method", "smoothquant", "--bits", "8")

@@ -52,7 +52,8 @@ def build_method_config(args: argparse.Namespace):
     recipe: dict[str, Any] = _read_recipe(Path(args.recipe)) if args.recipe else {}
     name = args.method or recipe.pop("method", None)
     if name is None:
-        raise ConfigError("no method given; pass --method (rtn, nf4, fp8, gptq, awq, awq+gptq) or a --recipe with 'method'")
+        raise ConfigError("no method given; pass --method (rtn, nf4, fp8, gptq, awq, awq+gptq, smoothquant) "
+                          "or a --recipe with 'method'")
     recipe.pop("method", None)
     outer_name, _, inner_name = name.partition("+")
     if inner_name and outer_name != "awq":
@@ -82,7 +83,8 @@ def build_method_config(args: argparse.Namespace):
 def _apply_grid_flags(args: argparse.Namespace, values: dict[str, Any], config_cls, name: str) -> None:
     """--bits, --group-size, --sym/--asym and the target flags into ``values`` (a quantizer's dict)."""
     fields = set(config_cls.__dataclass_fields__)
-    flags = {"bits": args.bits, "symmetric": args.symmetric}
+    flags = {"bits": args.bits, "symmetric": args.symmetric, "alpha": args.alpha,
+             "activations": True if args.w8a8 else None}
     if args.group_size is not None:
         flags["group_size"] = None if args.group_size == 0 else args.group_size
         flags["pin_group_size"] = True
@@ -90,7 +92,7 @@ def _apply_grid_flags(args: argparse.Namespace, values: dict[str, Any], config_c
         if value is None:
             continue
         if key not in fields:
-            flag = {"bits": "--bits", "symmetric": "--sym/--asym"}.get(key, key)
+            flag = {"bits": "--bits", "symmetric": "--sym/--asym", "alpha": "--alpha", "activations": "--w8a8"}[key]
             raise ConfigError(f"{flag} does not apply to method '{name}'")
         values[key] = value
     targets = dict(values.get("targets", {}))
@@ -231,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save a checkpoint folder")
     p.add_argument("model", help="HF checkpoint folder, .gguf file, hub name, or 'bundled'")
-    p.add_argument("--method", help="rtn, nf4, fp8, gptq, awq or awq+gptq")
+    p.add_argument("--method", help="rtn, nf4, fp8, gptq, awq, awq+gptq or smoothquant")
+    p.add_argument("--alpha", type=float, help="smoothquant: migration strength (default 0.5)")
+    p.add_argument("--w8a8", action="store_true", help="fp8: also quantize activations per token (W8A8)")
     p.add_argument("--recipe", help="YAML file with the method and its settings (flags override it)")
     p.add_argument("--bits", type=int, help="rtn: 8, 4, 3 or 2")
     p.add_argument("--group-size", type=int, help="weights per scale along the input (0: per-channel); pinned")
