@@ -25,8 +25,8 @@ from quantdeploy.quant.awq_search import apply_clip, scale_gram, search_clip, se
 from quantdeploy.quant.calibration import CalibrationConfig
 from quantdeploy.quant.methods import gptq, register_calibrated
 from quantdeploy.quant.methods.gptq import GPTQConfig
-from quantdeploy.quant.methods.rtn import RTNConfig, round_to_nearest
-from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, fake_quantize, quantize_weight
+from quantdeploy.quant.methods.rtn import RTNConfig, round_block_to_nearest, round_to_nearest
+from quantdeploy.quant.primitives import QuantizedWeight, fake_quantize
 from quantdeploy.quant.sequential import BlockRunner, capture_hooks
 from quantdeploy.quant.smoothing import block_mappings, fold_scales
 from quantdeploy.quant.spec import QuantSpec
@@ -125,9 +125,4 @@ def quantize_block(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict
 
     if isinstance(config.quantizer, GPTQConfig):
         return gptq.quantize_block(config.quantizer, linears, specs, runner)
-    out = {}
-    for full, linear in linears.items():
-        qw = quantize_weight(linear.weight.data, specs[full])
-        runner.set_weight(linear, dequantize_weight(qw))
-        out[full] = qw
-    return out
+    return round_block_to_nearest(linears, specs, runner)

@@ -13,7 +13,7 @@ import torch
 from quantdeploy.config import Config
 from quantdeploy.errors import ConfigError
 from quantdeploy.quant.methods import register
-from quantdeploy.quant.primitives import QuantizedWeight, quantize_weight
+from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, quantize_weight
 from quantdeploy.quant.spec import QuantSpec
 from quantdeploy.quant.targets import TargetConfig
 
@@ -54,3 +54,14 @@ class RTNConfig(IntGridConfig):
 def round_to_nearest(config: Config, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Each weight to the nearest point of the grid ``spec`` names (no data, no error feedback)."""
     return quantize_weight(weight, spec)
+
+
+def round_block_to_nearest(linears: dict, specs: dict[str, QuantSpec], runner) -> dict[str, QuantizedWeight]:
+    """Round a calibrated block's (already transformed) Linear weights to nearest, and put the
+    fake-quantized weights in place so the next blocks are calibrated on the quantized model."""
+    out = {}
+    for name, linear in linears.items():
+        qw = quantize_weight(linear.weight.data, specs[name])
+        runner.set_weight(linear, dequantize_weight(qw))
+        out[name] = qw
+    return out

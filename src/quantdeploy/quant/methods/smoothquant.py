@@ -21,8 +21,8 @@ from quantdeploy.config import Config
 from quantdeploy.errors import ConfigError
 from quantdeploy.quant.calibration import CalibrationConfig
 from quantdeploy.quant.methods import register_calibrated
-from quantdeploy.quant.methods.rtn import round_to_nearest
-from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, quantize_weight
+from quantdeploy.quant.methods.rtn import round_block_to_nearest, round_to_nearest
+from quantdeploy.quant.primitives import QuantizedWeight
 from quantdeploy.quant.sequential import BlockRunner, capture_hooks
 from quantdeploy.quant.smoothing import block_mappings, fold_scales
 from quantdeploy.quant.spec import QuantSpec
@@ -81,9 +81,4 @@ def quantize_block(config: SmoothQuantConfig, linears: dict[str, nn.Linear], spe
     for producer, fulls in mappings:
         consumers = [linears[f] for f in fulls]
         fold_scales(producer, consumers, smoothing_scales(absmax[fulls[0]], [c.weight for c in consumers], config.alpha))
-    out = {}
-    for name, linear in linears.items():
-        qw = quantize_weight(linear.weight.data, specs[name])
-        runner.set_weight(linear, dequantize_weight(qw))
-        out[name] = qw
-    return out
+    return round_block_to_nearest(linears, specs, runner)
