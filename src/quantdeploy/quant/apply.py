@@ -25,7 +25,7 @@ from quantdeploy.quant.calibration import load_calibration
 from quantdeploy.quant.methods import method_for_config
 from quantdeploy.quant.primitives import QuantizedWeight
 from quantdeploy.quant.spec import QuantSpec, fit_group_size
-from quantdeploy.quant.sequential import BlockRunner, find_blocks, run_sequential
+from quantdeploy.quant.sequential import BlockRunner, run_sequential
 from quantdeploy.quant.targets import select_targets
 
 log = logging.getLogger(__name__)
