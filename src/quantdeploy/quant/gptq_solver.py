@@ -5,6 +5,8 @@ Notation follows the paper: ``W`` is ``[out, in]``, ``H = 2 X Xᵀ / n`` is the 
 the layer's squared output error, ``H⁻¹`` is taken through its upper Cholesky factor (Algorithm 1).
 Columns are quantized one at a time; the error of each, scaled by ``1 / [H⁻¹]_qq``, is spread over the
 columns not yet quantized (Eq. 3). Lazy batch updates apply that spread ``block_size`` columns at a time.
+Inside a block the column loop is :func:`quantize_columns`; on CUDA one Triton kernel per block runs
+it instead (``quant/gptq_triton.py``; rows are independent, so one launch replaces ~12 per column).
 
 - *act-order*: columns are visited in order of decreasing ``diag(H)``. With *static groups* the
   per-group scales and zeros are chosen before the pass, from the original weights in their natural
@@ -79,34 +81,64 @@ def gptq_quantize(
     Hinv = inverse_hessian_cholesky(H, damp)
 
     codes = torch.empty(out_features, n, dtype=torch.uint8, device=W.device)  # in visiting order
-    cols = perm.tolist()
     # Per-column scale and zero in visiting order (filled group by group without act-order).
     S = scales.float()[:, perm // group_size] if act_order else torch.empty_like(W)
     Z = zeros.float()[:, perm // group_size] if act_order else torch.empty_like(W)
+    columns = column_solver(W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not act_order and cols[j] % group_size == 0:
-                g = cols[j] // group_size
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                s, z = choose_qparams(upcoming, bits, symmetric)
+        # Without act-order a group's parameters come from the weights as updated so far, so the block
+        # is solved in segments that start at group boundaries, each spreading its error on (Eq. 3).
+        cuts = [i1] if act_order else sorted({i1, *range(-(-i1 // group_size) * group_size, i2, group_size)})
+        for a, b in zip(cuts, cuts[1:] + [i2]):
+            a1, b1 = a - i1, b - i1
+            if not act_order and a % group_size == 0:
+                g = a // group_size
+                s, z = choose_qparams(torch.cat([W1[:, a1:], W[:, i2:]], dim=1)[:, :group_size], bits, symmetric)
                 scales[:, g], zeros[:, g] = s.squeeze(-1), z.squeeze(-1)
-                S[:, j:j + group_size] = s.float()
-                Z[:, j:j + group_size] = z.float()
-            w, s, z = W1[:, i], S[:, j], Z[:, j]
-            q = torch.round(w / s).add_(z).clamp_(0, maxq)
-            codes[:, j] = q.to(torch.uint8)
-            err = (w - s * (q - z)).div_(Hinv1[i, i])
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # Eq. 3: spread the error over later columns
-            Err1[:, i] = err
+                S[:, a:a + group_size], Z[:, a:a + group_size] = s.float(), z.float()
+            codes[:, a:b], Err1[:, a1:b1] = columns(W1[:, a1:b1], S[:, a:b], Z[:, a:b], Hinv1[a1:b1, a1:b1], maxq)
+            W1[:, b1:].addmm_(Err1[:, a1:b1], Hinv1[a1:b1, b1:], alpha=-1)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update
     natural = torch.empty_like(codes)
     natural[:, perm] = codes
     return natural, scales, zeros
+
+
+def quantize_columns(W1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor, Hinv1: torch.Tensor,
+                     maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference column loop over consecutive columns ``W1 [rows, k]`` with per-column scales and
+    zeros ``S1, Z1`` and the matching ``[k, k]`` block of ``H⁻¹``'s upper Cholesky factor: quantize a
+    column, spread its scaled error over the later columns. Returns codes (uint8) and the scaled errors
+    ``[rows, k]`` that the caller spreads over the columns after these."""
+    W1 = W1.clone()
+    Q = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
+    E = torch.empty_like(W1)
+    for i in range(W1.shape[1]):
+        w, s, z = W1[:, i], S1[:, i], Z1[:, i]
+        q = torch.round(w / s).add_(z).clamp_(0, maxq)
+        Q[:, i] = q.to(torch.uint8)
+        err = (w - s * (q - z)).div_(Hinv1[i, i])
+        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # Eq. 3: spread the error over later columns
+        E[:, i] = err
+    return Q, E
+
+
+def column_solver(device: torch.device):
+    """The column loop for ``device``: the Triton kernel on CUDA (``quant/gptq_triton.py``), else the
+    reference loop above (the oracle the kernel is tested against)."""
+    if device.type == "cuda":
+        try:
+            from quantdeploy.quant.gptq_triton import quantize_columns as triton_columns
+        except ImportError:
+            log.warning("triton is not installed, so GPTQ runs its slow reference loop on the GPU; "
+                        "pip install 'quantdeploy[gpu]'")
+        else:
+            return triton_columns
+    return quantize_columns
 
 
 def hessian_update(H: torch.Tensor, x: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
