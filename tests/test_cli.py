@@ -132,5 +132,9 @@ def test_method_flags_build_the_same_configs_as_python():
         quantizer=qd.RTNConfig(bits=3, group_size=64, pin_group_size=True))
     with pytest.raises(qd.ConfigError, match="--alpha does not apply to method 'rtn'"):
         config("--method", "rtn", "--alpha", "0.5")
-    with pytest.raises(qd.ConfigError, match="--bits does not apply to method 'smoothquant'"):
-        config("--method", "smoothquant", "--bits", "8")
+    assert config("--method", "smoothquant+gptq", "--alpha", "0.5") == qd.SmoothQuantConfig(
+        alpha=0.5, quantizer=qd.GPTQConfig(bits=8, group_size=None))
+    with pytest.raises(qd.ConfigError, match="smoothquant's quantizer must be rtn or gptq with bits 8"):
+        config("--method", "smoothquant", "--bits", "4")
+    with pytest.raises(qd.ConfigError, match="only awq and smoothquant compose"):
+        config("--method", "gptq+rtn")

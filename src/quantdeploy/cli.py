@@ -41,30 +41,42 @@ def run_with_progress(description: str, fn, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------- quantize
+#: methods that wrap a quantizer, and the quantizer settings they start from
+WRAPPERS: dict[str, dict[str, Any]] = {"awq": {}, "smoothquant": {"bits": 8, "group_size": None}}
+
+
 def build_method_config(args: argparse.Namespace):
     """A method config from --recipe (YAML) and the flags; flags win. Same schema as Python and YAML.
 
-    ``awq`` and ``awq+gptq`` compose: the grid flags (--bits, --group-size, --sym/--asym, targets) go
-    to the quantizer (rtn or gptq) nested in the AWQ config, the calibration flags to AWQ itself.
+    ``awq`` and ``smoothquant`` wrap a quantizer (``awq+gptq``, ``smoothquant+gptq``; rtn when none is
+    named): the grid flags (--bits, --group-size, --sym/--asym, targets) go to the nested quantizer,
+    --alpha and the calibration flags to the outer method.
     """
     from quantdeploy.quant.methods import get_method
 
     recipe: dict[str, Any] = _read_recipe(Path(args.recipe)) if args.recipe else {}
     name = args.method or recipe.pop("method", None)
     if name is None:
-        raise ConfigError("no method given; pass --method (rtn, nf4, fp8, gptq, awq, awq+gptq, smoothquant) "
+        raise ConfigError("no method given; pass --method (rtn, nf4, fp8, gptq, awq, awq+gptq, smoothquant, "
+                          "smoothquant+gptq) "
                           "or a --recipe with 'method'")
     recipe.pop("method", None)
     outer_name, _, inner_name = name.partition("+")
-    if inner_name and outer_name != "awq":
-        raise ConfigError(f"unknown method '{name}'; only awq composes with a quantizer (awq+gptq)")
+    if inner_name and outer_name not in WRAPPERS:
+        raise ConfigError(f"unknown method '{name}'; only awq and smoothquant compose with a quantizer "
+                          "(awq+gptq, smoothquant+gptq)")
     method = get_method(outer_name)
     values = dict(recipe)
-    if outer_name == "awq":
-        quantizer = dict(values.get("quantizer", {}))
+    if outer_name in WRAPPERS:
+        quantizer = dict(values.get("quantizer", WRAPPERS[outer_name]))
         quantizer["type"] = inner_name or quantizer.get("type", "rtn")
         get_method(quantizer["type"])
-        _apply_grid_flags(args, quantizer, get_method(quantizer["type"]).config_cls, name)
+        if args.alpha is not None:
+            if "alpha" not in method.config_cls.__dataclass_fields__:
+                raise ConfigError(f"--alpha does not apply to method '{name}'")
+            values["alpha"] = args.alpha
+        _apply_grid_flags(argparse.Namespace(**{**vars(args), "alpha": None}), quantizer,
+                          get_method(quantizer["type"]).config_cls, name)
         values["quantizer"] = quantizer
     else:
         _apply_grid_flags(args, values, method.config_cls, name)
@@ -233,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save a checkpoint folder")
     p.add_argument("model", help="HF checkpoint folder, .gguf file, hub name, or 'bundled'")
-    p.add_argument("--method", help="rtn, nf4, fp8, gptq, awq, awq+gptq or smoothquant")
-    p.add_argument("--alpha", type=float, help="smoothquant: migration strength (default 0.5)")
+    p.add_argument("--method", help="rtn, nf4, fp8, gptq, awq, awq+gptq, smoothquant or smoothquant+gptq")
+    p.add_argument("--alpha", type=float, help="smoothquant: migration strength in [0, 1] (default: searched per layer)")
     p.add_argument("--w8a8", action="store_true", help="fp8: also quantize activations per token (W8A8)")
     p.add_argument("--recipe", help="YAML file with the method and its settings (flags override it)")
     p.add_argument("--bits", type=int, help="rtn: 8, 4, 3 or 2")

@@ -5,13 +5,19 @@ A mapping is a producer (a norm, or a Linear whose output rows feed the consumer
 and the Linear layers that read its output. Scaling the consumers' input columns by ``s`` and the
 producer's output channels by ``1/s`` leaves every block output unchanged (in exact arithmetic).
 
-The mappings are those of the Llama family (Llama, Mistral, Qwen2, SmolLM2); a mapping whose producer
-width differs from its consumers' input (``v_proj`` → ``o_proj`` under grouped-query attention) is
-skipped, as in AutoAWQ and llm-compressor.
+The mappings are those of the Llama family (Llama, Mistral, Qwen2, SmolLM2). Under grouped-query
+attention ``v_proj`` is narrower than ``o_proj``'s input: query head ``h`` reads value head
+``h // n_rep``, so ``o_proj`` input channel ``(h, d)`` is value channel ``(h // n_rep, d)``. Such a
+:class:`Mapping` carries ``n_rep`` and ``head_dim``: per-channel statistics of the consumers' input are
+reduced to the producer's width (:meth:`Mapping.reduce`) and its scales expanded back
+(:meth:`Mapping.expand`), so one scale per value channel serves every query head that reads it.
+Methods that cannot tie scales this way (AWQ's search) skip grouped mappings, as AutoAWQ and
+llm-compressor do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -30,9 +36,33 @@ LLAMA_MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def block_mappings(block: nn.Module, linears: dict[str, nn.Linear]) -> list[tuple[nn.Module, list[str]]]:
-    """The applicable mappings of ``block`` as (producer module, full names of the consumers), keeping
-    only mappings whose consumers are all in ``linears`` (full name → module) and widths match."""
+@dataclasses.dataclass
+class Mapping:
+    """A producer and the full names of the Linear layers reading its output; ``n_rep > 1`` when each
+    producer head feeds ``n_rep`` consecutive heads of ``head_dim`` channels in the consumers' input."""
+
+    producer: nn.Module
+    consumers: list[str]
+    n_rep: int = 1
+    head_dim: int = 0
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-input-channel maxima ``[..., in]`` of the consumers → the producer's width (max over repeats)."""
+        if self.n_rep == 1:
+            return v
+        heads = v.shape[-1] // (self.n_rep * self.head_dim)
+        return v.reshape(*v.shape[:-1], heads, self.n_rep, self.head_dim).amax(dim=-2).flatten(-2)
+
+    def expand(self, s: torch.Tensor) -> torch.Tensor:
+        """Producer-width scales → the consumers' input width."""
+        if self.n_rep == 1:
+            return s
+        return s.reshape(-1, self.head_dim).repeat_interleave(self.n_rep, dim=0).reshape(-1)
+
+
+def block_mappings(block: nn.Module, linears: dict[str, nn.Linear], grouped: bool = False) -> list[Mapping]:
+    """The applicable mappings of ``block``, keeping only those whose consumers are all in ``linears``
+    (full name → module) and whose widths match; with ``grouped``, also GQA mappings (``n_rep > 1``)."""
     relative = {id(m): n for n, m in block.named_modules()}
     by_relative = {relative[id(m)]: full for full, m in linears.items() if id(m) in relative}
     out = []
@@ -42,15 +72,23 @@ def block_mappings(block: nn.Module, linears: dict[str, nn.Linear]) -> list[tupl
             continue  # not all consumers are quantized here (excluded, or another architecture)
         producer = block.get_submodule(producer_name)
         width = producer.out_features if isinstance(producer, nn.Linear) else producer.weight.numel()
-        if width != linears[fulls[0]].in_features:
-            log.debug("%s feeds %s through grouped heads; mapping skipped", producer_name, consumer_names)
+        need = linears[fulls[0]].in_features
+        if width == need:
+            out.append(Mapping(producer, fulls))
             continue
-        out.append((producer, fulls))
+        head_dim = getattr(getattr(block, "self_attn", None), "head_dim", 0)
+        if grouped and head_dim and need % width == 0 and width % head_dim == 0:
+            out.append(Mapping(producer, fulls, n_rep=need // width, head_dim=head_dim))
+        else:
+            log.debug("%s feeds %s through grouped heads; mapping skipped", producer_name, consumer_names)
     return out
 
 
-def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``s`` and multiply the consumers' inputs by it."""
+def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor,
+                consumer_s: torch.Tensor | None = None) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the consumers' inputs by
+    ``consumer_s`` (``s`` itself unless the mapping is grouped: then ``Mapping.expand(s)``)."""
+    consumer_s = s if consumer_s is None else consumer_s
     s = s.to(producer.weight.dtype)
     if isinstance(producer, nn.Linear):
         producer.weight.data.div_(s.unsqueeze(1))
@@ -61,4 +99,4 @@ def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor
     if getattr(producer, "bias", None) is not None:
         producer.bias.data.div_(s)
     for c in consumers:
-        c.weight.data.mul_(s.unsqueeze(0).to(c.weight.dtype))
+        c.weight.data.mul_(consumer_s.unsqueeze(0).to(c.weight.dtype))

@@ -103,7 +103,8 @@ def _capture_stats(runner: BlockRunner, linears: dict[str, nn.Linear]) -> dict[s
 def quantize_block(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
                    runner: BlockRunner) -> dict[str, QuantizedWeight]:
     stats = _capture_stats(runner, linears)
-    for producer, fulls in block_mappings(runner.block, linears):
+    for mapping in block_mappings(runner.block, linears):
+        producer, fulls = mapping.producer, mapping.consumers
         consumers = [linears[f] for f in fulls]
         spec, entry = specs[fulls[0]], stats[fulls[0]]
         s, err = search_scales(entry["G"], entry["absmean"], [c.weight for c in consumers], fake_quant(spec),
