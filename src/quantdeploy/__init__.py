@@ -16,6 +16,7 @@ from quantdeploy.errors import CheckpointError, ConfigError, DataError, ModelSou
 from quantdeploy.models import ModelBundle, load_model  # noqa: E402
 from quantdeploy.pipeline import describe, generate, load, quantize, save  # noqa: E402
 from quantdeploy.quant.calibration import CalibrationConfig  # noqa: E402
+from quantdeploy.quant.kv_cache import KVCacheConfig  # noqa: E402
 from quantdeploy.quant.methods.awq import AWQConfig  # noqa: E402
 from quantdeploy.quant.methods.fp8 import FP8Config  # noqa: E402
 from quantdeploy.quant.methods.gptq import GPTQConfig  # noqa: E402
@@ -27,6 +28,6 @@ from quantdeploy.quant.targets import TargetConfig  # noqa: E402
 
 __all__ = [
     "__version__", "load_model", "quantize", "save", "load", "generate", "describe", "ModelBundle",
-    "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "AWQConfig", "SmoothQuantConfig", "CalibrationConfig", "QuantSpec", "TargetConfig",
+    "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "AWQConfig", "SmoothQuantConfig", "CalibrationConfig", "KVCacheConfig", "QuantSpec", "TargetConfig",
     "QuantDeployError", "ConfigError", "ModelSourceError", "CheckpointError", "DataError",
 ]

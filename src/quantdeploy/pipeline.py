@@ -17,12 +17,16 @@ import torch
 from torch import nn
 
 from quantdeploy.config import Config
+from quantdeploy.device import default_device
 from quantdeploy.engine.quant_linear import QuantEmbedding, QuantLinear
-from quantdeploy.errors import CheckpointError
+from quantdeploy.errors import CheckpointError, ConfigError
 from quantdeploy.formats import checkpoint as ckpt
 from quantdeploy.models.bundle import ModelBundle, SourceInfo
 from quantdeploy.models.loading import load_model
+from quantdeploy.quant import kv_cache as kv
 from quantdeploy.quant.apply import Progress, quantize_weights
+from quantdeploy.quant.calibration import load_calibration
+from quantdeploy.quant.kv_cache import KVCacheConfig
 from quantdeploy.quant.primitives import QuantizedWeight
 from quantdeploy.quant.spec import QuantSpec
 
@@ -30,17 +34,20 @@ log = logging.getLogger(__name__)
 
 
 def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progress | None = None,
-             device: torch.device | str | None = None) -> ModelBundle:
+             device: torch.device | str | None = None, kv_cache: KVCacheConfig | None = None) -> ModelBundle:
     """A new bundle whose target modules are quantized per ``config``; ``bundle`` is left untouched.
 
     Calibrated methods (GPTQ ...) read their data through the bundle's tokenizer and run block by block
-    on ``device`` (default: the GPU when there is one).
+    on ``device`` (default: the GPU when there is one). With ``kv_cache``, the keys and values get
+    static per-head scales measured on the weight-quantized model (``quant/kv_cache.py``).
     """
     torch.manual_seed(seed)
+    device = torch.device(device) if device is not None else None
+    if kv_cache is not None:  # bad calibration data is reported before any work
+        kv_calib = load_calibration(bundle.tokenizer, kv_cache.calibration)
     # Work on a copy: transforms such as AWQ edit weights and norms, and the copy becomes the result.
     model = copy.deepcopy(bundle.model)
-    weights, record = quantize_weights(model, config, progress, tokenizer=bundle.tokenizer,
-                                       device=torch.device(device) if device is not None else None)
+    weights, record = quantize_weights(model, config, progress, tokenizer=bundle.tokenizer, device=device)
     for name, qw in weights.items():
         _set_submodule(model, name, _quant_module(model.get_submodule(name), qw))
     head = model.get_output_embeddings()
@@ -54,6 +61,9 @@ def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progr
         "modules": {name: qw.spec.to_dict() for name, qw in weights.items()},
         "ignore": [n for n in linears if n not in weights],
     }
+    if kv_cache is not None:
+        kv.calibrate(model, kv_calib.tokens, device or default_device(), kv_cache)
+        quant_config["kv_cache"] = {**kv_cache.to_dict(), "calibration_data": kv_calib.record()}
     return ModelBundle(model=model.eval(), tokenizer=bundle.tokenizer, source=bundle.source, quant_config=quant_config)
 
 
@@ -152,6 +162,11 @@ def load_quantized(path: Path, device: str = "cpu") -> ModelBundle:
         else:
             module = QuantLinear(in_features, out_features, spec, original.bias is not None, original.weight.dtype)
         _set_submodule(model, name, module)
+    if "kv_cache" in quant_config:
+        try:
+            kv.install(model, quant_config["kv_cache"].get("dtype"))  # scale buffers, filled below
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: quant_config.json kv_cache: {err}") from None
     tensors = ckpt.load_tensors(path)
     _check_tensors(model, tensors, path)
     aliases: dict[str, str] = quant_config.get("aliases", {})
@@ -206,5 +221,6 @@ def describe(bundle: ModelBundle) -> dict[str, Any]:
     n_weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
     n_bytes = sum(r["bytes"] for r in rows)
     return {"modules": rows, "quantized_weights": n_weights,
+            "kv_cache": ((bundle.quant_config or {}).get("kv_cache") or {}).get("dtype"),
             "bits_per_weight": 8.0 * n_bytes / n_weights if n_weights else None,
             "ignored": (bundle.quant_config or {}).get("ignore", [])}

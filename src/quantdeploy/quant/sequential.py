@@ -32,11 +32,12 @@ class _Stop(Exception):
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the ModuleList holding the most Linear layers, and its dotted name."""
+    """The decoder blocks: the ModuleList holding the most Linear layers (float or quantized: anything
+    with ``in_features``), and its dotted name."""
     best, best_count = None, 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList):
-            count = sum(isinstance(m, nn.Linear) for m in module.modules())
+            count = sum(hasattr(m, "in_features") for m in module.modules())
             if count > best_count:
                 best, best_count = (name, module), count
     if best is None:
