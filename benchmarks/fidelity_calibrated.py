@@ -3,9 +3,15 @@
     HF_HUB_OFFLINE=1 python benchmarks/fidelity_calibrated.py --calib ../shared/data/text/wiki_en.train.txt \
         --text ../shared/data/text/wiki_en.test.txt --samples 16 --seq-len 512 --tokens 32768
 
-For each bit width (default 4 and 3, group 64, symmetric) it quantizes with RTN, GPTQ and AWQ(+RTN),
-scores all of them against the original in one pass over the text, prints the table with the KLD cut
-relative to RTN, and a last JSON line with machine, commit, config and every number.
+``--suite weights`` (default): for each bit width (default 4 and 3, group 64, symmetric) RTN, GPTQ and
+AWQ(+RTN), with the KLD cut relative to RTN at the same spec.
+
+``--suite w8a8``: weight-and-activation int8/fp8 and the KV cache: int8 weight-only RTN (the reference
+row), SmoothQuant W8A8 with round-to-nearest and with GPTQ weights (alpha searched per layer), FP8 W8A8,
+and SmoothQuant+GPTQ with an int8 and an fp8 KV cache (scales measured on the same calibration data).
+
+All models are scored against the original in one pass over the text; a table, then a last JSON line
+with machine, commit, config and every number.
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--suite", choices=("weights", "w8a8"), default="weights")
     args = p.parse_args()
 
     base = qd.load_model(args.model)
     calib = qd.CalibrationConfig(source=args.calib, num_samples=args.samples, seq_len=args.seq_len)
     models, seconds = {}, {}
-    for bits in args.bits:
+    if args.suite == "w8a8":
+        w8a8_suite(qd, base, calib, models, seconds)
+    for bits in args.bits if args.suite == "weights" else ():
         rtn = qd.RTNConfig(bits=bits, group_size=args.group_size)
         for name, config in ((f"rtn-w{bits}", rtn),
                              (f"gptq-w{bits}", qd.GPTQConfig(bits=bits, group_size=args.group_size, calibration=calib)),
@@ -45,15 +54,38 @@ def main() -> None:
             seconds[name] = round(time.perf_counter() - t0, 1)
     tokens = tokenize_prefix(base.tokenizer, load_text(args.text), args.tokens)
     res = evaluate(models, base.model, tokens, EvalProtocol(max_tokens=args.tokens, window=1024))
-    print(f"{'model':<10} {'quantize s':>10} {'PPL':>9} {'mean KLD':>9} {'vs RTN':>8} {'top-1':>7}")
-    print(f"{'original':<10} {'-':>10} {res['original']['ppl']:>9.3f}")
+    width = max(len(n) for n in models)
+    print(f"{'model':<{width}} {'quantize s':>10} {'PPL':>9} {'mean KLD':>9} {'vs RTN':>8} {'top-1':>7}")
+    print(f"{'original':<{width}} {'-':>10} {res['original']['ppl']:>9.3f}")
     for name in models:
         r = res[name]
-        rtn_kld = res[f"rtn-w{name.split('-w')[1]}"]["kld_mean"]
-        cut = f"{1 - r['kld_mean'] / rtn_kld:+.0%}" if not name.startswith("rtn") else "-"
-        print(f"{name:<10} {seconds[name]:>10} {r['ppl']:>9.3f} {r['kld_mean']:>9.4f} {cut:>8} {r['top1_agreement']:>7.2%}")
+        cut = "-"
+        if args.suite == "weights" and not name.startswith("rtn"):
+            bits = name.split("-w")[1]
+            cut = f"{1 - r['kld_mean'] / res['rtn-w' + bits]['kld_mean']:+.0%}"
+        print(f"{name:<{width}} {seconds[name]:>10} {r['ppl']:>9.3f} {r['kld_mean']:>9.4f} {cut:>8} "
+              f"{r['top1_agreement']:>7.2%}")
     print(json.dumps({"benchmark": "fidelity_calibrated", **machine_info(), "config": vars(args),
                       "quantize_seconds": seconds, "results": res}))
+
+
+def w8a8_suite(qd, base, calib, models: dict, seconds: dict) -> None:
+    """The W8A8 and KV-cache rows (see the module docstring); KV variants reuse the quantized weights."""
+    sq_gptq = qd.SmoothQuantConfig(quantizer=qd.GPTQConfig(bits=8, group_size=None), calibration=calib)
+    configs = {"rtn-w8 (weights only)": qd.RTNConfig(bits=8, group_size=None),
+               "smoothquant-w8a8": qd.SmoothQuantConfig(calibration=calib),
+               "smoothquant+gptq-w8a8": sq_gptq,
+               "fp8-w8a8": qd.FP8Config(activations=True)}
+    bundles = {}
+    for name, config in configs.items():
+        t0 = time.perf_counter()
+        bundles[name] = qd.quantize(base, config)
+        models[name], seconds[name] = bundles[name].model, round(time.perf_counter() - t0, 1)
+    for dtype in ("int8", "fp8_e4m3"):
+        name = f"smoothquant+gptq-w8a8 + kv-{dtype}"
+        t0 = time.perf_counter()
+        models[name] = qd.quantize_kv_cache(bundles["smoothquant+gptq-w8a8"], qd.KVCacheConfig(dtype, calib)).model
+        seconds[name] = round(seconds["smoothquant+gptq-w8a8"] + time.perf_counter() - t0, 1)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,15 @@ def test_gptq_and_awq_cut_kld_well_below_rtn_at_4_and_3_bits(bundled_bundle, tok
     for bits in (4, 3):
         for method in ("gptq", "awq"):
             assert res[f"{method}{bits}"]["kld_mean"] <= 0.7 * res[f"rtn{bits}"]["kld_mean"], (method, bits, res)
+
+
+def test_smoothquant_w8a8_meets_the_kld_bar(bundled_bundle, data):
+    """Issue 3's bar: SmoothQuant W8A8 (alpha searched per layer, int8 weights chosen by GPTQ, 16 x 512
+    calibration tokens) at mean KLD <= 0.01 on the first 32,768 tokens of wiki_en.test.txt."""
+    calib = qd.CalibrationConfig(source=str(data / "text" / "wiki_en.train.txt"), num_samples=16, seq_len=512)
+    config = qd.SmoothQuantConfig(quantizer=qd.GPTQConfig(bits=8, group_size=None), calibration=calib)
+    q = qd.quantize(bundled_bundle, config)
+    assert {m["spec"] for m in qd.describe(q)["modules"]} == {"int8-sym-per-channel-a8"}
+    tokens = tokenize_prefix(bundled_bundle.tokenizer, load_text(data / "text" / "wiki_en.test.txt"), 32768)
+    res = evaluate({"w8a8": q.model}, bundled_bundle.model, tokens, EvalProtocol(max_tokens=32768, window=1024))
+    assert res["w8a8"]["kld_mean"] <= 0.01, res["w8a8"]

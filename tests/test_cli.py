@@ -119,6 +119,20 @@ def test_calibrated_methods_from_the_cli(tiny_llama_dir, tmp_path, data):
     assert "holds no text" in error_line(proc) and not (tmp_path / "e").exists()
 
 
+def test_kv_cache_flag(tiny_llama_dir, tmp_path, data):
+    calib = data / "text" / "wiki_en.train.txt"
+    proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--bits", "8", "--kv-cache", "fp8_e4m3", "--calib", calib,
+               "--calib-samples", "2", "--calib-seq-len", "32", "-o", tmp_path / "kv")
+    assert proc.returncode == 0, proc.stderr
+    qc = json.loads((tmp_path / "kv" / "quant_config.json").read_text())
+    assert qc["method"]["type"] == "rtn" and qc["kv_cache"]["dtype"] == "fp8_e4m3"
+    assert qc["kv_cache"]["calibration_data"]["num_samples"] == 2
+    proc = run("generate", tmp_path / "kv", "the", "--max-new-tokens", "3")
+    assert proc.returncode == 0, proc.stderr
+    proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--kv-cache", "int8", "-o", tmp_path / "nokv")
+    assert "needs calibration data" in error_line(proc) and not (tmp_path / "nokv").exists()
+
+
 def test_method_flags_build_the_same_configs_as_python():
     from quantdeploy.cli import build_method_config, build_parser
 

@@ -61,6 +61,7 @@ def build_method_config(args: argparse.Namespace):
                           "smoothquant+gptq) "
                           "or a --recipe with 'method'")
     recipe.pop("method", None)
+    recipe.pop("kv_cache", None)  # read by build_kv_config
     outer_name, _, inner_name = name.partition("+")
     if inner_name and outer_name not in WRAPPERS:
         raise ConfigError(f"unknown method '{name}'; only awq and smoothquant compose with a quantizer "
@@ -80,16 +81,41 @@ def build_method_config(args: argparse.Namespace):
         values["quantizer"] = quantizer
     else:
         _apply_grid_flags(args, values, method.config_cls, name)
-    calibration = dict(values.get("calibration", {}))
+    calibration = _calibration_values(args, values.get("calibration", {}))
+    if calibration:
+        if "calibration" not in method.config_cls.__dataclass_fields__:
+            if args.kv_cache:
+                calibration = {}  # the flags were for the KV-cache scales
+            else:
+                raise ConfigError(f"method '{name}' uses no calibration data; drop --calib*")
+        if calibration:
+            values["calibration"] = calibration
+    return method.config_cls.from_dict(values)
+
+
+def build_kv_config(args: argparse.Namespace):
+    """The KV-cache config from --kv-cache and the recipe's ``kv_cache`` mapping (None when neither),
+    measured on the --calib data."""
+    from quantdeploy.quant.kv_cache import KVCacheConfig
+
+    recipe = _read_recipe(Path(args.recipe)) if args.recipe else {}
+    values = dict(recipe.get("kv_cache") or {})
+    if args.kv_cache:
+        values["dtype"] = args.kv_cache
+    if not values:
+        return None
+    values["calibration"] = _calibration_values(args, values.get("calibration", {}))
+    return KVCacheConfig.from_dict(values)
+
+
+def _calibration_values(args: argparse.Namespace, existing: dict[str, Any]) -> dict[str, Any]:
+    calibration = dict(existing)
     for key, value in (("source", args.calib), ("num_samples", args.calib_samples), ("seq_len", args.calib_seq_len)):
         if value is not None:
             calibration[key] = value
     if calibration:
-        if "calibration" not in method.config_cls.__dataclass_fields__:
-            raise ConfigError(f"method '{name}' uses no calibration data; drop --calib*")
         calibration.setdefault("seed", args.seed)
-        values["calibration"] = calibration
-    return method.config_cls.from_dict(values)
+    return calibration
 
 
 def _apply_grid_flags(args: argparse.Namespace, values: dict[str, Any], config_cls, name: str) -> None:
@@ -138,12 +164,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import quantdeploy as qd
 
     config = build_method_config(args)  # bad flags fail before anything is loaded
+    kv_cache = build_kv_config(args)
+    if kv_cache is not None and not kv_cache.calibration.source and hasattr(config, "calibration"):
+        kv_cache = kv_cache.replace(calibration=config.calibration)  # the method's data serves the scales too
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
     with err_console.status("loading model"):
         base = qd.load_model(args.model, adapter=args.adapter, dtype=args.dtype)
-    quantized = run_with_progress("quantizing", qd.quantize, base, config, seed=args.seed, device=args.device)
+    quantized = run_with_progress("quantizing", qd.quantize, base, config, seed=args.seed, device=args.device,
+                                 kv_cache=kv_cache)
     with err_console.status("saving"):
         size = qd.save(quantized, out, overwrite=args.overwrite)
     info = qd.describe(quantized)
@@ -248,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="rtn, nf4, fp8, gptq, awq, awq+gptq, smoothquant or smoothquant+gptq")
     p.add_argument("--alpha", type=float, help="smoothquant: migration strength in [0, 1] (default: searched per layer)")
     p.add_argument("--w8a8", action="store_true", help="fp8: also quantize activations per token (W8A8)")
+    p.add_argument("--kv-cache", choices=("int8", "fp8_e4m3"),
+                   help="also quantize the KV cache (static per-head scales measured on the --calib data)")
     p.add_argument("--recipe", help="YAML file with the method and its settings (flags override it)")
     p.add_argument("--bits", type=int, help="rtn: 8, 4, 3 or 2")
     p.add_argument("--group-size", type=int, help="weights per scale along the input (0: per-channel); pinned")

@@ -62,9 +62,26 @@ def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progr
         "ignore": [n for n in linears if n not in weights],
     }
     if kv_cache is not None:
-        kv.calibrate(model, kv_calib.tokens, device or default_device(), kv_cache)
-        quant_config["kv_cache"] = {**kv_cache.to_dict(), "calibration_data": kv_calib.record()}
+        _calibrate_kv(model, quant_config, kv_cache, kv_calib, device)
     return ModelBundle(model=model.eval(), tokenizer=bundle.tokenizer, source=bundle.source, quant_config=quant_config)
+
+
+def quantize_kv_cache(bundle: ModelBundle, kv_cache: KVCacheConfig,
+                      device: torch.device | str | None = None) -> ModelBundle:
+    """A new bundle that also quantizes the KV cache of an already weight-quantized ``bundle``."""
+    if bundle.quant_config is None:
+        raise ConfigError("quantize the weights first (the KV scales are measured on the quantized model)")
+    if "kv_cache" in bundle.quant_config:
+        raise ConfigError("this model's KV cache is already quantized; start from its weight-only checkpoint")
+    calib = load_calibration(bundle.tokenizer, kv_cache.calibration)
+    model, quant_config = copy.deepcopy(bundle.model), copy.deepcopy(bundle.quant_config)
+    _calibrate_kv(model, quant_config, kv_cache, calib, torch.device(device) if device is not None else None)
+    return ModelBundle(model=model.eval(), tokenizer=bundle.tokenizer, source=bundle.source, quant_config=quant_config)
+
+
+def _calibrate_kv(model: nn.Module, quant_config: dict, kv_cache: KVCacheConfig, calib, device) -> None:
+    kv.calibrate(model, calib.tokens, device or default_device(), kv_cache)
+    quant_config["kv_cache"] = {**kv_cache.to_dict(), "calibration_data": calib.record()}
 
 
 def _quant_module(original: nn.Module, qw: QuantizedWeight) -> nn.Module:

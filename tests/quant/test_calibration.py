@@ -34,7 +34,7 @@ def test_fine_tuning_jsonl_is_rendered_through_the_chat_template(tok, tmp_path):
             {"text": "plain words"}] * 20
     path = tmp_path / "ft.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    data = load_calibration(tok, CalibrationConfig(source=str(path), num_samples=4, seq_len=16))
+    data = load_calibration(tok, CalibrationConfig(source=str(path), num_samples=8, seq_len=32))
     text = tok.decode(data.tokens.flatten())
     assert "user:" in text and "assistant:" in text
 

@@ -70,3 +70,11 @@ def test_kv_cache_option_on_tiny_llama(tiny_bundle, data, tmp_path, dtype):
         assert torch.equal(loaded.model(ids).logits, both)
     greedy = qd.generate(loaded, "the", max_new_tokens=5)  # runs through transformers' KV cache
     assert greedy == qd.generate(q, "the", max_new_tokens=5)
+
+    later = qd.quantize_kv_cache(weights_only, qd.KVCacheConfig(dtype, calib))  # same as in one go
+    assert torch.equal(later.model.model.layers[1].self_attn.k_scale, attn.k_scale)
+    assert not hasattr(weights_only.model.model.layers[1].self_attn, "k_scale")  # the input is untouched
+    with pytest.raises(ConfigError, match="already quantized"):
+        qd.quantize_kv_cache(later, qd.KVCacheConfig(dtype, calib))
+    with pytest.raises(ConfigError, match="quantize the weights first"):
+        qd.quantize_kv_cache(tiny_bundle, qd.KVCacheConfig(dtype, calib))

@@ -9,8 +9,10 @@ Sources (``CalibrationConfig.source``):
   ``{"text"}`` as plain text;
 - ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face dataset's ``text`` column (cache or network needed).
 
-Rendered documents are tokenized, joined with EOS into one stream, and ``num_samples`` windows of
-``seq_len`` tokens are drawn without overlap at seeded random offsets. When the data holds fewer
+Records are rendered and plain text is cut into pieces of about 16 KB at line breaks; in a seeded
+order, they are tokenized into one stream (records joined with EOS) until it holds four times the
+tokens needed, so a large file costs no more than that to read, yet samples come from all over it.
+``num_samples`` windows of ``seq_len`` tokens are then drawn without overlap at seeded random offsets. When the data holds fewer
 windows than asked for, all of them are used, the reduction is logged and recorded (``num_samples``
 in :class:`CalibrationData`), which the checkpoint manifest keeps together with the samples' sha256.
 """
@@ -66,22 +68,22 @@ def load_calibration(tokenizer, config: CalibrationConfig) -> CalibrationData:
     """Token windows for calibration; one-line errors for missing, empty, short or malformed data."""
     if not config.source:
         raise DataError("this method needs calibration data; pass --calib FILE (.txt, .jsonl) or hf:NAME")
-    documents = _documents(tokenizer, config.source)
+    documents, records = _documents(tokenizer, config.source)
     needed = config.num_samples * config.seq_len
     eos = tokenizer.eos_token_id
+    gen = torch.Generator().manual_seed(config.seed)
     stream: list[int] = []
-    for doc in documents:
-        stream += tokenizer(doc, add_special_tokens=False).input_ids
-        if eos is not None:
+    for index in torch.randperm(len(documents), generator=gen).tolist():  # documents in a seeded order
+        stream += tokenizer(documents[index], add_special_tokens=False).input_ids
+        if records and eos is not None:
             stream.append(eos)
-        if len(stream) >= 4 * needed:  # plenty to draw from; the rest is not needed
+        if len(stream) >= 4 * needed:  # plenty to draw from; the rest need not be tokenized
             break
     n_windows = len(stream) // config.seq_len
     if n_windows == 0:
         raise DataError(f"calibration data {config.source} holds {len(stream)} tokens, fewer than one sample of "
                         f"seq_len {config.seq_len}; pass more text or a smaller --calib-seq-len")
     ids = torch.tensor(stream[: n_windows * config.seq_len], dtype=torch.long).reshape(n_windows, config.seq_len)
-    gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(n_windows, generator=gen)
     if n_windows < config.num_samples:
         log.warning("calibration data holds %d samples of %d tokens, fewer than the %d asked for: using %d",
@@ -91,19 +93,35 @@ def load_calibration(tokenizer, config: CalibrationConfig) -> CalibrationData:
     return CalibrationData(tokens=tokens, sha256=digest, requested=config.num_samples)
 
 
-def _documents(tokenizer, source: str) -> list[str]:
+def _documents(tokenizer, source: str) -> tuple[list[str], bool]:
+    """The source as documents, and whether they are separate records (joined with EOS) rather than
+    pieces of one running text (cut at line breaks every ``TEXT_CHUNK`` characters or so)."""
     from quantdeploy.eval.text import iter_jsonl, load_text
 
     path = Path(source).expanduser()
     if source.startswith("hf:") or path.suffix.lower() not in (".jsonl", ".json"):
-        return [load_text(source)]
+        return _chunks(load_text(source)), False
     if not path.is_file():
         raise DataError(f"no such calibration file: {path}")
     raw = path.read_text(encoding="utf-8", errors="replace")
     docs = [render_record(tokenizer, record, where) for where, record in iter_jsonl(path, raw)]
     if not docs:
         raise DataError(f"{path} holds no records")
-    return docs
+    return docs, True
+
+
+TEXT_CHUNK = 16384
+
+
+def _chunks(text: str) -> list[str]:
+    """``text`` cut after the first line break past every ``TEXT_CHUNK`` characters."""
+    pieces, start = [], 0
+    while start < len(text):
+        cut = text.find("\n", start + TEXT_CHUNK)
+        end = len(text) if cut < 0 else cut + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 def render_record(tokenizer, record: object, where: str) -> str:

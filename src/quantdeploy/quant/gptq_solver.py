@@ -109,22 +109,32 @@ def gptq_quantize(
 
 
 def quantize_columns(W1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor, Hinv1: torch.Tensor,
-                     maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     maxq: int, sub_block: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference column loop over consecutive columns ``W1 [rows, k]`` with per-column scales and
     zeros ``S1, Z1`` and the matching ``[k, k]`` block of ``H⁻¹``'s upper Cholesky factor: quantize a
     column, spread its scaled error over the later columns. Returns codes (uint8) and the scaled errors
-    ``[rows, k]`` that the caller spreads over the columns after these."""
-    W1 = W1.clone()
-    Q = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
-    E = torch.empty_like(W1)
-    for i in range(W1.shape[1]):
-        w, s, z = W1[:, i], S1[:, i], Z1[:, i]
-        q = torch.round(w / s).add_(z).clamp_(0, maxq)
-        Q[:, i] = q.to(torch.uint8)
-        err = (w - s * (q - z)).div_(Hinv1[i, i])
-        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # Eq. 3: spread the error over later columns
-        E[:, i] = err
-    return Q, E
+    ``[rows, k]`` that the caller spreads over the columns after these.
+
+    Works on transposed copies, so that each column is a contiguous row, and spreads errors within
+    ``sub_block`` columns at a time, the rest with one matrix product per sub-block (the lazy-batch idea
+    again, one level down): the same arithmetic as the textbook loop, with fewer, cheaper operations."""
+    Wt, St, Zt = W1.T.contiguous(), S1.T.float().contiguous(), Z1.T.float().contiguous()
+    k = Wt.shape[0]
+    Qt, Et = torch.empty_like(Wt), torch.empty_like(Wt)
+    d = torch.diagonal(Hinv1)
+    for j0 in range(0, k, sub_block):
+        j1 = min(j0 + sub_block, k)
+        for i in range(j0, j1):
+            w, s, z = Wt[i], St[i], Zt[i]
+            q = torch.round(w / s).add_(z).clamp_(0, maxq)
+            Qt[i] = q
+            err = torch.addcmul(w, s, q - z, value=-1).div_(d[i])
+            Et[i] = err
+            if i + 1 < j1:  # Eq. 3: spread the error over the later columns of this sub-block
+                Wt[i + 1:j1].addr_(Hinv1[i, i + 1:j1], err, alpha=-1)
+        if j1 < k:
+            Wt[j1:].addmm_(Hinv1[j0:j1, j1:].T, Et[j0:j1], alpha=-1)
+    return Qt.T.to(torch.uint8), Et.T.contiguous()
 
 
 def column_solver(device: torch.device):

@@ -3,8 +3,8 @@
 1. Capture the inputs of block 0 (hidden states and the block's keyword arguments, such as rotary
    embeddings) for all calibration samples, running only the modules before the first block.
 2. For each block: move it to the device, let the method calibrate and quantize its Linear layers
-   (through a :class:`BlockRunner`, which can run the block over all samples with hooks and stop early
-   once the layers of interest have seen their inputs), put the fake-quantized weights in place, run
+   (through a :class:`BlockRunner`, which can run the block over all samples with hooks and stop early,
+   just before the first layer whose input is not needed), put the fake-quantized weights in place, run
    the block to get its outputs, which become the next block's inputs (so every block is calibrated on
    the activations of the already-quantized model before it), then restore the original weights and move
    the block back.
@@ -52,9 +52,10 @@ class BlockRunner:
         self.block, self.hidden, self.kwargs = block, hidden, kwargs
         self._originals: dict[nn.Linear, torch.Tensor] = {}
 
-    def run(self, stop_after: nn.Module | None = None, batches: int | None = None) -> list[torch.Tensor] | None:
-        """Run all (or the first ``batches``) batches; with ``stop_after``, stop each once it has run."""
-        handle = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
+    def run(self, stop_before: nn.Module | None = None, batches: int | None = None) -> list[torch.Tensor] | None:
+        """Run all (or the first ``batches``) batches and return the outputs; with ``stop_before``, end
+        each pass just before that module would run (its input hooks, registered earlier, still see it)."""
+        handle = stop_before.register_forward_pre_hook(_raise_stop) if stop_before is not None else None
         outputs = []
         try:
             for h, kw in list(zip(self.hidden, self.kwargs))[:batches]:
@@ -66,7 +67,7 @@ class BlockRunner:
         finally:
             if handle is not None:
                 handle.remove()
-        return outputs if stop_after is None else None
+        return outputs if stop_before is None else None
 
     def set_weight(self, linear: nn.Linear, weight: torch.Tensor) -> None:
         """Put a (fake-quantized) weight in place for the rest of this block's calibration."""
@@ -101,14 +102,14 @@ class BlockRunner:
         return groups
 
 
-def _raise_stop(module, args, output):  # noqa: ANN001 - hook signature
+def _raise_stop(module, args):  # noqa: ANN001 - hook signature
     raise _Stop
 
 
 @contextlib.contextmanager
 def capture_hooks(linears: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Call ``fn(name, input)`` with each Linear's input while the context is open."""
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: fn(n, args[0])) for n, m in linears.items()]
+    """Call ``fn(name, input)`` with each Linear's input, before it runs, while the context is open."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: fn(n, args[0])) for n, m in linears.items()]
     try:
         yield
     finally:

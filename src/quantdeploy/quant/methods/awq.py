@@ -94,7 +94,7 @@ def _capture_stats(runner: BlockRunner, linears: dict[str, nn.Linear]) -> dict[s
         entry["n"] = total
 
     with capture_hooks(leaders, accumulate):
-        runner.run()
+        runner.run(stop_before=list(leaders.values())[-1])
     return stats
 
 

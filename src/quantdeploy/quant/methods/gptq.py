@@ -3,8 +3,8 @@ block, and solve with :func:`~quantdeploy.quant.gptq_solver.gptq_quantize`.
 
 *True-sequential*: inside a block, Linear layers that share an input (q/k/v, gate/up) form a stage;
 stages are solved in execution order, and each later stage's Hessian is collected with the earlier
-stages already quantized. Each stage's pass stops as soon as its layers have seen their inputs, so the
-extra passes cost a fraction of a block each. The stored result is the ordinary group-wise int layout.
+stages already quantized. Layers of a stage read the same input and share one Hessian, and each stage's
+pass stops just before that stage's layers would run, so the extra passes cost a fraction of a block. The stored result is the ordinary group-wise int layout.
 """
 
 from __future__ import annotations
@@ -58,21 +58,24 @@ def solve(config: GPTQConfig, weight: torch.Tensor, H: torch.Tensor, spec: Quant
                      fallback=round_to_nearest)
 def quantize_block(config: GPTQConfig, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
                    runner: BlockRunner) -> dict[str, QuantizedWeight]:
-    stages = runner.input_groups(linears) if config.true_sequential else [list(linears)]
+    groups = runner.input_groups(linears)  # layers that read the same input share one Hessian
+    stages = groups if config.true_sequential else [[n for g in groups for n in g]]
     out: dict[str, QuantizedWeight] = {}
     for stage in stages:
-        modules = {n: linears[n] for n in stage}
-        device = next(iter(modules.values())).weight.device
-        H = {n: torch.zeros(m.in_features, m.in_features, device=device) for n, m in modules.items()}
-        counts = dict.fromkeys(modules, 0)
+        leaders = [g[0] for g in groups if g[0] in stage]
+        device = linears[leaders[0]].weight.device
+        H = {n: torch.zeros(linears[n].in_features, linears[n].in_features, device=device) for n in leaders}
+        counts = dict.fromkeys(leaders, 0)
 
         def accumulate(name: str, x: torch.Tensor) -> None:
             H[name], counts[name] = hessian_update(H[name], x, counts[name])
 
-        with capture_hooks(modules, accumulate):
-            runner.run(stop_after=modules[stage[-1]] if config.true_sequential else None)
-        for name, module in modules.items():
-            qw = solve(config, module.weight, H.pop(name), specs[name])
-            runner.set_weight(module, dequantize_weight(qw))
-            out[name] = qw
+        with capture_hooks({n: linears[n] for n in leaders}, accumulate):
+            runner.run(stop_before=linears[leaders[-1]])  # the last input needed is captured, then stop
+        for group in (g for g in groups if g[0] in stage):
+            hessian = H.pop(group[0])
+            for name in group:
+                qw = solve(config, linears[name].weight, hessian, specs[name])
+                runner.set_weight(linears[name], dequantize_weight(qw))
+                out[name] = qw
     return out

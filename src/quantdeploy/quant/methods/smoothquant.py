@@ -135,7 +135,7 @@ def _input_stats(runner: BlockRunner, linears: dict[str, nn.Linear], names: list
             rows[name].append(x[::stride].float())
 
     with capture_hooks({n: linears[n] for n in names}, keep):
-        runner.run()
+        runner.run(stop_before=linears[names[-1]])
     samples = {n: torch.cat(r)[:keep_tokens] for n, r in rows.items() if r}
     return absmax, samples
 
