@@ -108,3 +108,36 @@ def test_true_sequential_stages_follow_the_block(tiny_bundle):
     stages = BlockRunner(block, hidden, kwargs).input_groups(linears)
     assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_reusing_finished_layers_changes_nothing_and_computes_each_layer_once(tiny_bundle, monkeypatch):
+    """BlockRunner keeps the outputs of layers whose weights are final; a true-sequential GPTQ block
+    then gives bit-identical results to recomputing everything, with each layer run once per batch."""
+    import copy
+
+    from quantdeploy.quant.methods import gptq
+    from quantdeploy.quant.sequential import BlockRunner, capture_block_inputs
+
+    hidden, kwargs = capture_block_inputs(tiny_bundle.model, torch.randint(0, 300, (3, 16)), torch.device("cpu"), 1)
+    results = {}
+    for memo_bytes in (2**30, 0):
+        block = copy.deepcopy(tiny_bundle.model.model.layers[0])
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        calls = dict.fromkeys(linears, 0)
+        names = {m: n for n, m in linears.items()}
+        for m in linears.values():  # count the matmuls each layer really computes
+            monkeypatch.setattr(m, "forward", lambda x, m=m: (calls.__setitem__(names[m], calls[names[m]] + 1),
+                                                              torch.nn.functional.linear(x, m.weight, m.bias))[1])
+        runner = BlockRunner(block, hidden, kwargs, memo_bytes=memo_bytes)
+        specs = {n: QuantSpec("int4", 32, True) for n in linears}
+        weights = gptq.quantize_block(qd.GPTQConfig(bits=4, group_size=32), linears, specs, runner)
+        outputs = runner.run()
+        runner.restore()
+        assert all(vars(m).get("forward") is None or m in names for m in block.modules())  # unwrapped
+        results[memo_bytes] = (weights, outputs, calls)
+    (w1, out1, calls1), (w0, out0, calls0) = results.values()
+    assert all(torch.equal(w1[n].tensors["qweight"], w0[n].tensors["qweight"]) for n in w1)
+    assert all(torch.equal(a, b) for a, b in zip(out1, out0))
+    # one input-grouping batch, then each layer once per batch (3 batches) with reuse; more without
+    assert all(c == 1 + 3 for c in calls1.values()), calls1
+    assert calls0["self_attn.q_proj"] > 1 + 3

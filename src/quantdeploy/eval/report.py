@@ -50,15 +50,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def git_commit() -> str | None:
-    """The commit of the quantdeploy source tree, when it is a git checkout."""
+    """The commit of the quantdeploy source tree when it is a git checkout, with ``-dirty`` appended
+    when tracked files differ from it (so a benchmark record says whether it came from that commit)."""
     import subprocess
 
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return commit + "-dirty" if git("status", "--porcelain", "--untracked-files=no") else commit
 
 
 def machine_info() -> dict[str, Any]:

@@ -21,6 +21,7 @@ No modules, hooks or devices here: the caller collects ``H`` and packs the codes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -46,9 +47,33 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
                      "use more calibration samples or a larger damp_percent")
 
 
+@dataclasses.dataclass
+class PreparedHessian:
+    """What GPTQ needs from ``H``, computed once for all layers that read the same input: the inputs
+    that never fired (``dead``), the act-order visiting order (``perm``), and the upper Cholesky factor
+    of the dampened inverse in that order."""
+
+    dead: torch.Tensor
+    perm: torch.Tensor
+    Hinv: torch.Tensor
+    act_order: bool
+
+
+def prepare_hessian(H: torch.Tensor, act_order: bool = True, damp: float = 0.01) -> PreparedHessian:
+    H = H.detach().float().clone()
+    dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights do not matter
+    H[dead, dead] = 1
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(H.shape[0], device=H.device)
+    return PreparedHessian(dead, perm, inverse_hessian_cholesky(H, damp), act_order)
+
+
 def gptq_quantize(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | PreparedHessian,
     bits: int,
     group_size: int,
     symmetric: bool,
@@ -56,17 +81,17 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``W [out, in]`` given ``H [in, in]``; returns codes (uint8 ``[out, in]``), scales
-    (fp16 ``[out, n_groups]``) and zero points (int64 ``[out, n_groups]``) in natural column order."""
+    """Quantize ``W [out, in]`` given ``H [in, in]`` (or its :func:`prepare_hessian`, which then fixes
+    act-order and dampening); returns codes (uint8 ``[out, in]``), scales (fp16 ``[out, n_groups]``)
+    and zero points (int64 ``[out, n_groups]``) in natural column order."""
     out_features, n = W.shape
     if n % group_size:
         raise ValueError(f"group size {group_size} does not divide {n} columns")
     n_groups, maxq = n // group_size, 2**bits - 1
+    prepared = H if isinstance(H, PreparedHessian) else prepare_hessian(H, act_order, damp)
+    act_order, perm, Hinv = prepared.act_order, prepared.perm, prepared.Hinv
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
-    dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights do not matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W[:, prepared.dead] = 0
 
     scales = torch.empty(out_features, n_groups, dtype=torch.float16, device=W.device)
     zeros = torch.empty(out_features, n_groups, dtype=torch.int64, device=W.device)
@@ -74,11 +99,7 @@ def gptq_quantize(
         s, z = choose_qparams(W.reshape(out_features, n_groups, group_size), bits, symmetric)
         scales.copy_(s.squeeze(-1))
         zeros.copy_(z.squeeze(-1))
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    else:
-        perm = torch.arange(n, device=W.device)
-    Hinv = inverse_hessian_cholesky(H, damp)
+        W = W[:, perm]
 
     codes = torch.empty(out_features, n, dtype=torch.uint8, device=W.device)  # in visiting order
     # Per-column scale and zero in visiting order (filled group by group without act-order).
@@ -156,7 +177,5 @@ def hessian_update(H: torch.Tensor, x: torch.Tensor, count: int) -> tuple[torch.
     x = x.reshape(-1, x.shape[-1]).float()
     rows = x.shape[0]
     total = count + rows
-    H.mul_(count / total)
-    x = x * (2.0 / total) ** 0.5
-    H.addmm_(x.T, x)
+    H.mul_(count / total).addmm_(x.T, x, alpha=2.0 / total)
     return H, total

@@ -9,7 +9,8 @@
    the activations of the already-quantized model before it), then restore the original weights and move
    the block back.
 
-Peak device memory is one block, its inputs and outputs, and the method's statistics; the source model
+Peak device memory is one block, its inputs and outputs, the method's statistics and at most
+``MEMO_BYTES`` of finished layers' outputs kept for reuse; the source model
 is left unchanged. The runner knows nothing of any method; methods know nothing of devices.
 """
 
@@ -45,12 +46,32 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-class BlockRunner:
-    """Runs one block over every captured batch; records and restores weights the method replaces."""
+MEMO_BYTES = 2 * 2**30  # outputs of finished layers kept for reuse, per block (see BlockRunner)
 
-    def __init__(self, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> None:
+
+class BlockRunner:
+    """Runs one block over every captured batch; records and restores weights the method replaces.
+
+    A weight put in place with :meth:`set_weight` is final, and so (methods finish layers in execution
+    order) is everything upstream of it. A later pass would recompute that layer's output from the
+    same input and weight, so the runner keeps it per batch and returns it instead; once every layer
+    inside a submodule (an attention or MLP module) is final, the submodule's whole output is kept.
+    True-sequential GPTQ thus computes each layer about once per block instead of once per stage. The
+    outputs are held by reference (no copies), up to ``memo_bytes``; past that, layers are recomputed.
+    """
+
+    def __init__(self, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+                 memo_bytes: int = MEMO_BYTES) -> None:
         self.block, self.hidden, self.kwargs = block, hidden, kwargs
         self._originals: dict[nn.Linear, torch.Tensor] = {}
+        self._memo_bytes, self._held = memo_bytes, 0
+        self._memos: dict[nn.Module, dict[int, object]] = {}
+        self._own_forward: dict[nn.Module, object] = {}  # a forward set on the instance before ours (accelerate's)
+        self._batch = 0
+        # every submodule with weighted layers inside, and those layers (the block itself excluded)
+        self._inside = {m: [x for x in m.modules() if hasattr(x, "in_features")] for m in block.modules()
+                        if m is not block}
+        self._inside = {m: inner for m, inner in self._inside.items() if inner}
 
     def run(self, stop_before: nn.Module | None = None, batches: int | None = None) -> list[torch.Tensor] | None:
         """Run all (or the first ``batches``) batches and return the outputs; with ``stop_before``, end
@@ -58,7 +79,8 @@ class BlockRunner:
         handle = stop_before.register_forward_pre_hook(_raise_stop) if stop_before is not None else None
         outputs = []
         try:
-            for h, kw in list(zip(self.hidden, self.kwargs))[:batches]:
+            for i, (h, kw) in enumerate(list(zip(self.hidden, self.kwargs))[:batches]):
+                self._batch = i
                 try:
                     out = self.block(h, **kw)
                 except _Stop:
@@ -70,12 +92,51 @@ class BlockRunner:
         return outputs if stop_before is None else None
 
     def set_weight(self, linear: nn.Linear, weight: torch.Tensor) -> None:
-        """Put a (fake-quantized) weight in place for the rest of this block's calibration."""
+        """Put the final (fake-quantized) weight of ``linear`` in place for the rest of this block's
+        calibration; later passes reuse its output."""
         if linear not in self._originals:
             self._originals[linear] = linear.weight.data
         linear.weight.data = weight.to(linear.weight.dtype)
+        for module, inner in self._inside.items():  # outermost first: a finished submodule is kept whole
+            if module in self._memos or not all(x in self._originals for x in inner):
+                continue
+            if any(module in set(m.modules()) for m in self._memos if m is not module and m not in inner):
+                continue  # inside a submodule that is already kept whole
+            self._memoize(module, parts=[m for m in self._memos if m in set(module.modules())])
+
+    def _memoize(self, module: nn.Module, parts: list[nn.Module] = ()) -> None:
+        """Wrap ``module.forward`` to keep its output per batch; once kept, ``parts`` (memoized modules
+        inside it) will not run for that batch again, so their copies are dropped."""
+        store: dict[int, object] = {}
+        original = module.forward
+
+        def forward(*args, **kwargs):  # noqa: ANN002, ANN003 - the wrapped module's signature
+            if self._batch in store:
+                return store[self._batch]
+            out = original(*args, **kwargs)
+            size = _nbytes(out)
+            if self._held + size <= self._memo_bytes:
+                store[self._batch] = out
+                self._held += size
+                for part in parts:
+                    self._held -= _nbytes(self._memos[part].pop(self._batch, None))
+            return out
+
+        self._own_forward[module] = vars(module).get("forward")
+        module.forward = forward
+        self._memos[module] = store
+
+    def _forget(self, module: nn.Module) -> None:
+        self._held -= sum(_nbytes(out) for out in self._memos.pop(module).values())
+        previous = self._own_forward.pop(module)
+        if previous is None:
+            del module.forward  # back to the class's forward
+        else:
+            module.forward = previous
 
     def restore(self) -> None:
+        for module in list(self._memos):
+            self._forget(module)
         for linear, weight in self._originals.items():
             linear.weight.data = weight
         self._originals.clear()
@@ -100,6 +161,10 @@ class BlockRunner:
             groups[-1].append(name)
             last = x
         return groups
+
+
+def _nbytes(out: object) -> int:
+    return sum(t.nbytes for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))
 
 
 def _raise_stop(module, args):  # noqa: ANN001 - hook signature

@@ -17,7 +17,7 @@ from torch import nn
 
 from quantdeploy.errors import ConfigError
 from quantdeploy.quant.calibration import CalibrationConfig
-from quantdeploy.quant.gptq_solver import gptq_quantize, hessian_update
+from quantdeploy.quant.gptq_solver import PreparedHessian, gptq_quantize, hessian_update, prepare_hessian
 from quantdeploy.quant.methods import register_calibrated
 from quantdeploy.quant.methods.rtn import IntGridConfig, round_to_nearest
 from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, pack_affine
@@ -47,7 +47,7 @@ class GPTQConfig(IntGridConfig):
             raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
 
 
-def solve(config: GPTQConfig, weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+def solve(config: GPTQConfig, weight: torch.Tensor, H: torch.Tensor | PreparedHessian, spec: QuantSpec) -> QuantizedWeight:
     codes, scales, zeros = gptq_quantize(weight, H, spec.bits, spec.group_for(weight.shape[1]), spec.symmetric,
                                          act_order=config.act_order, block_size=config.block_size,
                                          damp=config.damp_percent)
@@ -73,7 +73,7 @@ def quantize_block(config: GPTQConfig, linears: dict[str, nn.Linear], specs: dic
         with capture_hooks({n: linears[n] for n in leaders}, accumulate):
             runner.run(stop_before=linears[leaders[-1]])  # the last input needed is captured, then stop
         for group in (g for g in groups if g[0] in stage):
-            hessian = H.pop(group[0])
+            hessian = prepare_hessian(H.pop(group[0]), config.act_order, config.damp_percent)
             for name in group:
                 qw = solve(config, linears[name].weight, hessian, specs[name])
                 runner.set_weight(linears[name], dequantize_weight(qw))
