@@ -16,9 +16,10 @@ with machine, commit, config and every number.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+
+from _common import fidelity_parser  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -27,15 +28,8 @@ def main() -> None:
     from quantdeploy.eval.report import machine_info
     from quantdeploy.eval.text import load_text, tokenize_prefix
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="bundled")
-    p.add_argument("--calib", required=True)
-    p.add_argument("--text", required=True)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--tokens", type=int, default=32768)
+    p = fidelity_parser(__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--suite", choices=("weights", "w8a8"), default="weights")
     args = p.parse_args()
 

@@ -16,7 +16,6 @@ failed with its last error line, and the rest still runs.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -56,6 +55,8 @@ def run_peer(python: Path, model_dir: Path, tokens_file: Path, method: str, bits
         return {"error": tail[0][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
+from _common import fidelity_parser  # benchmarks/ is on sys.path when run as a script
+
 
 def main() -> None:
     import torch
@@ -67,15 +68,8 @@ def main() -> None:
     from quantdeploy.eval.text import load_text, tokenize_prefix
     from quantdeploy.quant.calibration import load_calibration
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="bundled")
-    p.add_argument("--calib", required=True)
-    p.add_argument("--text", required=True)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--tokens", type=int, default=32768)
+    p = fidelity_parser(__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--methods", nargs="+", default=["gptq", "awq"], choices=["gptq", "awq"])
     p.add_argument("--peer-version", default="0.14.0.1")
     p.add_argument("--peer-venv", type=Path, default=Path.home() / ".cache" / "quantdeploy" / "peers")
