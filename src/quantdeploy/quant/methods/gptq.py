@@ -47,11 +47,17 @@ class GPTQConfig(IntGridConfig):
             raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
 
 
-def solve(config: GPTQConfig, weight: torch.Tensor, H: torch.Tensor | PreparedHessian, spec: QuantSpec) -> QuantizedWeight:
-    codes, scales, zeros = gptq_quantize(weight, H, spec.bits, spec.group_for(weight.shape[1]), spec.symmetric,
+def solve(config: GPTQConfig, weights: list[torch.Tensor], H: torch.Tensor | PreparedHessian,
+          spec: QuantSpec) -> list[QuantizedWeight]:
+    """GPTQ for layers that read the same input (same ``H``) and share ``spec``, solved as one stacked
+    matrix: GPTQ treats rows independently, so stacking changes nothing but the number of column steps
+    (one pass over the columns for q/k/v instead of three)."""
+    rows = [w.shape[0] for w in weights]
+    W = torch.cat(weights) if len(weights) > 1 else weights[0]
+    codes, scales, zeros = gptq_quantize(W, H, spec.bits, spec.group_for(W.shape[1]), spec.symmetric,
                                          act_order=config.act_order, block_size=config.block_size,
                                          damp=config.damp_percent)
-    return pack_affine(codes, scales, zeros, spec)
+    return [pack_affine(c, s, z, spec) for c, s, z in zip(codes.split(rows), scales.split(rows), zeros.split(rows))]
 
 
 @register_calibrated("gptq", GPTQConfig, "GPTQ: Hessian-aware rounding with error feedback (calibrated)",
@@ -74,8 +80,10 @@ def quantize_block(config: GPTQConfig, linears: dict[str, nn.Linear], specs: dic
             runner.run(stop_before=linears[leaders[-1]])  # the last input needed is captured, then stop
         for group in (g for g in groups if g[0] in stage):
             hessian = prepare_hessian(H.pop(group[0]), config.act_order, config.damp_percent)
-            for name in group:
-                qw = solve(config, linears[name].weight, hessian, specs[name])
-                runner.set_weight(linears[name], dequantize_weight(qw))
-                out[name] = qw
+            same_spec = all(specs[n] == specs[group[0]] for n in group)
+            for names in [group] if same_spec else [[n] for n in group]:
+                solved = solve(config, [linears[n].weight for n in names], hessian, specs[names[0]])
+                for name, qw in zip(names, solved):
+                    runner.set_weight(linears[name], dequantize_weight(qw))
+                    out[name] = qw
     return out
