@@ -10,7 +10,8 @@ dependency of quantdeploy. The peer runs as a subprocess (``peers/llmcompressor_
 model saved as a plain Hugging Face folder and on the exact calibration token windows our methods
 use; it returns the effective weight of each Linear it quantized, which we load into a copy of the
 original model. Times cover the quantization call only (ours: ``quantize``; the peer: ``oneshot``),
-not model loading, both with the same torch thread count. A peer method that fails is reported as
+not model loading, both with the same torch thread count; with ``--repeat N`` each method runs N times,
+ours and the peer alternating, and the median is reported (the first run's weights are scored). A peer method that fails is reported as
 failed with its last error line, and the rest still runs.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +60,16 @@ def run_peer(python: Path, model_dir: Path, tokens_file: Path, method: str, bits
 from _common import fidelity_parser  # benchmarks/ is on sys.path when run as a script
 
 
+def load_peer_weights(model, state: dict):
+    """A copy of ``model`` with the peer's effective weights in place."""
+    model = copy.deepcopy(model)
+    missing = [k for k in state if k not in model.state_dict()]
+    if missing:
+        raise SystemExit(f"peer weights do not match the model: {missing[0]}")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
 def main() -> None:
     import torch
     from safetensors.torch import load_file, save_file
@@ -71,6 +83,7 @@ def main() -> None:
     p = fidelity_parser(__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--methods", nargs="+", default=["gptq", "awq"], choices=["gptq", "awq"])
+    p.add_argument("--repeat", type=int, default=1, help="time each GPTQ/AWQ run this often (median reported)")
     p.add_argument("--peer-version", default="0.14.0.1")
     p.add_argument("--peer-venv", type=Path, default=Path.home() / ".cache" / "quantdeploy" / "peers")
     args = p.parse_args()
@@ -86,33 +99,36 @@ def main() -> None:
             "gptq": qd.GPTQConfig(bits=args.bits, group_size=args.group_size, pin_group_size=True,
                                   calibration=calib_config),
             "awq": qd.AWQConfig(quantizer=rtn, calibration=calib_config)}
-    models, seconds, peers = {}, {}, {}
-    for name in ["rtn", *args.methods]:
+    models, samples, peers = {}, {}, {}
+
+    def timed_ours(name: str):
         t0 = time.perf_counter()
-        models[f"ours-{name}"] = qd.quantize(base, ours[name]).model
-        seconds[f"ours-{name}"] = round(time.perf_counter() - t0, 1)
-        print(f"ours-{name}: {seconds[f'ours-{name}']} s", flush=True)
+        model = qd.quantize(base, ours[name]).model
+        samples.setdefault(f"ours-{name}", []).append(round(time.perf_counter() - t0, 1))
+        print(f"ours-{name}: {samples[f'ours-{name}'][-1]} s", flush=True)
+        return model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, tokens_file = Path(tmp) / "model", Path(tmp) / "calib.safetensors"
         base.model.save_pretrained(model_dir)
         base.tokenizer.save_pretrained(model_dir)
         save_file({"input_ids": calib.tokens.contiguous()}, tokens_file)
+        models["ours-rtn"] = timed_ours("rtn")
         for name in args.methods:
-            out = Path(tmp) / f"{name}.safetensors"
-            info = run_peer(python, model_dir, tokens_file, name, args.bits, args.group_size, out, threads)
-            peers[name] = info
-            print(f"llmcompressor-{name}: {info}", flush=True)
-            if "error" in info:
-                continue
-            model = copy.deepcopy(base.model)
-            state = load_file(out)
-            missing = [k for k in state if k not in model.state_dict()]
-            if missing:
-                raise SystemExit(f"peer weights do not match the model: {missing[0]}")
-            model.load_state_dict(state, strict=False)
-            models[f"llmcompressor-{name}"] = model.eval()
-            seconds[f"llmcompressor-{name}"] = info["seconds"]
+            for rep in range(args.repeat):  # ours and the peer alternate: a slow spell of the machine hits both
+                model = timed_ours(name)
+                models.setdefault(f"ours-{name}", model)
+                out = Path(tmp) / f"{name}.safetensors"
+                info = run_peer(python, model_dir, tokens_file, name, args.bits, args.group_size, out, threads)
+                print(f"llmcompressor-{name}: {info}", flush=True)
+                if "error" in info:
+                    peers[name] = info
+                    break
+                samples.setdefault(f"llmcompressor-{name}", []).append(info["seconds"])
+                if rep == 0:
+                    peers[name] = info
+                    models[f"llmcompressor-{name}"] = load_peer_weights(base.model, load_file(out))
+    seconds = {k: round(statistics.median(v), 1) for k, v in samples.items()}
 
     tokens = tokenize_prefix(base.tokenizer, load_text(args.text), args.tokens)
     res = evaluate(models, base.model, tokens, EvalProtocol(max_tokens=args.tokens, window=1024))
@@ -127,6 +143,7 @@ def main() -> None:
     for name, info in peers.items():
         if "error" in info:
             print(f"{'llmcompressor-' + name:<20} failed: {info['error']}")
+    print(f"quantize seconds of each run: {samples}")
     summary = {}
     for name in args.methods:
         if f"llmcompressor-{name}" in models:
@@ -136,7 +153,7 @@ def main() -> None:
             print(f"{name}: our KLD is {summary[name]['kld_ours_vs_peer']:.3f}x the peer's; "
                   f"we quantize {summary[name]['speedup_vs_peer']:.2f}x faster")
     print(json.dumps({"benchmark": "fidelity_peers", **machine_info(), "config": {**vars(args), "peer_venv": None},
-                      "peers": peers, "quantize_seconds": seconds, "summary": summary, "results": res}))
+                      "peers": peers, "quantize_seconds": seconds, "quantize_seconds_samples": samples, "summary": summary, "results": res}))
 
 
 if __name__ == "__main__":
