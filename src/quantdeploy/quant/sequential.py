@@ -100,7 +100,7 @@ class BlockRunner:
         for module, inner in self._inside.items():  # outermost first: a finished submodule is kept whole
             if module in self._memos or not all(x in self._originals for x in inner):
                 continue
-            if any(module in set(m.modules()) for m in self._memos if m is not module and m not in inner):
+            if any(module in set(m.modules()) for m in self._memos if m is not module):
                 continue  # inside a submodule that is already kept whole
             self._memoize(module, parts=[m for m in self._memos if m in set(module.modules())])
 
