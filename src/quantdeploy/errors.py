@@ -25,3 +25,7 @@ class CheckpointError(QuantDeployError):
 
 class DataError(QuantDeployError):
     """Evaluation or calibration text is missing, empty, too short or in the wrong format."""
+
+
+class RequestError(QuantDeployError):
+    """A generation request cannot be served as asked (prompt or max_tokens beyond the context window)."""

@@ -2,9 +2,10 @@
 
 They replace ``nn.Linear`` / ``nn.Embedding`` in a model. Their buffers are exactly the stored
 tensors (``qweight``, ``scales``, ``zeros`` ...), so a state dict round-trips through the checkpoint
-unchanged. ``forward`` goes through the kernels facade; here it is the reference path (dequantize,
-then matmul), which works on CPU. Repacking for a fast kernel happens on the target device, after
-loading, and never changes what is saved.
+unchanged. ``forward`` goes through the kernels facade. ``prepare()`` repacks the weight for the fast
+kernel of the device it sits on (after loading, on the target device); the repacked copy is a plain
+attribute, never saved, and dropped when the module moves. Without it, ``forward`` takes the
+reference path (dequantize, then matmul).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class _QuantWeightHolder(nn.Module):
             if fn(torch.zeros(1, dtype=dtype)).dtype != dtype:
                 raise TypeError(f"{type(self).__name__}: casting '{name}' ({dtype}) would corrupt it; "
                                 "move quantized models with .to(device) only")
+        self.prepared = None  # a kernel's repacked copy belongs to the old device
         return super()._apply(fn, recurse)
 
 
@@ -56,6 +58,7 @@ class QuantLinear(_QuantWeightHolder):
         self.in_features, self.out_features = in_features, out_features
         self._init_buffers(spec, out_features, in_features)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.prepared: kernels.PreparedWeight | None = None
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -69,7 +72,14 @@ class QuantLinear(_QuantWeightHolder):
     def _shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    def prepare(self, backend: str = "auto") -> str:
+        """Repack the weight for the fastest kernel on its device; returns the backend chosen."""
+        self.prepared = kernels.prepare(self.quantized_weight(), backend)
+        return "reference" if self.prepared is None else self.prepared.backend
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prepared is not None:
+            return self.prepared(x, self.bias)
         return kernels.qlinear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:

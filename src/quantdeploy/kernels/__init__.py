@@ -1,11 +1,17 @@
 """The kernels facade: one entry point per operation, the backend chosen by name or automatically.
 
-Only the reference backend exists so far; fast backends (Triton on GPU, PyTorch's packed CPU
-kernels) plug in here, are imported lazily, and are tested against ``reference``. A backend asked for
-by name that is not available is an error, never a silent fallback.
+Backends: ``reference`` (torch only, every device, the oracle) and ``cpu_packed`` (PyTorch's packed
+int8/int4 weight-only CPU kernels, ``cpu_packed.py``). ``prepare`` repacks a weight once for a fast
+backend on the weight's device; the result is called like ``prepared(x, bias)``. ``auto`` picks the
+fast backend where the weight's device and spec allow and the reference path otherwise (logged at
+debug level); a backend asked for by name that cannot serve the weight is an error, never a silent
+fallback. Triton kernels for the GPU plug in here later.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Callable, Protocol
 
 import torch
 
@@ -13,7 +19,15 @@ from quantdeploy.errors import ConfigError
 from quantdeploy.kernels import reference
 from quantdeploy.quant.primitives import QuantizedWeight
 
-BACKENDS = ("auto", "reference")
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "cpu_packed")
+
+
+class PreparedWeight(Protocol):
+    backend: str
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
 def _check(backend: str) -> None:
@@ -21,13 +35,34 @@ def _check(backend: str) -> None:
         raise ConfigError(f"unknown kernel backend '{backend}'; available: {', '.join(BACKENDS)}")
 
 
-def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """Quantized linear layer ``x @ W.T + bias``."""
+def prepare(qw: QuantizedWeight, backend: str = "auto") -> PreparedWeight | None:
+    """A repacked weight for ``backend`` on the weight's device, or None for the reference path."""
     _check(backend)
+    if backend == "reference":
+        return None
+    from quantdeploy.kernels import cpu_packed
+
+    on_cpu = qw.tensors["qweight"].device.type == "cpu"
+    if on_cpu and cpu_packed.supports(qw):
+        return cpu_packed.pack(qw)
+    if backend == "cpu_packed":
+        raise ConfigError(f"the cpu_packed backend cannot run {qw.spec.describe()} on "
+                          f"{qw.tensors['qweight'].device} (it takes int8 per-channel or int4 g32-g256 on CPU)")
+    log.debug("kernels: reference path for %s %s", qw.spec.describe(), tuple(qw.shape))
+    return None
+
+
+def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Quantized linear layer ``x @ W.T + bias`` (repacks on every call for a named fast backend:
+    prepare once with ``prepare`` instead)."""
+    _check(backend)
+    prepared: Callable | None = None if backend in ("auto", "reference") else prepare(qw, backend)
+    if prepared is not None:
+        return prepared(x, bias)
     return reference.qlinear(x, qw, bias)
 
 
 def qembedding(ids: torch.Tensor, qw: QuantizedWeight, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
-    """Quantized embedding lookup."""
+    """Quantized embedding lookup (reference path)."""
     _check(backend)
     return reference.qembedding(ids, qw, dtype)

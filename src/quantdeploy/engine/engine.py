@@ -1,0 +1,273 @@
+"""The Engine: prefill, batched decode over a static KV cache, and the generation loop.
+
+Lifecycle of a sequence::
+
+    add(prompt)  → prefill into the lowest free cache row, first token sampled on the device
+    step()       → one decode step for every running row, then read back the *previous* step's tokens
+    ...          → a sequence finishes on EOS / stop id / stop string / max_tokens / context end;
+                   its row is freed at once and the next ``add`` may take it
+
+The host never waits for the step it just launched: ``step`` launches decode k+1 (its input tokens
+stay on the device), and only then reads the tokens of step k, copied to pinned memory behind it.
+So the GPU always has the next step queued while Python detokenizes and checks stop strings. The
+cost is that a sequence stopped by a stop token/string runs one extra step whose token is dropped;
+length limits are known in advance and never overrun. ``add``/``abort`` between steps are how the
+server does continuous batching; ``generate``/``stream`` are the simple loops on top.
+
+Decode runs over rows ``0..n-1`` (n rounded up to a bucket) with a fixed shape, which is what
+CUDA graphs need: on CUDA the decode step is ``torch.compile``d with ``mode="reduce-overhead"``
+(one graph per batch bucket) and attends over the whole static cache under a mask; on CPU it runs
+eagerly and attends over the cached prefix only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from quantdeploy.device import default_device
+from quantdeploy.engine.kv_cache import StaticKVCache
+from quantdeploy.engine.loading import LoadedModel, from_bundle, load
+from quantdeploy.engine.sampling import BatchSampler, SamplingParams
+from quantdeploy.engine.sequence import Sequence
+from quantdeploy.errors import ConfigError, RequestError
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length
+    prompt_tokens: int
+
+
+class Engine:
+    """A loaded model, its KV cache and sampler, and the sequences running on them."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, max_batch: int = 8,
+                 max_seq_len: int | None = None, compile: bool | None = None) -> None:
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.device = device
+        args = self.model.args
+        self.max_seq_len = min(max_seq_len or 2048, args.max_seq_len)
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+        dtype = self.model.norm.weight.dtype
+        kv = loaded.kv_cache_dtype
+        self.model.attach_cache(lambda i, attn: StaticKVCache(
+            max_batch, args.n_kv_heads, self.max_seq_len, args.head_dim, dtype, device, kv, attn.k_scale, attn.v_scale))
+        self.sampler = BatchSampler(max_batch, args.vocab_size, device)
+        self.next_token = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.growing = torch.zeros(max_batch, dtype=torch.long, device=device)  # 1 where a row advances
+        self.rows: list[Sequence | None] = [None] * max_batch
+        self.eos_ids = _eos_ids(loaded)
+        self._pending: list[tuple[Any, Any, list[tuple[int, Sequence]]]] = []  # (host tokens, event, launched)
+        self._next_id = 0
+        self.compiled = (device.type == "cuda") if compile is None else compile
+        self._decode = self.model.decode
+        if self.compiled:
+            self._decode = torch.compile(self.model.decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             **kwargs: Any) -> "Engine":
+        """Load a quantdeploy checkpoint, HF folder, GGUF file, hub name or ``bundled`` onto ``device``."""
+        device = torch.device(device) if device is not None else default_device()
+        return cls(load(path, device, dtype), device, **kwargs)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    **kwargs: Any) -> "Engine":
+        device = torch.device(device) if device is not None else default_device()
+        return cls(from_bundle(bundle, device, dtype), device, **kwargs)
+
+    # ------------------------------------------------------------------ the batching API
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.rows if s is not None]
+
+    @property
+    def free_rows(self) -> int:
+        return sum(s is None for s in self.rows)
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        tok = self.tokenizer
+        if chat and getattr(tok, "chat_template", None):
+            return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"])
+        return list(tok(prompt).input_ids)
+
+    def check(self, n_prompt: int, params: SamplingParams) -> None:
+        """Raise RequestError if a prompt of ``n_prompt`` tokens with ``params`` cannot fit the context."""
+        if n_prompt == 0:
+            raise RequestError("the prompt is empty; give at least one token")
+        if n_prompt >= self.max_seq_len:
+            raise RequestError(f"the prompt has {n_prompt} tokens but the context window is {self.max_seq_len}; "
+                               "shorten the prompt (or load the engine with a larger max_seq_len)")
+        if n_prompt + params.max_tokens > self.max_seq_len:
+            raise RequestError(f"max_tokens {params.max_tokens} + {n_prompt} prompt tokens exceeds the context window "
+                               f"of {self.max_seq_len}; lower max_tokens to at most {self.max_seq_len - n_prompt}")
+
+    @torch.inference_mode()
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Prefill a new sequence into the lowest free row; its first token is reported by the next ``step``."""
+        self.check(len(prompt_ids), params)
+        if self.free_rows == 0:
+            raise RuntimeError("no free row: check free_rows before add (the server queues instead)")
+        row = self.rows.index(None)
+        seq = Sequence(self._next_id, row, list(prompt_ids), params, self.tokenizer, self._stop_ids(params))
+        self._next_id += 1
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        self.sampler.assign(row, params, seed, ids[0])
+        logits = self.model.prefill(ids, row)[:, -1]  # [1, vocab]
+        token = self.sampler.sample(logits, slice(row, row + 1))
+        self.next_token[row] = token[0]
+        self.positions[row] = len(prompt_ids)
+        self.growing[row] = 1
+        self.rows[row] = seq
+        seq.launched = 1
+        self._push(token, [(0, seq)])
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence now (client gone); its row is free for the next ``add``."""
+        if not seq.finished:
+            seq.finish("abort")
+        self._free(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Launch one decode step for every row that may still grow, then read back the previous one.
+        Returns the sequences that received tokens (check ``seq.finished``)."""
+        launch = []
+        for row, seq in enumerate(self.rows):
+            if seq is None:
+                continue
+            if self._may_grow(seq):
+                launch.append((row, seq))
+            elif not seq.parked:
+                self._park(row)
+                seq.parked = True
+        if launch:
+            n = min(next((b for b in BUCKETS if b > launch[-1][0]), self.max_batch), self.max_batch)
+            kv_len = self.max_seq_len if self.compiled else self._kv_len(launch)
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._decode(self.next_token[:n].clone(), self.positions[:n].clone(), kv_len)
+            tokens = self.sampler.sample(logits, slice(0, n))
+            self.next_token[:n] = tokens
+            self.positions[:n] += self.growing[:n]
+            for _, seq in launch:
+                seq.launched += 1
+            self._push(tokens, launch)
+        return self._resolve(keep_last=bool(launch))
+
+    # ------------------------------------------------------------------ simple loops
+    def generate(self, prompts: str | list[str], params: SamplingParams | None = None, chat: bool = False) -> Any:
+        """Complete one prompt (→ Completion) or several (→ list), batched up to ``max_batch`` at a time."""
+        params = params or SamplingParams()
+        single = isinstance(prompts, str)
+        encoded = [self.encode(p, chat) for p in ([prompts] if single else prompts)]
+        for ids in encoded:
+            self.check(len(ids), params)
+        waiting = list(enumerate(encoded))
+        done: dict[int, Completion] = {}
+        active: dict[int, Sequence] = {}
+        while waiting or active:
+            while waiting and self.free_rows:
+                i, ids = waiting.pop(0)
+                active[i] = self.add(ids, params)
+            self.step()
+            for i, seq in list(active.items()):
+                if seq.finished:
+                    done[i] = Completion(seq.text, seq.output_ids, seq.finish_reason, len(seq.prompt_ids))
+                    del active[i]
+        results = [done[i] for i in range(len(encoded))]
+        return results[0] if single else results
+
+    def stream(self, prompt: str, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
+        """Yield the completion of ``prompt`` as text pieces; they join to ``generate``'s text."""
+        seq = self.add(self.encode(prompt, chat), params or SamplingParams())
+        try:
+            while not seq.finished:
+                self.step()
+                piece = seq.take_text()
+                if piece:
+                    yield piece
+        finally:
+            if not seq.finished:
+                self.abort(seq)
+
+    # ------------------------------------------------------------------ internals
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+
+    def _may_grow(self, seq: Sequence) -> bool:
+        """Whether another decode step may run for ``seq``: its token budget and the cache both have room."""
+        position = len(seq.prompt_ids) + seq.launched - 1  # where the pending token will be written
+        return not seq.finished and seq.launched < seq.params.max_tokens and position < self.max_seq_len
+
+    def _kv_len(self, launch: list[tuple[int, Sequence]]) -> int:
+        longest = max(len(s.prompt_ids) + s.launched for _, s in launch)
+        return min(self.max_seq_len, -(-longest // 64) * 64)
+
+    def _push(self, tokens: torch.Tensor, launched: list[tuple[int, Sequence]]) -> None:
+        if tokens.device.type == "cuda":
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((host, event, launched))
+        else:
+            self._pending.append((tokens, None, launched))
+
+    def _resolve(self, keep_last: bool) -> list[Sequence]:
+        """Read back every pending step except (with ``keep_last``) the one just launched."""
+        ready, self._pending = (self._pending[:-1], self._pending[-1:]) if keep_last else (self._pending, [])
+        touched: list[Sequence] = []
+        for host, event, launched in ready:
+            if event is not None:
+                event.synchronize()  # an older step: the device has already moved on to the next one
+            values = host.tolist()
+            for index, seq in launched:
+                if seq.finished:
+                    continue  # launched before its stop was seen: the token is dropped
+                seq.receive(values[index], context_full=len(seq.prompt_ids) + seq.received >= self.max_seq_len)
+                touched.append(seq)
+                if seq.finished:
+                    self._free(seq)
+        return touched
+
+    def _park(self, row: int) -> None:
+        """No more steps for this row: decode may still sweep it, so keep its writes at position 0."""
+        self.positions[row] = 0
+        self.growing[row] = 0
+
+    def _free(self, seq: Sequence) -> None:
+        if self.rows[seq.row] is seq:
+            self._park(seq.row)
+            self.rows[seq.row] = None
+            self.sampler.release(seq.row)
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(loaded.tokenizer, "eos_token_id", None), getattr(loaded.hf_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return ids

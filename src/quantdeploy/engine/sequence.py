@@ -1,0 +1,87 @@
+"""One sequence in the engine: its tokens, its incremental text, and its stop conditions.
+
+Detokenization is incremental (the prefix/read-offset scheme of TGI and vLLM): each new token decodes
+a short window of recent tokens, and text is released only once it no longer ends in an incomplete
+UTF-8 character. Stop strings are searched in the text as it grows; the text is cut where the first
+one starts, and streaming holds back any tail that could still become the start of a stop string,
+so streamed pieces always join to exactly the final text. A stop token (EOS or a requested id) ends
+the sequence and is not part of its output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quantdeploy.engine.sampling import SamplingParams
+
+
+class Sequence:
+    def __init__(self, seq_id: int, row: int, prompt_ids: list[int], params: SamplingParams, tokenizer: Any,
+                 stop_ids: set[int]) -> None:
+        self.id, self.row = seq_id, row
+        self.prompt_ids, self.params = prompt_ids, params
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.launched = 0  # tokens whose computation has been queued on the device
+        self.received = 0  # tokens read back (including a final stop token)
+        self.parked = False  # no more steps will be launched for it
+        self._prefix = 0  # incremental detokenization offsets into output_ids
+        self._read = 0
+        self._emitted = 0  # characters of ``text`` already handed to a stream
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    def receive(self, token: int, context_full: bool) -> None:
+        """Take the next generated token and apply every stop condition."""
+        self.received += 1
+        if token in self.stop_ids:
+            self._extend_text(final=True)
+            self.finish("stop")
+            return
+        self.output_ids.append(token)
+        last = self.received >= self.params.max_tokens or context_full
+        self._extend_text(final=last)
+        if last:
+            self.finish("length")
+
+    def _extend_text(self, final: bool = False) -> None:
+        if self.tokenizer is None or self.finished:
+            return
+        ids = self.output_ids
+        before = self.tokenizer.decode(ids[self._prefix:self._read], skip_special_tokens=True)
+        now = self.tokenizer.decode(ids[self._prefix:], skip_special_tokens=True)
+        if not final and now.endswith("\ufffd") and len(ids) - self._read < 4:
+            return  # an incomplete UTF-8 character: wait for the rest of its bytes
+        delta = now[len(before):]
+        self._prefix, self._read = self._read, len(ids)
+        if not delta:
+            return
+        start = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0))
+        self.text += delta
+        for stop in self.params.stop:
+            at = self.text.find(stop, start)
+            if at != -1:
+                self.text = self.text[:at]
+                self.finish("stop")
+                return
+
+    def take_text(self) -> str:
+        """The text not yet streamed, minus any tail that might still turn into a stop string."""
+        end = len(self.text)
+        if not self.finished:
+            for stop in self.params.stop:
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text.endswith(stop[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        piece = self.text[self._emitted:end]
+        self._emitted = max(self._emitted, end)
+        return piece

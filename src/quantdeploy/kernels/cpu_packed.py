@@ -1,0 +1,74 @@
+"""PyTorch's packed CPU kernels for weight-only int8 and int4 matmul.
+
+- int8, symmetric, per output channel: ``torch._weight_int8pack_mm(x, w_int8 [n, k], scales [n])``.
+  Our codes are stored offset by 128 (``w = s·(q − 128)``), so the kernel's signed weight is ``q − 128``.
+- int4, symmetric or asymmetric, groups of 32…256 along the input: ``torch._weight_int4pack_mm_for_cpu``
+  on the tinygemm layout made by ``torch._convert_weight_to_int4pack_for_cpu``. That kernel computes
+  ``w = (q − 8)·s + z`` with a *float* zero ``z`` per group; ours is ``w = s·(q − z_int)``, which is the
+  same with ``z = s·(8 − z_int)`` (0 for symmetric grids): the weights it multiplies are exactly ours.
+
+Both take fp32 activations here (their bf16 variants round the activations and lose accuracy on this
+path); the result is cast back to the caller's dtype. Everything else uses the reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantdeploy.quant.packing import unpack_bits
+from quantdeploy.quant.primitives import QuantizedWeight
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def supports(qw: QuantizedWeight) -> bool:
+    spec = qw.spec
+    if spec.activations is not None:
+        return False
+    if spec.dtype == "int8":
+        return spec.symmetric and spec.group_size is None
+    if spec.dtype == "int4":
+        return spec.group_for(qw.shape[1]) in INT4_GROUPS and qw.shape[1] % 16 == 0
+    return False
+
+
+class PackedInt8:
+    backend = "cpu_packed"
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        self.weight = (qw.tensors["qweight"].to(torch.int16) - 128).to(torch.int8).contiguous()  # [n, k]
+        self.scales = qw.tensors["scales"].float().reshape(-1).contiguous()  # [n]
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        if bias is not None:
+            y = y + bias.float()
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class PackedInt4:
+    backend = "cpu_packed"
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        n, k = qw.shape
+        self.group = qw.spec.group_for(k)
+        codes = unpack_bits(qw.tensors["qweight"], 4, k).to(torch.int32)  # [n, k]
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)  # tinygemm layout [n, k/2]
+        scales = qw.tensors["scales"].float()  # [n, k/G]
+        if qw.spec.symmetric:
+            zeros = torch.zeros_like(scales)
+        else:
+            zeros = scales * (8.0 - qw.tensors["zeros"].float())
+        self.scales_zeros = torch.stack([scales.T, zeros.T], dim=-1).contiguous()  # [k/G, n, 2]
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
+        if bias is not None:
+            y = y + bias.float()
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def pack(qw: QuantizedWeight) -> PackedInt8 | PackedInt4:
+    return PackedInt8(qw) if qw.spec.dtype == "int8" else PackedInt4(qw)

@@ -1,0 +1,265 @@
+"""A compact Llama-family transformer (Llama 1-3, Mistral, Qwen2, SmolLM2) for the engine.
+
+One readable model in the spirit of gpt-fast: RMSNorm, rotary position embeddings (every scaling
+variant transformers implements, computed by transformers' own RoPE init functions so the
+frequencies are identical), grouped-query attention, a SwiGLU MLP, optional q/k/v biases (Qwen2) and
+tied embeddings. Linear layers are plain ``nn.Linear`` or the engine's ``QuantLinear``; the model does
+not care which. Tensor names and checkpoint conversion live in ``models/hf_names.py``.
+
+Three ways to run it:
+
+- ``forward(tokens)``: the whole sequence, causal attention, no cache (checks against transformers);
+- ``prefill(tokens, row, start)``: one sequence's chunk, written into cache row ``row`` at positions
+  ``start..``, attending to everything cached before it;
+- ``decode(tokens, positions, kv_len)``: one new token for each of the cache rows ``0..n-1``, each at
+  its own position; attention reads the first ``kv_len`` cached positions under a per-row mask.
+
+The KV cache is owned by the engine: it attaches one cache module per layer (``attach_cache``) with
+``write(rows, positions, k, v)`` and ``read(row_slice, length, dtype)``; the model only calls those.
+Grouped-query attention never copies K/V: the ``H/Hkv`` query heads that share a KV head are folded
+into the query-length axis, so one SDPA call over ``[B, Hkv, rep*T, D]`` does the whole group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantdeploy.errors import ModelSourceError
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """The shape of a Llama-family model, read from a transformers config."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    max_seq_len: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, config: Any) -> "ModelArgs":
+        kind = getattr(config, "model_type", None)
+        if kind not in SUPPORTED:
+            raise ModelSourceError(f"architecture '{kind}' is not supported by the engine (supported: "
+                                   f"{', '.join(SUPPORTED)}; SmolLM2 is llama); use 'quantdeploy generate' instead")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ModelSourceError(f"activation '{config.hidden_act}' is not supported by the engine (SwiGLU/silu only)")
+        if kind == "qwen2" and getattr(config, "use_sliding_window", False):
+            raise ModelSourceError("Qwen2 with use_sliding_window is not supported by the engine")
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        max_seq = config.max_position_embeddings
+        window = getattr(config, "sliding_window", None) if kind == "mistral" else None
+        if window:  # within the window, sliding-window attention is full attention: cap the context there
+            max_seq = min(max_seq, window)
+        attn_bias = bool(getattr(config, "attention_bias", False))
+        return cls(vocab_size=config.vocab_size, dim=config.hidden_size, n_layers=config.num_hidden_layers,
+                   n_heads=n_heads, n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+                   head_dim=head_dim, intermediate_size=config.intermediate_size, norm_eps=config.rms_norm_eps,
+                   max_seq_len=max_seq, qkv_bias=attn_bias or kind == "qwen2", o_bias=attn_bias,
+                   mlp_bias=bool(getattr(config, "mlp_bias", False)),
+                   tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def rope_tables(config: Any, max_seq_len: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` ``[max_seq_len, head_dim]`` fp32, as transformers computes them for ``config``.
+
+    The inverse frequencies come from transformers' RoPE init function for the config's scaling type
+    (default, linear, llama3, yarn, longrope), so every variant matches. Dynamic NTK rescales with the
+    sequence length, which a static table cannot do: it is refused.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    kind = params.get("rope_type", "default")
+    if kind == "dynamic":
+        raise ModelSourceError("dynamic NTK RoPE scaling is not supported by the engine (its table changes with length)")
+    if kind == "default":
+        n_heads = config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        inv_freq, scaling = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    elif kind in ROPE_INIT_FUNCTIONS:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    else:
+        raise ModelSourceError(f"RoPE scaling '{kind}' is not supported by the engine")
+    freqs = torch.arange(max_seq_len, dtype=torch.float)[:, None] * inv_freq.float()[None, :]  # [S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
+    return (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, H, T, D]`` by ``cos``/``sin`` ``[B, 1, T, D]`` (the half-split convention of HF weights)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class MultiLinear(nn.Module):
+    """Several linear maps of one input. ``fuse()`` turns them into one matmul when their weights allow."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.fused: nn.Module | None = None
+        self.sizes: list[int] = []
+
+    def fuse(self, fuse_fn) -> None:  # noqa: ANN001 - see models.hf_names.fuse_linears
+        fused = fuse_fn(list(self.parts))
+        if fused is not None:
+            self.sizes = [p.out_features for p in self.parts]
+            self.fused, self.parts = fused, nn.ModuleList()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is not None:
+            return self.fused(x).split(self.sizes, dim=-1)
+        return tuple(p(x) for p in self.parts)
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.wqkv = MultiLinear([_linear(a.dim, a.n_heads * a.head_dim, a.qkv_bias),
+                                 _linear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias),
+                                 _linear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)])
+        self.wo = _linear(a.n_heads * a.head_dim, a.dim, a.o_bias)
+        self.kv_cache: nn.Module | None = None
+        self.k_scale: torch.Tensor | None = None  # static KV-cache scales [n_kv_heads], when quantized
+        self.v_scale: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache_at: tuple | None) -> torch.Tensor:
+        """``x [B, T, dim]``; ``mask [B, T, S]`` bool (True = attend). ``cache_at`` = (rows [B], positions [B, T],
+        kv_rows: slice, kv_len) writes K/V into the cache and attends over the cached rows' first ``kv_len``
+        positions; None attends over this chunk only."""
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_at is not None:
+            rows, positions, kv_rows, kv_len = cache_at
+            self.kv_cache.write(rows, positions, k, v)
+            k, v = self.kv_cache.read(kv_rows, kv_len, q.dtype)  # [B, Hkv, S, D]
+        rep = self.n_heads // self.n_kv_heads
+        # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep*T, D].
+        qg = q.reshape(b, self.n_kv_heads, rep * t, self.head_dim)
+        m = mask[:, None].repeat(1, 1, rep, 1)  # [B, 1, rep*T, S]
+        y = F.scaled_dot_product_attention(qg, k, v, attn_mask=m)
+        y = y.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.w13 = MultiLinear([_linear(a.dim, a.intermediate_size, a.mlp_bias),
+                                _linear(a.dim, a.intermediate_size, a.mlp_bias)])  # gate (w1), up (w3)
+        self.w2 = _linear(a.intermediate_size, a.dim, a.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention = Attention(a)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.feed_forward = FeedForward(a)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache_at) -> torch.Tensor:  # noqa: ANN001
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_at)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The model: ``tok_embeddings → layers → norm → output``. Build it, load weights, then ``setup``."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = _linear(args.dim, args.vocab_size, False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def attach_cache(self, make_cache) -> None:  # noqa: ANN001 - make_cache(layer_index, attention) -> module
+        for i, layer in enumerate(self.layers):
+            layer.attention.kv_cache = make_cache(i, layer.attention)
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_at,  # noqa: ANN001
+             last_only: bool) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)  # [B, T, dim]
+        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
+        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_at)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` of whole sequences ``tokens [B, T]`` (causal, no cache)."""
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand(b, t)
+        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril().expand(b, t, t)
+        return self._run(tokens, positions, mask, None, last_only=False)
+
+    def prefill(self, tokens: torch.Tensor, row: int, start: int = 0, last_only: bool = True) -> torch.Tensor:
+        """Run ``tokens [1, T]`` of the sequence in cache row ``row`` at positions ``start..start+T-1``."""
+        t = tokens.shape[1]
+        device = tokens.device
+        positions = torch.arange(start, start + t, device=device)[None]  # [1, T]
+        kv_len = start + t
+        mask = (torch.arange(kv_len, device=device)[None, :] <= positions[0, :, None])[None]  # [1, T, S]
+        rows = torch.tensor([row], device=device)
+        return self._run(tokens, positions, mask, (rows, positions, slice(row, row + 1), kv_len), last_only)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One step for cache rows ``0..n-1``: ``tokens [n]`` at ``positions [n]`` → logits ``[n, vocab]``."""
+        n = tokens.shape[0]
+        rows = torch.arange(n, device=tokens.device)
+        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None]  # [n, 1, S]
+        logits = self._run(tokens[:, None], positions[:, None], mask, (rows, positions[:, None], slice(0, n), kv_len), False)
+        return logits[:, 0]

@@ -1,0 +1,121 @@
+"""The engine end to end on the tiny random Llama (and one check on the bundled SmolLM2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantdeploy as qd
+from quantdeploy.engine.engine import Engine
+from quantdeploy.engine.sampling import SamplingParams
+from quantdeploy.errors import ModelSourceError, RequestError
+
+PROMPTS = ["The history of", "In 1850 the city", "A", "Mathematics is the study of numbers and"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=128)
+
+
+def _hf_greedy(bundle, prompt: str, n: int) -> list[int]:
+    ids = bundle.tokenizer(prompt, return_tensors="pt").input_ids
+    out = bundle.model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=2, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_greedy_matches_transformers_generate(engine, tiny_bundle):
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    for prompt in PROMPTS[:2]:
+        assert engine.generate(prompt, params).token_ids == _hf_greedy(tiny_bundle, prompt, 24)
+
+
+def test_batched_decode_at_different_positions_equals_one_at_a_time(engine, tiny_bundle):
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    alone = [engine.generate(p, params).token_ids for p in PROMPTS]
+    # 4 prompts of different lengths through 2 rows: sequences join and leave between steps
+    small = Engine.from_bundle(tiny_bundle, "cpu", max_batch=2, max_seq_len=128)
+    together = [c.token_ids for c in small.generate(PROMPTS, params)]
+    assert together == alone
+
+
+def test_sequences_join_and_leave_mid_decode(engine):
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = {p: engine.generate(p, params).token_ids for p in PROMPTS[:3]}
+    first = engine.add(engine.encode(PROMPTS[0]), params)
+    for _ in range(5):
+        engine.step()
+    second = engine.add(engine.encode(PROMPTS[1]), SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.step()
+    third = engine.add(engine.encode(PROMPTS[2]), params)
+    while engine.running:
+        engine.step()
+    assert first.output_ids == expected[PROMPTS[0]]
+    assert second.output_ids == expected[PROMPTS[1]][:3] and second.finish_reason == "length"
+    assert third.output_ids == expected[PROMPTS[2]]
+    assert engine.free_rows == engine.max_batch
+
+
+def test_streaming_yields_the_same_text(engine):
+    for params in (SamplingParams(max_tokens=30, ignore_eos=True),
+                   SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, seed=7, stop=("e t",))):
+        pieces = list(engine.stream(PROMPTS[1], params))
+        assert "".join(pieces) == engine.generate(PROMPTS[1], params).text
+        assert len(pieces) > 1
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(engine):
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, seed=123, repetition_penalty=1.3, ignore_eos=True)
+    alone = engine.generate(PROMPTS[0], params).token_ids
+    batch = engine.generate([PROMPTS[2], PROMPTS[0], PROMPTS[3]], params)
+    assert batch[1].token_ids == alone
+    other = engine.generate(PROMPTS[0], SamplingParams(**{**params.__dict__, "seed": 124})).token_ids
+    assert other != alone
+
+
+def test_stop_strings_and_stop_ids(engine):
+    free = engine.generate(PROMPTS[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    stop_id = free.token_ids[5]
+    cut = engine.generate(PROMPTS[0], SamplingParams(max_tokens=40, stop_token_ids=(stop_id,), ignore_eos=True))
+    assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[:free.token_ids.index(stop_id)]
+    stop = free.text[10:13]
+    cut = engine.generate(PROMPTS[0], SamplingParams(max_tokens=40, stop=(stop,), ignore_eos=True))
+    assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(stop)]
+
+
+def test_context_errors_are_clear(engine):
+    with pytest.raises(RequestError, match="the prompt has .* tokens but the context window is 128"):
+        engine.generate("word " * 200, SamplingParams(max_tokens=4))
+    with pytest.raises(RequestError, match="max_tokens 500 .* exceeds the context window of 128; lower max_tokens"):
+        engine.generate(PROMPTS[0], SamplingParams(max_tokens=500))
+    assert engine.free_rows == engine.max_batch  # nothing half-admitted
+
+
+def test_unsupported_architecture_is_refused_before_loading_weights(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ModelSourceError, match="architecture 'gpt2' is not supported by the engine"):
+        Engine.load(tmp_path, "cpu")
+
+
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_saved_quantized_checkpoint_is_deterministic_and_matches_transformers(tiny_bundle, tmp_path, train_text, kv):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(train_text[:50_000])
+    kv_cache = qd.KVCacheConfig(dtype=kv, calibration=qd.CalibrationConfig(str(calib), 4, 64)) if kv else None
+    q = qd.quantize(tiny_bundle, qd.RTNConfig(bits=4, group_size=32), kv_cache=kv_cache)
+    qd.save(q, tmp_path / "ckpt")
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    engines = [Engine.load(tmp_path / "ckpt", "cpu", max_batch=2, max_seq_len=64) for _ in range(2)]
+    runs = [e.generate(PROMPTS[:2], params) for e in engines]
+    assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
+    if kv:  # the cache holds int8 codes, not floats
+        assert engines[0].model.layers[0].attention.kv_cache.k_cache.dtype == torch.int8
+    # transformers on the same checkpoint (fake-quantized K/V there, an int8 cache here): same logits
+    reloaded = qd.load(tmp_path / "ckpt")
+    ids = reloaded.tokenizer(PROMPTS[3], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = reloaded.model(ids).logits[0, -1]
+        ours = engines[0].model.prefill(ids, row=1)[0, -1]
+    assert (ours - ref).abs().max() < 1e-4

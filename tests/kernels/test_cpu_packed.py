@@ -1,0 +1,59 @@
+"""PyTorch's packed CPU kernels against the reference path (the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantdeploy import kernels
+from quantdeploy.engine import QuantLinear
+from quantdeploy.errors import ConfigError
+from quantdeploy.kernels import cpu_packed, reference
+from quantdeploy.quant.primitives import quantize_weight
+from quantdeploy.quant.spec import QuantSpec
+
+PACKED = [QuantSpec("int8", None), QuantSpec("int4", 32), QuantSpec("int4", 64, symmetric=False),
+          QuantSpec("int4", 128), QuantSpec("int4", 256, symmetric=False)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@settings(max_examples=20, deadline=None)
+@given(spec=st.sampled_from(PACKED), n=st.integers(1, 6).map(lambda i: 16 * i), m=st.integers(1, 9),
+       seed=st.integers(0, 2**16), bias=st.booleans())
+def test_packed_kernels_match_the_reference(spec, n, m, seed, bias):
+    g = torch.Generator().manual_seed(seed)
+    k = 512
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    qw = quantize_weight(w, spec)
+    prepared = kernels.prepare(qw)
+    assert prepared is not None and prepared.backend == "cpu_packed"
+    assert _rel(prepared(x, b), reference.qlinear(x, qw, b)) < 1e-5
+
+
+def test_quant_linear_prepare_uses_the_packed_kernel_and_keeps_its_state_dict():
+    qw = quantize_weight(torch.randn(64, 256), QuantSpec("int4", 64, symmetric=False))
+    layer = QuantLinear.from_quantized(qw, torch.randn(64), torch.float32)
+    x = torch.randn(3, 7, 256)
+    before = layer(x)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert layer.prepare() == "cpu_packed"
+    assert _rel(layer(x), before) < 1e-5
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+    layer.to("cpu")  # a move drops the repacked copy: it belongs to the old device
+    assert layer.prepared is None
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int8", 64), QuantSpec("nf4", 64), QuantSpec("int4", 16),
+                                  QuantSpec("int8", None, activations="int8")])
+def test_auto_falls_back_to_the_reference_and_a_named_backend_refuses(spec):
+    qw = quantize_weight(torch.randn(32, 256), spec)
+    assert not cpu_packed.supports(qw)
+    assert kernels.prepare(qw) is None
+    with pytest.raises(ConfigError, match="cpu_packed backend cannot run"):
+        kernels.prepare(qw, "cpu_packed")
