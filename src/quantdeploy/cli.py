@@ -1,4 +1,4 @@
-"""The command line: one subcommand per public function (quantize, eval, generate, inspect, demo).
+"""The command line: one subcommand per public function (quantize, eval, generate, bench, inspect, demo).
 
 Errors a user can cause (:class:`~quantdeploy.errors.QuantDeployError`) print one line and exit 2;
 anything else is a bug and keeps its traceback. Long steps show rich progress bars on stderr.
@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback. Long steps show rich progress ba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -123,9 +124,11 @@ def _apply_grid_flags(args: argparse.Namespace, values: dict[str, Any], config_c
     fields = set(config_cls.__dataclass_fields__)
     flags = {"bits": args.bits, "symmetric": args.symmetric, "alpha": args.alpha,
              "activations": True if args.w8a8 else None}
-    if args.group_size is not None:
-        flags["group_size"] = None if args.group_size == 0 else args.group_size
-        flags["pin_group_size"] = True
+    if args.group_size is not None:  # 0 means per-channel, stored as None: set here, past the None filter
+        if "group_size" not in fields:
+            raise ConfigError(f"--group-size does not apply to method '{name}'")
+        values["group_size"] = None if args.group_size == 0 else args.group_size
+        values["pin_group_size"] = True
     for key, value in flags.items():
         if value is None:
             continue
@@ -215,6 +218,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bundle = qd.load(args.model)
     text, ids = qd.generate(bundle, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
     print(json.dumps({"text": text, "ids": ids}) if args.json else text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from quantdeploy.bench import decode
+    from quantdeploy.eval.report import machine_info
+    from quantdeploy.formats import checkpoint as ckpt
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from quantdeploy.device import default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    original = None
+    model_path = Path(args.model).expanduser()
+    if not args.no_original and ckpt.is_checkpoint(model_path):
+        _, manifest = ckpt.read_checkpoint(model_path)
+        original = args.original or manifest.get("source", {}).get("path")
+        if original is None or (not Path(original).expanduser().exists() and original != "bundled" and "/" not in original):
+            raise ConfigError(f"the checkpoint's original model ({original}) is not on this machine; "
+                              "pass --original PATH or --no-original")
+    cfg = decode.BenchConfig(prompt_len=args.prompt_len, batches=tuple(args.batches), steps=args.steps)
+    console = Console(stderr=True)
+    record = decode.run(args.model, original, device, cfg,
+                        on_result=lambda name, _: console.print(f"[dim]{name} done[/dim]"))
+    table = Table(title=f"quantdeploy bench on {device} (copy bandwidth {record['bandwidth_gbs']:.1f} GB/s)")
+    for header in decode.HEADERS:
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for name, result in record["results"].items():
+        for row in decode.table_rows(name, result):
+            table.add_row(*row)
+    Console().print(table)
+    for batch, ratio in record.get("speedup_vs_original", {}).items():
+        print(f"batch {batch}: {ratio:.2f}x the original's decode tok/s")
+    out = {**machine_info(), "device": str(device), "config": dataclasses.asdict(cfg), **record}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
     return 0
 
 
@@ -315,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--json", action="store_true", help="print {text, ids} as JSON")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="engine speed: prefill, TTFT, decode tok/s per batch, memory, GB/s vs the original")
+    p.add_argument("model", help="quantdeploy checkpoint or any model source")
+    p.add_argument("--original", help="the unquantized original (default: the checkpoint's recorded source)")
+    p.add_argument("--no-original", action="store_true", help="bench the model alone")
+    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
+    p.add_argument("--json", help="also write the record to this JSON file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", help="per-layer spec, bits per weight and size of a checkpoint")
     p.add_argument("checkpoint")

@@ -18,6 +18,9 @@ PACKED = [QuantSpec("int8", None), QuantSpec("int4", 32), QuantSpec("int4", 64, 
           QuantSpec("int4", 128), QuantSpec("int4", 256, symmetric=False)]
 
 
+BF16_TOL = 6e-3  # three bf16 roundings (input, scale, output) of 2^-9 relative each
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -33,7 +36,8 @@ def test_packed_kernels_match_the_reference(spec, n, m, seed, bias):
     qw = quantize_weight(w, spec)
     prepared = kernels.prepare(qw)
     assert prepared is not None and prepared.backend == "cpu_packed"
-    assert _rel(prepared(x, b), reference.qlinear(x, qw, b)) < 1e-5
+    # bf16 activations, scales and output on this path (see cpu_packed's docstring): bf16-level agreement
+    assert _rel(prepared(x, b), reference.qlinear(x, qw, b)) < BF16_TOL
 
 
 def test_quant_linear_prepare_uses_the_packed_kernel_and_keeps_its_state_dict():
@@ -43,7 +47,7 @@ def test_quant_linear_prepare_uses_the_packed_kernel_and_keeps_its_state_dict():
     before = layer(x)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     assert layer.prepare() == "cpu_packed"
-    assert _rel(layer(x), before) < 1e-5
+    assert _rel(layer(x), before) < BF16_TOL
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
     layer.to("cpu")  # a move drops the repacked copy: it belongs to the old device
     assert layer.prepared is None

@@ -82,16 +82,17 @@ class Engine:
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-             **kwargs: Any) -> "Engine":
-        """Load a quantdeploy checkpoint, HF folder, GGUF file, hub name or ``bundled`` onto ``device``."""
+             backend: str = "auto", **kwargs: Any) -> "Engine":
+        """Load a quantdeploy checkpoint, HF folder, GGUF file, hub name or ``bundled`` onto ``device``;
+        ``backend`` picks the quantized kernels (``kernels.BACKENDS``), ``kwargs`` go to the constructor."""
         device = torch.device(device) if device is not None else default_device()
-        return cls(load(path, device, dtype), device, **kwargs)
+        return cls(load(path, device, dtype, backend=backend), device, **kwargs)
 
     @classmethod
     def from_bundle(cls, bundle: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                    **kwargs: Any) -> "Engine":
+                    backend: str = "auto", **kwargs: Any) -> "Engine":
         device = torch.device(device) if device is not None else default_device()
-        return cls(from_bundle(bundle, device, dtype), device, **kwargs)
+        return cls(from_bundle(bundle, device, dtype, backend), device, **kwargs)
 
     # ------------------------------------------------------------------ the batching API
     @property
@@ -176,11 +177,13 @@ class Engine:
         return self._resolve(keep_last=bool(launch))
 
     # ------------------------------------------------------------------ simple loops
-    def generate(self, prompts: str | list[str], params: SamplingParams | None = None, chat: bool = False) -> Any:
-        """Complete one prompt (→ Completion) or several (→ list), batched up to ``max_batch`` at a time."""
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]], params: SamplingParams | None = None,
+                 chat: bool = False) -> Any:
+        """Complete one prompt (text or token ids → Completion) or several (→ list), batched up to
+        ``max_batch`` at a time."""
         params = params or SamplingParams()
-        single = isinstance(prompts, str)
-        encoded = [self.encode(p, chat) for p in ([prompts] if single else prompts)]
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        encoded = [p if isinstance(p, list) else self.encode(p, chat) for p in ([prompts] if single else prompts)]
         for ids in encoded:
             self.check(len(ids), params)
         waiting = list(enumerate(encoded))

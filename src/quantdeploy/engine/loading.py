@@ -44,7 +44,7 @@ class LoadedModel:
 
 
 def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-         adapter: str | Path | None = None) -> LoadedModel:
+         adapter: str | Path | None = None, backend: str = "auto") -> LoadedModel:
     """The engine model for a checkpoint folder, HF folder, GGUF file, hub name or ``bundled``."""
     p = Path(path).expanduser()
     if ckpt.is_checkpoint(p):
@@ -62,27 +62,29 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
         tensors = ckpt.load_tensors(p)
         for dropped, kept in quant_config.get("aliases", {}).items():
             tensors[dropped] = tensors[kept]
-        model = build(args, hf_config, tensors, quant_config, dtype, device)
+        model = build(args, hf_config, tensors, quant_config, dtype, device, backend)
         return LoadedModel(model, tokenizer, hf_config, quant_config, (quant_config.get("kv_cache") or {}).get("dtype"))
     from quantdeploy.models.loading import load_model
 
-    return from_bundle(load_model(path, adapter=adapter), device, dtype)
+    return from_bundle(load_model(path, adapter=adapter), device, dtype, backend)
 
 
-def from_bundle(bundle: ModelBundle, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def from_bundle(bundle: ModelBundle, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                backend: str = "auto") -> LoadedModel:
     """The engine model for an in-memory bundle (quantized or not); the bundle's tensors are shared."""
     hf_config = bundle.model.config
     args = ModelArgs.from_hf(hf_config)
     tensors = dict(bundle.model.state_dict())
     quant_config = bundle.quant_config
-    model = build(args, hf_config, tensors, quant_config, dtype, device)
+    model = build(args, hf_config, tensors, quant_config, dtype, device, backend)
     kv = ((quant_config or {}).get("kv_cache") or {}).get("dtype")
     return LoadedModel(model, bundle.tokenizer, hf_config, quant_config, kv)
 
 
 def build(args: ModelArgs, hf_config: Any, hf_tensors: dict[str, torch.Tensor], quant_config: dict | None,
-          dtype: torch.dtype | None, device: torch.device | str) -> Transformer:
-    """Assemble, load, fuse and place the model from HF-named tensors and per-module specs."""
+          dtype: torch.dtype | None, device: torch.device | str, backend: str = "auto") -> Transformer:
+    """Assemble, load, fuse and place the model from HF-named tensors and per-module specs; quantized
+    layers are prepared for ``backend`` (see ``kernels``) on ``device``."""
     tensors, unknown = convert_state_dict(hf_tensors)
     if unknown:
         raise CheckpointError(f"tensor '{unknown[0]}' has no place in the engine's {args.n_layers}-layer model; "
@@ -114,7 +116,7 @@ def build(args: ModelArgs, hf_config: Any, hf_tensors: dict[str, torch.Tensor], 
         setattr(model.get_submodule(owner), attr, scale.float().to(device))
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            module.prepare()
+            module.prepare(backend)
     return model.eval()
 
 

@@ -110,9 +110,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalized in fp32, cast back, then scaled: transformers' order of roundings
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -161,7 +160,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache_at: tuple | None) -> torch.Tensor:
-        """``x [B, T, dim]``; ``mask [B, T, S]`` bool (True = attend). ``cache_at`` = (rows [B], positions [B, T],
+        """``x [B, T, dim]``; ``mask [B, 1, rep*T, S]`` bool (True = attend; rows per query group, built once in ``_run``). ``cache_at`` = (rows [B], positions [B, T],
         kv_rows: slice, kv_len) writes K/V into the cache and attends over the cached rows' first ``kv_len``
         positions; None attends over this chunk only."""
         b, t, _ = x.shape
@@ -177,8 +176,7 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep*T, D].
         qg = q.reshape(b, self.n_kv_heads, rep * t, self.head_dim)
-        m = mask[:, None].repeat(1, 1, rep, 1)  # [B, 1, rep*T, S]
-        y = F.scaled_dot_product_attention(qg, k, v, attn_mask=m)
+        y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
         y = y.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
         return self.wo(y)
 
@@ -233,6 +231,8 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
         sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        rep = self.args.n_heads // self.args.n_kv_heads
+        mask = mask[:, None].repeat(1, 1, rep, 1)  # [B, T, S] → [B, 1, rep*T, S]: the grouped query rows
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_at)
         if last_only:

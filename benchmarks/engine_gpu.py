@@ -1,0 +1,134 @@
+"""GPU decode speed on the Llama-3.1-8B shape with random bf16 weights: our engine (torch.compile +
+CUDA graphs), transformers with a static cache and torch.compile, and the bandwidth roofline, all in
+one process on one card.
+
+    python benchmarks/engine_gpu.py --batches 1 --hf          # batch 1: ours vs transformers vs roofline
+    python benchmarks/engine_gpu.py --batches 4 16 64         # batch scaling (rows at different positions)
+
+Roofline: decode at batch B must read every weight once (the input-embedding table excepted: B rows)
+plus the KV cache it attends over; ``bytes / measured copy bandwidth`` is the fastest a step can be.
+Random weights: speed does not depend on the values (attention over random keys costs the same).
+Prints a table, then one JSON line (machine, card, commit, config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from quantdeploy.bench.decode import BenchConfig, bench_engine, measure_bandwidth, weight_bytes
+from quantdeploy.engine.engine import Engine
+from quantdeploy.eval.report import machine_info
+from quantdeploy.models.bundle import ModelBundle, SourceInfo
+
+
+def llama31_8b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                       bos_token_id=128000, eos_token_id=128001, dtype="bfloat16")
+
+
+def random_hf_model(config, device: str):
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(torch.bfloat16).eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # to_empty emptied its buffers
+    return model
+
+
+def hf_static_compile_decode(model, prompt_len: int, new_tokens: int, device: str) -> dict:
+    """transformers' recipe for fast decoding: a static cache, generate compiling the forward with
+    mode="reduce-overhead" (CUDA graphs). Decode tok/s from two lengths, so prefill cancels out."""
+    from transformers import CompileConfig
+
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+    kwargs = dict(do_sample=False, cache_implementation="static", pad_token_id=0,
+                  compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(n: int) -> float:
+        sync()
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        sync()
+        assert out.shape[1] == prompt_len + n
+        return time.perf_counter() - t
+
+    for _ in range(3):  # compile, record the graphs, settle
+        timed(new_tokens + 8)
+    short = sorted(timed(8) for _ in range(3))[1]
+    long = sorted(timed(new_tokens + 8) for _ in range(3))[1]
+    return {"tok_s": new_tokens / (long - short), "ms_per_token": 1e3 * (long - short) / new_tokens}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--hf", action="store_true", help="also time transformers (static cache + torch.compile)")
+    p.add_argument("--hf-tokens", type=int, default=128)
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family on the CPU: a smoke test")
+    args = p.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    bandwidth = measure_bandwidth(torch.device(device))
+    config = llama31_8b_config()
+    if args.tiny:
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size = 2, 256, 512, 1000
+    t = time.perf_counter()
+    hf = random_hf_model(config, device)
+    print(f"random 8B-shape model built in {time.perf_counter() - t:.1f} s", flush=True)
+    bundle = ModelBundle(model=hf, tokenizer=None, source=SourceInfo(path="random-llama-3.1-8b-shape", kind="memory"))
+    cfg = BenchConfig(prompt_len=args.prompt_len, batches=tuple(args.batches), steps=args.steps, warmup=4, repeats=3)
+    engine = Engine.from_bundle(bundle, device, max_batch=max(args.batches),
+                                max_seq_len=args.prompt_len + cfg.warmup + cfg.steps + 8)
+    t = time.perf_counter()
+    ours = bench_engine(engine, cfg, bandwidth)
+    print(f"engine bench (compiles included) {time.perf_counter() - t:.1f} s", flush=True)
+    total, table = weight_bytes(engine.model)
+    record = {"bandwidth_gbs": bandwidth, "weights_gb": total / 1e9, "ours": ours}
+    rows = []
+    for b, d in ours["decode"].items():
+        rows.append((f"ours batch {b}", d["tok_s"], d["ms_per_step"], d["gb_s"], d["roofline_frac"]))
+    if args.hf:
+        del engine
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        t = time.perf_counter()
+        record["transformers_static_compile"] = hf_res = hf_static_compile_decode(hf, args.prompt_len, args.hf_tokens, device)
+        print(f"transformers bench {time.perf_counter() - t:.1f} s", flush=True)
+        roof1 = bandwidth * 1e9 / (total - table)
+        rows.append(("transformers static+compile b1", hf_res["tok_s"], hf_res["ms_per_token"],
+                     hf_res["tok_s"] * (total - table) / 1e9, hf_res["tok_s"] / roof1))
+        if 1 in ours["decode"]:
+            record["ours_vs_transformers_b1"] = ours["decode"][1]["tok_s"] / hf_res["tok_s"]
+    print(f"\nLlama-3.1-8B shape, bf16, random weights; copy bandwidth {bandwidth:.0f} GB/s; "
+          f"weights {total / 1e9:.2f} GB; prefill {ours['prefill_tok_s']:.0f} tok/s, TTFT {ours['ttft_ms']:.1f} ms "
+          f"({args.prompt_len} tokens); peak memory {ours['peak_memory_gb']:.1f} GB")
+    print(f"{'run':34s} {'tok/s':>9s} {'ms/step':>9s} {'GB/s':>8s} {'of roofline':>12s}")
+    for name, tok_s, ms, gbs, frac in rows:
+        print(f"{name:34s} {tok_s:9.1f} {ms:9.2f} {gbs:8.0f} {100 * frac:11.1f}%")
+    print(json.dumps({**machine_info(), "config": {**vars(args), "shape": "llama-3.1-8b", "dtype": "bfloat16"},
+                      **record}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package: engine speed (``decode.py``), used by ``quantdeploy bench``."""

@@ -1,0 +1,189 @@
+"""Engine speed: prefill throughput, time to first token, decode throughput per batch size, memory,
+and achieved bandwidth against the machine's, measured in the same run.
+
+Decode at batch ``B`` runs ``B`` sequences whose prompts have different lengths (so the rows sit at
+different positions), warms up (on CUDA that compiles and records the graph of that batch bucket),
+then times ``steps`` engine steps. Tokens per second count every generated token of the batch.
+
+Achieved GB/s = bytes one decode step must read / step time: every stored weight byte except the
+input-embedding table (of which only ``B`` rows are read), plus the KV cache the step attends over
+(on CUDA the whole static cache, on CPU the cached prefix). The machine's bandwidth is a large
+copy, counting bytes read plus written (the workplace's standard), timed the same way in the same
+process. Nothing here is a test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from quantdeploy.engine.engine import Engine
+from quantdeploy.engine.quant_linear import QuantEmbedding, QuantLinear
+from quantdeploy.engine.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    prompt_len: int = 128
+    batches: tuple[int, ...] = (1, 4, 16, 64)
+    steps: int = 32
+    warmup: int = 4
+    repeats: int = 3
+    seed: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """GB/s of a large ``copy_`` on ``device`` (bytes read + bytes written), median of ``repeats``."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of all stored weights, bytes of the input-embedding table), each tensor counted once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = list(module.parameters(recurse=False))
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            tensors += [getattr(module, n) for n in module._names]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    emb = model.tok_embeddings
+    table = [getattr(emb, n) for n in emb._names] if isinstance(emb, QuantEmbedding) else [emb.weight]
+    shared = any(t.data_ptr() in {p.data_ptr() for p in model.output.parameters()} for t in table)
+    return total, 0 if shared else sum(t.numel() * t.element_size() for t in table)
+
+
+def kv_bytes_per_position(engine: Engine) -> int:
+    return sum(layer.attention.kv_cache.bytes_per_token for layer in engine.model.layers)
+
+
+def _prompts(engine: Engine, n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` random-token prompts whose lengths spread over ``[length/2, length]``."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model.args.vocab_size
+    out = []
+    for i in range(n):
+        size = max(1, length // 2 + (length - length // 2) * i // max(1, n - 1)) if n > 1 else length
+        out.append(torch.randint(0, vocab, (size,), generator=g).tolist())
+    return out
+
+
+def time_to_first_token(engine: Engine, cfg: BenchConfig) -> float:
+    """Median seconds from ``add`` (prefill of ``prompt_len`` tokens) to the first token on the host."""
+    times = []
+    for r in range(cfg.repeats + 1):
+        prompt = _prompts(engine, 1, cfg.prompt_len, cfg.seed + r)[0]
+        _sync(engine.device)
+        t = time.perf_counter()
+        seq = engine.add(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        while not seq.finished:
+            engine.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])  # the first run warms up
+
+
+def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, float]:
+    """(tokens/s over the batch, seconds per step) for ``batch`` sequences at different positions."""
+    params = SamplingParams(max_tokens=cfg.warmup + cfg.steps + 2, ignore_eos=True)
+    seqs = [engine.add(p, params) for p in _prompts(engine, batch, cfg.prompt_len, cfg.seed)]
+    for _ in range(cfg.warmup):
+        engine.step()
+    _sync(engine.device)
+    t = time.perf_counter()
+    for _ in range(cfg.steps):
+        engine.step()
+    _sync(engine.device)
+    elapsed = time.perf_counter() - t
+    while engine.running:
+        engine.step()
+    if any(len(s.output_ids) != params.max_tokens for s in seqs):
+        raise RuntimeError("a benchmark sequence stopped early; the decode timing would be wrong")
+    return batch * cfg.steps / elapsed, elapsed / cfg.steps
+
+
+def bench_engine(engine: Engine, cfg: BenchConfig, bandwidth_gbs: float) -> dict[str, Any]:
+    """Every number for one loaded engine (its ``max_batch`` must cover ``cfg.batches``)."""
+    device = engine.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total, table = weight_bytes(engine.model)
+    kv_pos = kv_bytes_per_position(engine)
+    ttft = time_to_first_token(engine, cfg)
+    result: dict[str, Any] = {"weights_gb": total / 1e9, "prefill_tok_s": cfg.prompt_len / ttft, "ttft_ms": 1e3 * ttft,
+                              "decode": {}}
+    for batch in cfg.batches:
+        tok_s, step_s = decode_rate(engine, batch, cfg)
+        positions = engine.max_seq_len if engine.compiled else cfg.prompt_len + cfg.warmup + cfg.steps
+        moved = total - table + batch * positions * kv_pos
+        gbs = moved / step_s / 1e9
+        result["decode"][batch] = {"tok_s": tok_s, "ms_per_step": 1e3 * step_s, "gb_s": gbs,
+                                   "roofline_frac": gbs / bandwidth_gbs}
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    else:
+        result["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # process peak RSS
+    result["kv_cache_gb"] = engine.max_batch * engine.max_seq_len * kv_pos / 1e9
+    return result
+
+
+def table_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for batch, d in r["decode"].items():
+        first = batch == next(iter(r["decode"]))
+        rows.append([name if first else "", f"{r['weights_gb']:.3f}" if first else "",
+                     f"{r['prefill_tok_s']:.0f}" if first else "", f"{r['ttft_ms']:.1f}" if first else "",
+                     str(batch), f"{d['tok_s']:.1f}", f"{d['ms_per_step']:.2f}", f"{d['gb_s']:.1f}",
+                     f"{100 * d['roofline_frac']:.0f}%", f"{r['peak_memory_gb']:.2f}" if first else ""])
+    return rows
+
+
+HEADERS = ["model", "weights GB", "prefill tok/s", "TTFT ms", "batch", "decode tok/s", "ms/step", "GB/s",
+           "of bandwidth", "peak mem GB"]
+
+
+def run(model: str, original: str | None, device: torch.device, cfg: BenchConfig, dtype: torch.dtype | None = None,
+        on_result=None) -> dict[str, Any]:  # noqa: ANN001 - on_result(name, result) after each model
+    """Bench ``model`` and (unless None) its unquantized ``original`` one after the other, in one process,
+    against one bandwidth measurement; returns the record (without machine info)."""
+    import gc
+
+    bandwidth = measure_bandwidth(device)
+    record: dict[str, Any] = {"bandwidth_gbs": bandwidth, "results": {}}
+    max_seq_len = cfg.prompt_len + cfg.warmup + cfg.steps + 8
+    for name, path in (("model", model), ("original", original)):
+        if path is None:
+            continue
+        engine = Engine.load(path, device, dtype, max_batch=max(cfg.batches), max_seq_len=max_seq_len)
+        record["results"][name] = {"path": str(path), "compiled": engine.compiled, **bench_engine(engine, cfg, bandwidth)}
+        if on_result is not None:
+            on_result(name, record["results"][name])
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "original" in record["results"]:
+        ours, base = record["results"]["model"]["decode"], record["results"]["original"]["decode"]
+        record["speedup_vs_original"] = {b: ours[b]["tok_s"] / base[b]["tok_s"] for b in ours}
+    return record
