@@ -36,15 +36,27 @@ def _run(engine: Engine, params: SamplingParams) -> list[list[int]]:
     return [s.output_ids for s in seqs]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_decode_matches_eager(dtype):
+def test_compiled_decode_matches_eager_tokens_in_fp32():
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    eager = Engine.from_bundle(_bundle(dtype), "cuda", max_batch=4, max_seq_len=128, compile=False)
-    compiled = Engine.from_bundle(_bundle(dtype), "cuda", max_batch=4, max_seq_len=128, compile=True)
-    assert compiled.compiled
-    a, b = _run(eager, params), _run(compiled, params)
-    agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(len(r) for r in a)
-    assert agree >= (1.0 if dtype == torch.float32 else 0.9)  # bf16: fused kernels round differently
+    eager = Engine.from_bundle(_bundle(torch.float32), "cuda", max_batch=4, max_seq_len=128, compile=False)
+    compiled = Engine.from_bundle(_bundle(torch.float32), "cuda", max_batch=4, max_seq_len=128, compile=True)
+    assert compiled.compiled and not eager.compiled
+    assert _run(eager, params) == _run(compiled, params)
+
+
+def test_compiled_decode_matches_eager_logits_in_bf16():
+    # bf16 greedy paths may part at a near-tie (fused kernels round differently), so compare one step's logits
+    engines = [Engine.from_bundle(_bundle(torch.bfloat16), "cuda", max_batch=4, max_seq_len=128, compile=c)
+               for c in (False, True)]
+    logits = []
+    for engine in engines:
+        for prompt in PROMPTS:
+            engine.add(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+        for _ in range(3):  # the compiled step warms up and records its graph first
+            engine.step()
+        tokens, positions = engine.next_token.clone(), engine.positions.clone()
+        logits.append(engine._decode(tokens, positions, engine.max_seq_len).float().clone())
+    assert (logits[1] - logits[0]).norm() / logits[0].norm() < 2e-2
 
 
 def test_batched_equals_alone_and_sampling_is_seeded_on_gpu():

@@ -98,8 +98,8 @@ class BatchSampler:
         self.seed[row] = seed & _M32
         self.step[row] = 0
         self.seen[row] = False
-        if params.repetition_penalty != 1.0:
-            self.seen[row, prompt.to(self.seen.device)] = True
+        if params.repetition_penalty != 1.0:  # index_fill_ takes its value as a kernel argument: no host copy
+            self.seen[row].index_fill_(0, prompt.to(self.seen.device), True)
 
     def release(self, row: int) -> None:
         self.params[row] = None
@@ -116,8 +116,9 @@ class BatchSampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._draw(logits, rows, filtered=any(p.top_k or p.top_p < 1 for p in active))
-        index = torch.arange(rows.start, rows.stop, device=logits.device)
-        self.seen[index, tokens] = True
+        # scatter_ with a Python value passes it as a kernel argument; ``seen[i, t] = True`` would copy a
+        # host tensor to the device, and that copy waits for the whole stream: a sync per token.
+        self.seen[rows].scatter_(1, tokens[:, None], True)
         self.step[rows] += 1
         return tokens
 
