@@ -25,6 +25,16 @@ from quantdeploy.eval.report import machine_info
 from quantdeploy.models.bundle import ModelBundle, SourceInfo
 
 
+VARIANTS = {  # name: Engine keyword arguments
+    "default": {},
+    "no-cd": {"compile_options": {"triton.cudagraphs": True}},
+    "no-cd-sdpa": {"compile_options": {"triton.cudagraphs": True}, "decode_attention": "sdpa"},
+    "cd-sdpa": {"decode_attention": "sdpa"},
+    "autotune": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True,
+                                     "max_autotune_gemm": True}},
+}
+
+
 def llama31_8b_config():
     from transformers import LlamaConfig
 
@@ -86,6 +96,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--hf", action="store_true", help="also time transformers (static cache + torch.compile)")
     p.add_argument("--hf-tokens", type=int, default=128)
+    p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS),
+                   help="engine compile settings to compare in this run (fresh engine each)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family on the CPU: a smoke test")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -98,20 +110,21 @@ def main() -> None:
     print(f"random 8B-shape model built in {time.perf_counter() - t:.1f} s", flush=True)
     bundle = ModelBundle(model=hf, tokenizer=None, source=SourceInfo(path="random-llama-3.1-8b-shape", kind="memory"))
     cfg = BenchConfig(prompt_len=args.prompt_len, batches=tuple(args.batches), steps=args.steps, warmup=4, repeats=3)
-    engine = Engine.from_bundle(bundle, device, max_batch=max(args.batches),
-                                max_seq_len=args.prompt_len + cfg.warmup + cfg.steps + 8)
-    t = time.perf_counter()
-    ours = bench_engine(engine, cfg, bandwidth)
-    print(f"engine bench (compiles included) {time.perf_counter() - t:.1f} s", flush=True)
-    total, table = weight_bytes(engine.model)
-    record = {"bandwidth_gbs": bandwidth, "weights_gb": total / 1e9, "ours": ours}
-    rows = []
-    for b, d in ours["decode"].items():
-        rows.append((f"ours batch {b}", d["tok_s"], d["ms_per_step"], d["gb_s"], d["roofline_frac"]))
-    if args.hf:
+    record, rows = {"bandwidth_gbs": bandwidth}, []
+    for variant in args.variants:
+        engine = Engine.from_bundle(bundle, device, max_batch=max(args.batches),
+                                    max_seq_len=args.prompt_len + cfg.warmup + cfg.steps + 8, **VARIANTS[variant])
+        t = time.perf_counter()
+        record[f"ours[{variant}]"] = ours = bench_engine(engine, cfg, bandwidth)
+        print(f"engine bench {variant} (compiles included) {time.perf_counter() - t:.1f} s", flush=True)
+        total, table = weight_bytes(engine.model)
+        record["weights_gb"] = total / 1e9
+        for b, d in ours["decode"].items():
+            rows.append((f"ours[{variant}] batch {b}", d["tok_s"], d["ms_per_step"], d["gb_s"], d["roofline_frac"]))
         del engine
         if device == "cuda":
             torch.cuda.empty_cache()
+    if args.hf:
         t = time.perf_counter()
         record["transformers_static_compile"] = hf_res = hf_static_compile_decode(hf, args.prompt_len, args.hf_tokens, device)
         print(f"transformers bench {time.perf_counter() - t:.1f} s", flush=True)
@@ -119,7 +132,7 @@ def main() -> None:
         rows.append(("transformers static+compile b1", hf_res["tok_s"], hf_res["ms_per_token"],
                      hf_res["tok_s"] * (total - table) / 1e9, hf_res["tok_s"] / roof1))
         if 1 in ours["decode"]:
-            record["ours_vs_transformers_b1"] = ours["decode"][1]["tok_s"] / hf_res["tok_s"]
+            record["ours_vs_transformers_b1"] = ours["decode"][1]["tok_s"] / hf_res["tok_s"]  # the last variant
     print(f"\nLlama-3.1-8B shape, bf16, random weights; copy bandwidth {bandwidth:.0f} GB/s; "
           f"weights {total / 1e9:.2f} GB; prefill {ours['prefill_tok_s']:.0f} tok/s, TTFT {ours['ttft_ms']:.1f} ms "
           f"({args.prompt_len} tokens); peak memory {ours['peak_memory_gb']:.1f} GB")

@@ -40,6 +40,9 @@ from quantdeploy.errors import ConfigError, RequestError
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# mode="reduce-overhead" is {"triton.cudagraphs": True}; coordinate-descent tuning of the fused kernels
+# is what gpt-fast turns on (globally) as well.
+COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 @dataclasses.dataclass
@@ -54,7 +57,11 @@ class Engine:
     """A loaded model, its KV cache and sampler, and the sequences running on them."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, max_batch: int = 8,
-                 max_seq_len: int | None = None, compile: bool | None = None) -> None:
+                 max_seq_len: int | None = None, compile: bool | None = None,
+                 compile_options: dict | None = None, decode_attention: str | None = None) -> None:
+        """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
+        ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
+        "sdpa" or "reduce" (``models.llama.reduce_attention``; default: "reduce" when compiled)."""
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = device
         args = self.model.args
@@ -76,8 +83,12 @@ class Engine:
         self._next_id = 0
         self.compiled = (device.type == "cuda") if compile is None else compile
         self._decode = self.model.decode
-        if self.compiled:
-            self._decode = torch.compile(self.model.decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        attention = decode_attention or ("reduce" if self.compiled else "sdpa")
+        for layer in self.model.layers:
+            layer.attention.decode_attention = attention
+        if self.compiled:  # options, not mode=: inductor's global config is left alone
+            self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False,
+                                         options=compile_options or COMPILE_OPTIONS)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -121,6 +121,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def reduce_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention written as broadcast products and reductions, in fp32: ``q [B, H, R, D]`` against
+    ``k``/``v`` ``[B, H, S, D]`` under ``mask [B, 1, R, S]``. For a decode step (R = the query heads of
+    one KV head) torch.compile turns this into two or three fused reduction kernels, cheaper than an
+    SDPA kernel launch plus the layout copies it needs; eagerly it is slower, so only compiled decode
+    uses it."""
+    scale = q.shape[-1] ** -0.5
+    scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * scale  # [B, H, R, S]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (probs[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(q.dtype)  # [B, H, R, D]
+
+
 class MultiLinear(nn.Module):
     """Several linear maps of one input. ``fuse()`` turns them into one matmul when their weights allow."""
 
@@ -155,6 +167,7 @@ class Attention(nn.Module):
                                  _linear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)])
         self.wo = _linear(a.n_heads * a.head_dim, a.dim, a.o_bias)
         self.kv_cache: nn.Module | None = None
+        self.decode_attention = "sdpa"  # or "reduce": see reduce_attention
         self.k_scale: torch.Tensor | None = None  # static KV-cache scales [n_kv_heads], when quantized
         self.v_scale: torch.Tensor | None = None
 
@@ -176,7 +189,10 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep*T, D].
         qg = q.reshape(b, self.n_kv_heads, rep * t, self.head_dim)
-        y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+        if t == 1 and self.decode_attention == "reduce":
+            y = reduce_attention(qg, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
         y = y.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
         return self.wo(y)
 
