@@ -152,3 +152,39 @@ def test_method_flags_build_the_same_configs_as_python():
         config("--method", "smoothquant", "--bits", "4")
     with pytest.raises(qd.ConfigError, match="only awq and smoothquant compose"):
         config("--method", "gptq+rtn")
+
+
+def test_per_channel_group_size_flag_is_kept(tiny_llama_dir, tmp_path):
+    proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--bits", "8", "--group-size", "0", "-o", tmp_path / "q")
+    assert proc.returncode == 0, proc.stderr
+    qc = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    assert qc["method"]["group_size"] is None
+    assert all(spec["group_size"] is None for spec in qc["modules"].values())
+
+
+def test_generate_streams_with_sampling_flags_and_bench_prints_a_record(tiny_llama_dir, tmp_path):
+    proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "-o", tmp_path / "q")
+    assert proc.returncode == 0, proc.stderr
+    args = ("generate", tmp_path / "q", "The history of", "--max-new-tokens", "8", "--temperature", "0.7",
+            "--top-p", "0.9", "--seed", "3", "--device", "cpu")
+    streamed = run(*args)
+    as_json = run(*args, "--json")
+    assert streamed.returncode == 0 and as_json.returncode == 0, streamed.stderr + as_json.stderr
+    assert streamed.stdout.rstrip("\n") == json.loads(as_json.stdout)["text"]
+    proc = run("bench", tmp_path / "q", "--original", tiny_llama_dir, "--device", "cpu", "--batches", "1", "2",
+               "--prompt-len", "16", "--steps", "4")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(record["results"]) == {"model", "original"} and record["bandwidth_gbs"] > 0
+    for result in record["results"].values():
+        assert set(result["decode"]) == {"1", "2"} and result["decode"]["2"]["tok_s"] > 0 and result["ttft_ms"] > 0
+    assert set(record["speedup_vs_original"]) == {"1", "2"}
+
+
+def test_engine_refuses_an_unsupported_architecture_in_one_line(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    line = error_line(run("generate", tmp_path / "gpt2", "hi", "--device", "cpu"))
+    assert "architecture 'gpt2' is not supported by the engine" in line and "--transformers" in line

@@ -8,11 +8,14 @@ The stable public API::
     qd.save(q, "out/")
     q2 = qd.load("out/")
     report = qd.evaluate({"int4": q2.model}, base, text_tokens)   # see quantdeploy.eval
+    engine = qd.Engine.load("out/")                                # our runtime: KV cache, batching
+    print(engine.generate("Tell me about Paris", qd.SamplingParams(max_tokens=64)).text)
 """
 
 __version__ = "0.1.0"
 
 from quantdeploy.errors import CheckpointError, ConfigError, DataError, ModelSourceError, QuantDeployError  # noqa: E402
+from quantdeploy.engine import Completion, Engine, SamplingParams  # noqa: E402
 from quantdeploy.models import ModelBundle, load_model  # noqa: E402
 from quantdeploy.pipeline import describe, generate, load, quantize, quantize_kv_cache, save  # noqa: E402
 from quantdeploy.quant.calibration import CalibrationConfig  # noqa: E402
@@ -27,7 +30,7 @@ from quantdeploy.quant.spec import QuantSpec  # noqa: E402
 from quantdeploy.quant.targets import TargetConfig  # noqa: E402
 
 __all__ = [
-    "__version__", "load_model", "quantize", "quantize_kv_cache", "save", "load", "generate", "describe", "ModelBundle",
+    "__version__", "Engine", "SamplingParams", "Completion", "load_model", "quantize", "quantize_kv_cache", "save", "load", "generate", "describe", "ModelBundle",
     "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "AWQConfig", "SmoothQuantConfig", "CalibrationConfig", "KVCacheConfig", "QuantSpec", "TargetConfig",
     "QuantDeployError", "ConfigError", "ModelSourceError", "CheckpointError", "DataError",
 ]

@@ -215,9 +215,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import quantdeploy as qd
 
-    bundle = qd.load(args.model)
-    text, ids = qd.generate(bundle, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
-    print(json.dumps({"text": text, "ids": ids}) if args.json else text)
+    if args.transformers:  # any architecture transformers runs; greedy only
+        bundle = qd.load(args.model)
+        text, ids = qd.generate(bundle, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
+        print(json.dumps({"text": text, "ids": ids}) if args.json else text)
+        return 0
+    from quantdeploy.engine import Engine, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop=tuple(args.stop or ()))
+    engine = Engine.load(args.model, args.device, max_batch=1, max_seq_len=args.max_seq_len)
+    if args.json:
+        done = engine.generate(args.prompt, params, chat=args.chat)
+        print(json.dumps({"text": done.text, "ids": done.token_ids, "finish_reason": done.finish_reason}))
+        return 0
+    for piece in engine.stream(args.prompt, params, chat=args.chat):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
@@ -245,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               "pass --original PATH or --no-original")
     cfg = decode.BenchConfig(prompt_len=args.prompt_len, batches=tuple(args.batches), steps=args.steps)
     console = Console(stderr=True)
-    record = decode.run(args.model, original, device, cfg,
+    record = decode.run(args.model, original, device, cfg, compile=True if args.compile else None,
                         on_result=lambda name, _: console.print(f"[dim]{name} done[/dim]"))
     table = Table(title=f"quantdeploy bench on {device} (copy bandwidth {record['bandwidth_gbs']:.1f} GB/s)")
     for header in decode.HEADERS:
@@ -353,12 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="greedy text continuation")
+    p = sub.add_parser("generate", help="text continuation through the engine (streamed)")
     p.add_argument("model")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", nargs="+", help="stop strings")
+    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    p.add_argument("--max-seq-len", type=int, help="context window to allocate (default: min(model's, 2048))")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--json", action="store_true", help="print {text, ids} as JSON")
+    p.add_argument("--transformers", action="store_true",
+                   help="greedy through transformers' generate instead (any architecture transformers runs)")
+    p.add_argument("--json", action="store_true", help="print {text, ids, finish_reason} as JSON")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="engine speed: prefill, TTFT, decode tok/s per batch, memory, GB/s vs the original")
@@ -370,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step on the CPU too (inductor C++; about a minute per batch size)")
     p.add_argument("--json", help="also write the record to this JSON file")
     p.set_defaults(func=cmd_bench)
 

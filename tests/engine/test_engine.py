@@ -94,7 +94,7 @@ def test_context_errors_are_clear(engine):
 def test_unsupported_architecture_is_refused_before_loading_weights(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
     with pytest.raises(ModelSourceError, match="architecture 'gpt2' is not supported by the engine"):
         Engine.load(tmp_path, "cpu")
 

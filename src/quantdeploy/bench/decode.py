@@ -164,7 +164,7 @@ HEADERS = ["model", "weights GB", "prefill tok/s", "TTFT ms", "batch", "decode t
 
 
 def run(model: str, original: str | None, device: torch.device, cfg: BenchConfig, dtype: torch.dtype | None = None,
-        on_result=None) -> dict[str, Any]:  # noqa: ANN001 - on_result(name, result) after each model
+        compile: bool | None = None, on_result=None) -> dict[str, Any]:  # noqa: ANN001 - on_result(name, result)
     """Bench ``model`` and (unless None) its unquantized ``original`` one after the other, in one process,
     against one bandwidth measurement; returns the record (without machine info)."""
     import gc
@@ -175,7 +175,7 @@ def run(model: str, original: str | None, device: torch.device, cfg: BenchConfig
     for name, path in (("model", model), ("original", original)):
         if path is None:
             continue
-        engine = Engine.load(path, device, dtype, max_batch=max(cfg.batches), max_seq_len=max_seq_len)
+        engine = Engine.load(path, device, dtype, max_batch=max(cfg.batches), max_seq_len=max_seq_len, compile=compile)
         record["results"][name] = {"path": str(path), "compiled": engine.compiled, **bench_engine(engine, cfg, bandwidth)}
         if on_result is not None:
             on_result(name, record["results"][name])

@@ -57,7 +57,8 @@ class ModelArgs:
         kind = getattr(config, "model_type", None)
         if kind not in SUPPORTED:
             raise ModelSourceError(f"architecture '{kind}' is not supported by the engine (supported: "
-                                   f"{', '.join(SUPPORTED)}; SmolLM2 is llama); use 'quantdeploy generate' instead")
+                                   f"{', '.join(SUPPORTED)}; SmolLM2 is llama); "
+                                   "'quantdeploy generate --transformers' runs it through transformers")
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ModelSourceError(f"activation '{config.hidden_act}' is not supported by the engine (SwiGLU/silu only)")
         if kind == "qwen2" and getattr(config, "use_sliding_window", False):

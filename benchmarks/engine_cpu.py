@@ -1,0 +1,114 @@
+"""CPU decode speed on the bundled SmolLM2-135M: our engine (fp32, INT8, INT4) beside llama.cpp (Q8_0,
+Q4_0) on the same model, the same threads and the same kind of batch, in one run.
+
+    python benchmarks/engine_cpu.py [--batches 1 8] [--threads 2] [--no-compile]
+
+- ours: the bundled model unquantized (fp32), RTN int8 per-channel and RTN int4 symmetric g32 (the
+  grid of llama.cpp's Q4_0), output head included, each through ``Engine`` with the packed CPU
+  kernels; the decode step is torch.compiled (inductor C++) unless --no-compile.
+- llama.cpp: llama-cpp-python 0.3.36, installed by this script into its own virtual environment
+  (``~/.cache/quantdeploy/peers/``) and built for this CPU (AVX-512, VNNI, BF16; AMX off: this
+  sandbox does not grant AMX tiles, and a build that uses them dies with SIGILL); the bundled GGUF is
+  requantized to Q8_0 and Q4_0 by llama.cpp's own quantizer; ``benchmarks/peers/llamacpp_worker.py``
+  decodes B sequences at different positions, greedy, like our bench.
+
+Prints a table with ours/llama.cpp ratios, then one JSON line (machine, commit, config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+PEER = Path.home() / ".cache" / "quantdeploy" / "peers" / "llamacpp-0.3.36-noamx"
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON "
+              "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+              "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+
+
+def ensure_llama_cpp() -> Path:
+    python = PEER / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+        return python
+    print(f"installing {LLAMA_CPP} into {PEER} (compiles llama.cpp: ~15 min on 2 cores)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(PEER)], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-cache-dir", LLAMA_CPP], check=True,
+                   env={**os.environ, "CMAKE_ARGS": CMAKE_ARGS})
+    return python
+
+
+def quantize_ours(work: Path) -> dict[str, str]:
+    import quantdeploy as qd
+
+    base = qd.load_model("bundled")
+    paths = {"fp32": "bundled"}
+    for name, config in (("int8", qd.RTNConfig(bits=8, group_size=None, targets=qd.TargetConfig(lm_head=True))),
+                         ("int4", qd.RTNConfig(bits=4, group_size=32, pin_group_size=True, targets=qd.TargetConfig(lm_head=True)))):
+        path = work / name
+        qd.save(qd.quantize(base, config), path)
+        paths[name] = str(path)
+    return paths
+
+
+def bench_ours(path: str, batches: list[int], compile: bool, prompt_len: int, steps: int) -> dict:
+    from quantdeploy.bench.decode import BenchConfig, decode_rate, time_to_first_token
+    from quantdeploy.engine.engine import Engine
+
+    cfg = BenchConfig(prompt_len=prompt_len, batches=tuple(batches), steps=steps, warmup=4)
+    engine = Engine.load(path, "cpu", max_batch=max(batches), max_seq_len=prompt_len + steps + 16,
+                         compile=compile, compile_options={} if compile else None)
+    out = {"ttft_ms": 1e3 * time_to_first_token(engine, cfg), "decode": {}}
+    for b in batches:
+        out["decode"][b] = decode_rate(engine, b, cfg)[0]
+    return out
+
+
+def main() -> None:
+    from quantdeploy.eval.report import machine_info
+    from quantdeploy.models.bundled import bundled_gguf_path
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    python = ensure_llama_cpp()
+    work = Path(tempfile.mkdtemp(prefix="qd-engine-cpu-"))
+    ours = {name: bench_ours(path, args.batches, not args.no_compile, args.prompt_len, args.steps)
+            for name, path in quantize_ours(work).items()}
+    worker = Path(__file__).parent / "peers" / "llamacpp_worker.py"
+    run = subprocess.run([python, worker, str(bundled_gguf_path()), str(work), "--types", "Q8_0", "Q4_0",
+                          "--batches", *map(str, args.batches), "--threads", str(args.threads),
+                          "--prompt-len", str(args.prompt_len), "--steps", str(args.steps)],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"llama.cpp worker failed ({run.returncode}): {run.stderr[-2000:]}")
+    peer = json.loads(run.stdout.strip().splitlines()[-1])
+    pairs = {"int8": "Q8_0", "int4": "Q4_0"}
+    header = f"{'model':8s} {'TTFT ms':>8s} " + " ".join(f"{'b' + str(b) + ' tok/s':>11s}" for b in args.batches)
+    print(f"\nbundled SmolLM2-135M, CPU, {args.threads} threads, greedy decode, prompts ~{args.prompt_len} tokens")
+    print(header)
+    for name, r in ours.items():
+        print(f"{name:8s} {r['ttft_ms']:8.1f} " + " ".join(f"{r['decode'][b]:11.1f}" for b in args.batches))
+    for kind in ("Q8_0", "Q4_0"):
+        print(f"{kind:8s} {'':>8s} " + " ".join(f"{peer[kind]['decode'][str(b)]:11.1f}" for b in args.batches))
+    ratios = {}
+    for ours_name, kind in pairs.items():
+        ratios[f"{ours_name}/{kind}"] = {b: ours[ours_name]["decode"][b] / peer[kind]["decode"][str(b)] for b in args.batches}
+        print(f"{ours_name}/{kind}: " + ", ".join(f"batch {b} {r:.2f}x" for b, r in ratios[f'{ours_name}/{kind}'].items()))
+    print(json.dumps({**machine_info(), "config": vars(args), "ours": ours, "llama_cpp": peer, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()
