@@ -279,6 +279,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"the server needs {', '.join(missing)}: pip install 'quantdeploy[serve]'")
+    import uvicorn
+
+    from quantdeploy.engine import Engine
+    from quantdeploy.serve.app import ServeConfig, create_app
+
+    config = ServeConfig(model_name=args.model_name or Path(args.model).name, max_queue=args.max_queue,
+                         api_key=args.api_key or os.environ.get("QUANTDEPLOY_API_KEY"),
+                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                         max_body_bytes=args.max_body_bytes, shutdown_deadline_s=args.shutdown_deadline)
+    app = create_app(lambda: Engine.load(args.model, args.device, max_batch=args.max_batch,
+                                         max_seq_len=args.max_seq_len), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=int(config.shutdown_deadline_s) + 5)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -400,6 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the decode step on the CPU too (inductor C++; about a minute per batch size)")
     p.add_argument("--json", help="also write the record to this JSON file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (needs [serve])")
+    p.add_argument("model", help="quantdeploy checkpoint or any model source")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QUANTDEPLOY_API_KEY)")
+    p.add_argument("--max-prompt-tokens", type=int, help="default: the context window")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-seq-len", type=int, help="context window to allocate (default: min(model's, 2048))")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--shutdown-deadline", type=float, default=30.0, help="seconds to finish in-flight requests")
+    p.add_argument("--model-name", help="the id /v1/models reports (default: the folder name)")
+    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("inspect", help="per-layer spec, bits per weight and size of a checkpoint")
     p.add_argument("checkpoint")

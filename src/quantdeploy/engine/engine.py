@@ -146,7 +146,7 @@ class Engine:
         self.sampler.assign(row, params, seed, ids[0])
         logits = self.model.prefill(ids, row)[:, -1]  # [1, vocab]
         token = self.sampler.sample(logits, slice(row, row + 1))
-        self.next_token[row] = token[0]
+        self.next_token[row] = token[0].clamp(min=0)
         self.positions[row] = len(prompt_ids)
         self.growing[row] = 1
         self.rows[row] = seq
@@ -180,7 +180,7 @@ class Engine:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = self._decode(self.next_token[:n].clone(), self.positions[:n].clone(), kv_len)
             tokens = self.sampler.sample(logits, slice(0, n))
-            self.next_token[:n] = tokens
+            self.next_token[:n] = tokens.clamp(min=0)  # -1 marks a row with non-finite logits
             self.positions[:n] += self.growing[:n]
             for _, seq in launch:
                 seq.launched += 1

@@ -116,9 +116,10 @@ class BatchSampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._draw(logits, rows, filtered=any(p.top_k or p.top_p < 1 for p in active))
+        tokens = torch.where(torch.isfinite(logits).all(dim=-1), tokens, -1)  # a NaN/inf row: -1, its request fails
         # scatter_ with a Python value passes it as a kernel argument; ``seen[i, t] = True`` would copy a
         # host tensor to the device, and that copy waits for the whole stream: a sync per token.
-        self.seen[rows].scatter_(1, tokens[:, None], True)
+        self.seen[rows].scatter_(1, tokens.clamp(min=0)[:, None], True)
         self.step[rows] += 1
         return tokens
 

@@ -42,6 +42,9 @@ class Sequence:
     def receive(self, token: int, context_full: bool) -> None:
         """Take the next generated token and apply every stop condition."""
         self.received += 1
+        if token < 0:  # the sampler's mark for non-finite logits
+            self.finish("error")
+            return
         if token in self.stop_ids:
             self._extend_text(final=True)
             self.finish("stop")

@@ -1,0 +1,316 @@
+"""The HTTP app: OpenAI-compatible completions and chat (streamed or not), ``/generate``, ``/v1/models``,
+``/health``, ``/metrics``, over one ``Scheduler`` (continuous batching on one engine).
+
+Everything a client can get wrong is answered in OpenAI's error shape with a 4xx: validation (400),
+a missing or wrong API key (401, compared in constant time), a body over the size limit (413), limits
+on prompt and output tokens (400, naming the limit), a full waiting queue (429 with Retry-After).
+503 means not ready yet (model still loading) or shutting down. The model loads in a background
+thread after the socket opens, so ``/health`` answers 503 until it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from quantdeploy.engine.engine import Engine
+from quantdeploy.engine.sampling import SamplingParams
+from quantdeploy.errors import QuantDeployError
+from quantdeploy.serve.metrics import Metrics
+from quantdeploy.serve.scheduler import QueueFull, Scheduler, ShuttingDown
+from quantdeploy.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, error_body
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = "quantdeploy"
+    max_queue: int = 256
+    api_key: str | None = None
+    max_prompt_tokens: int | None = None  # None: the engine's context window
+    max_new_tokens: int = 1024
+    max_body_bytes: int = 1 << 20
+    shutdown_deadline_s: float = 30.0
+    retry_after_s: int = 1
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+
+class _State:
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: str | None = None
+
+
+def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAPI:
+    """An app whose engine comes from ``load_engine()``, called in a background thread at startup."""
+    state, metrics = _State(), Metrics()
+
+    def load() -> None:
+        try:
+            engine = load_engine()
+            scheduler = Scheduler(engine, config.max_queue, metrics)
+            scheduler.start()
+            state.engine, state.scheduler = engine, scheduler
+        except Exception as err:  # reported by /health; the process stays up to say so
+            state.load_error = f"{type(err).__name__}: {err}"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=load, name="quantdeploy-load", daemon=True).start()
+        yield
+        if state.scheduler is not None:  # graceful: stop admitting, finish or cancel within the deadline
+            await asyncio.to_thread(state.scheduler.drain, config.shutdown_deadline_s)
+
+    app = FastAPI(title="quantdeploy", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(err.message, err.kind, err.param), err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(error_body(f"{where}: {first['msg']}" if where else first["msg"], param=where or None), 400)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), 500)
+
+    def ready(request: Request) -> Scheduler:
+        if config.api_key is not None:
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)", "authentication_error")
+        if state.scheduler is None:
+            raise ApiError(503, "the model is still loading; retry shortly" if state.load_error is None
+                           else f"the model failed to load: {state.load_error}", "server_error")
+        return state.scheduler
+
+    def params_for(n_prompt: int, max_tokens: int | None, body: Any) -> SamplingParams:
+        engine = state.engine
+        limit = config.max_prompt_tokens or engine.max_seq_len - 1
+        if n_prompt > limit:
+            raise ApiError(400, f"the prompt has {n_prompt} tokens; this server's limit is {limit} (max prompt tokens)",
+                           param="prompt")
+        if max_tokens is not None and max_tokens > config.max_new_tokens:
+            raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {config.max_new_tokens} "
+                           "(max new tokens)", param="max_tokens")
+        if max_tokens is None:
+            max_tokens = max(1, min(config.max_new_tokens, engine.max_seq_len - n_prompt))
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                    top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
+                                    stop=tuple(body.stop or ()))
+            engine.check(n_prompt, params)
+        except QuantDeployError as err:
+            raise ApiError(400, str(err), param="max_tokens") from None
+        return params
+
+    def submit(scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams):  # noqa: ANN202
+        try:
+            return scheduler.submit(prompt_ids, params)
+        except QueueFull:
+            raise ApiError(429, f"the server is at capacity ({config.max_queue} requests waiting); retry later",
+                           "rate_limit_error", headers={"Retry-After": str(config.retry_after_s)}) from None
+        except ShuttingDown:
+            raise ApiError(503, "the server is shutting down", "server_error") from None
+
+    async def collect(http: Request, scheduler: Scheduler, job) -> tuple[str, dict]:  # noqa: ANN001
+        """Await a request's events to the end; a client that goes away cancels it."""
+        pieces = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        scheduler.cancel(job)
+                        raise ApiError(499, "client disconnected") from None
+                    continue
+                if event["kind"] == "delta":
+                    pieces.append(event["text"])
+                elif event["kind"] == "error":
+                    raise ApiError(500, event["message"], "server_error")
+                elif event["finish_reason"] == "abort":
+                    raise ApiError(503, "the request was cancelled (server shutting down)", "server_error")
+                else:
+                    return "".join(pieces), event
+        except asyncio.CancelledError:
+            scheduler.cancel(job)
+            raise
+
+    def stream(scheduler: Scheduler, job, chunk: Callable[[str | None, str | None], dict]) -> StreamingResponse:  # noqa: ANN001
+        async def events() -> AsyncIterator[bytes]:
+            finished = False
+            try:
+                first = chunk(None, None)
+                if first:
+                    yield _sse(first)
+                while True:
+                    event = await job.events.get()
+                    if event["kind"] == "delta":
+                        if event["text"]:
+                            yield _sse(chunk(event["text"], None))
+                    elif event["kind"] == "error":
+                        yield _sse(error_body(event["message"], "server_error"))
+                        break
+                    else:
+                        yield _sse(chunk("", event["finish_reason"] if event["finish_reason"] != "abort" else "length"))
+                        break
+                finished = True
+                yield b"data: [DONE]\n\n"
+            finally:
+                if not finished:  # the client went away mid-stream: free its row now
+                    scheduler.cancel(job)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.scheduler is None:
+            return JSONResponse({"status": "loading" if state.load_error is None else "failed",
+                                 "error": state.load_error}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(http: Request) -> dict:
+        ready(http)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "quantdeploy"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request) -> Any:
+        scheduler = ready(http)
+        if body.unsupported():
+            raise ApiError(400, f"'{body.unsupported()}' is not supported by this server", param=body.unsupported())
+        ids = state.engine.encode(body.prompt)
+        job = submit(scheduler, ids, params_for(len(ids), body.max_tokens, body))
+        rid, created = f"cmpl-{job.id}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None) -> dict:
+            if text is None:
+                return {}
+            return {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            return stream(scheduler, job, chunk)
+        text, done = await collect(http, scheduler, job)
+        return {**chunk(text, done["finish_reason"]), "usage": _usage(done)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, http: Request) -> Any:
+        scheduler = ready(http)
+        if body.unsupported():
+            raise ApiError(400, f"'{body.unsupported()}' is not supported by this server", param=body.unsupported())
+        ids = _chat_ids(state.engine, body)
+        job = submit(scheduler, ids, params_for(len(ids), body.max_completion_tokens or body.max_tokens, body))
+        rid, created = f"chatcmpl-{job.id}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None) -> dict:
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            return stream(scheduler, job, chunk)
+        text, done = await collect(http, scheduler, job)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": done["finish_reason"]}], "usage": _usage(done)}
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, http: Request) -> dict:
+        scheduler = ready(http)
+        start = time.perf_counter()
+        ids = state.engine.encode(body.prompt)
+        sampling = CompletionRequest(prompt=body.prompt, temperature=body.temperature)
+        job = submit(scheduler, ids, params_for(len(ids), body.max_length, sampling))
+        text, done = await collect(http, scheduler, job)
+        return {"generated_text": text, "inference_time": time.perf_counter() - start,
+                "tokens_generated": done["completion_tokens"]}
+
+    return app
+
+
+def _chat_ids(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+    tok = engine.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+    try:
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+    except ValueError as err:
+        raise ApiError(400, str(err), param="messages") from None
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def _usage(done: dict) -> dict:
+    return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
+            "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
+
+
+def _sse(data: dict) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` (413), by header or as they stream in."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Callable) -> None:
+        body = json.dumps(error_body(f"request body over the limit of {self.max_bytes} bytes")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,143 @@
+"""The server over a real socket: the official openai client, raw HTTP for limits and errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from quantdeploy.engine.engine import Engine
+from quantdeploy.serve.app import ServeConfig, create_app
+
+KEY = "test-key"
+
+
+@contextlib.contextmanager
+def serving(load_engine, config: ServeConfig):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(load_engine, config), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    config = ServeConfig(model_name="tiny", max_queue=64, api_key=KEY, max_new_tokens=64, max_body_bytes=4096)
+    with serving(lambda: Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=128), config) as url:
+        yield url
+
+
+def _client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_client_completions_streamed_and_not(server):
+    client = _client(server)
+    full = client.completions.create(model="tiny", prompt="The history of", max_tokens=12, temperature=0)
+    assert full.choices[0].finish_reason in ("stop", "length") and full.usage.completion_tokens >= 1
+    pieces = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="The history of",
+                                                                    max_tokens=12, temperature=0, stream=True)]
+    assert "".join(pieces) == full.choices[0].text
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_openai_client_chat_streamed_and_not(server, tiny_bundle):
+    client = _client(server)
+    messages = [{"role": "user", "content": "Tell me about the city"}]
+    if not getattr(tiny_bundle.tokenizer, "chat_template", None):
+        with pytest.raises(Exception, match="no chat template"):
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=8)
+        return
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+
+
+def test_generate_health_metrics_and_auth(server):
+    r = httpx.post(f"{server}/generate", json={"prompt": "In 1850", "max_length": 6, "temperature": 0},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens_generated"] >= 1 and body["inference_time"] > 0 and isinstance(body["generated_text"], str)
+    assert httpx.post(f"{server}/generate", json={"prompt": "x"}).status_code == 401
+    bad = httpx.post(f"{server}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
+    assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{server}/metrics").text
+    for name in ("quantdeploy_requests_total", "quantdeploy_time_to_first_token_seconds_bucket",
+                 "quantdeploy_inter_token_latency_seconds", "quantdeploy_e2e_request_latency_seconds",
+                 "quantdeploy_request_queue_time_seconds", "quantdeploy_num_requests_running",
+                 "quantdeploy_num_requests_waiting", "quantdeploy_kv_cache_usage_ratio", "quantdeploy_generation_tokens_total"):
+        assert name in text
+
+
+def test_limits_and_validation_answer_in_openai_shape(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "a", "max_tokens": 500}, headers=h)
+    assert r.status_code == 400 and "max new tokens" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "word " * 300, "max_tokens": 4}, headers=h)
+    assert r.status_code == 400 and "max prompt tokens" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "a", "temperature": "hot"}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "a", "n": 2}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(f"{server}/v1/completions", content=json.dumps({"prompt": "a" * 10000}), headers=h)
+    assert r.status_code == 413
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
+    with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "The", "max_tokens": 60, "stream": True, "stop": ["zzzz"]}) as r:
+        for _ in r.iter_lines():
+            break  # read one event, then hang up
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        running = [line for line in httpx.get(f"{server}/metrics").text.splitlines()
+                   if line.startswith("quantdeploy_num_requests_running ")]
+        if running and float(running[0].split()[1]) == 0:
+            break
+        time.sleep(0.05)
+    assert float(running[0].split()[1]) == 0
+    assert 'quantdeploy_requests_total{status="cancelled"}' in httpx.get(f"{server}/metrics").text
+
+
+def test_a_full_queue_answers_429_and_nothing_is_lost(tiny_bundle):
+    import concurrent.futures
+
+    config = ServeConfig(model_name="tiny", max_queue=2, max_new_tokens=32)
+    with serving(lambda: Engine.from_bundle(tiny_bundle, "cpu", max_batch=1, max_seq_len=128), config) as url:
+        def one(i: int) -> int:
+            return httpx.post(f"{url}/v1/completions", timeout=60,
+                              json={"prompt": f"Number {i}", "max_tokens": 24, "temperature": 0}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(one, range(12)))
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200  # healthy afterwards
