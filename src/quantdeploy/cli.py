@@ -294,10 +294,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          api_key=args.api_key or os.environ.get("QUANTDEPLOY_API_KEY"),
                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                          max_body_bytes=args.max_body_bytes, shutdown_deadline_s=args.shutdown_deadline)
-    app = create_app(lambda: Engine.load(args.model, args.device, max_batch=args.max_batch,
-                                         max_seq_len=args.max_seq_len), config)
+    app = create_app(lambda: Engine.load(args.model, args.device, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                                         compile=True if args.compile else None,
+                                         buckets=(args.max_batch,) if args.one_bucket else None), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=int(config.shutdown_deadline_s) + 5)
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from quantdeploy.bench import loadtest
+    from quantdeploy.eval.report import machine_info
+
+    cfg = loadtest.LoadConfig(url=args.url, requests=args.requests, concurrency=None if args.rate else args.concurrency,
+                              rate=args.rate, duration=args.duration, prompt_len=args.prompt_len,
+                              output_len=args.output_len, model=args.model, api_key=args.api_key, timeout=args.timeout)
+    result = asyncio.run(loadtest.run(cfg))
+    print(loadtest.table(result))
+    out = {**machine_info(), **result}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
     return 0
 
 
@@ -436,8 +455,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--shutdown-deadline", type=float, default=30.0, help="seconds to finish in-flight requests")
     p.add_argument("--model-name", help="the id /v1/models reports (default: the folder name)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step on the CPU too")
+    p.add_argument("--one-bucket", action="store_true",
+                   help="always decode max-batch rows: one compiled graph, no compile stalls as load ramps up")
     p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("loadtest", help="HTTP load generator for OpenAI-compatible servers (TTFT, TPOT, ITL, e2e)")
+    p.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=64, help="concurrent clients (ignored with --rate)")
+    p.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
+    p.add_argument("--duration", type=float, help="stop issuing requests after this many seconds")
+    p.add_argument("--prompt-len", default="32", help="words per prompt: N or LO:HI (uniform)")
+    p.add_argument("--output-len", default="32", help="max_tokens: N or LO:HI (uniform); ignore_eos is set")
+    p.add_argument("--model")
+    p.add_argument("--api-key")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("inspect", help="per-layer spec, bits per weight and size of a checkpoint")
     p.add_argument("checkpoint")

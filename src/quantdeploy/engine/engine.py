@@ -58,10 +58,13 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, device: torch.device, max_batch: int = 8,
                  max_seq_len: int | None = None, compile: bool | None = None,
-                 compile_options: dict | None = None, decode_attention: str | None = None) -> None:
+                 compile_options: dict | None = None, decode_attention: str | None = None,
+                 buckets: tuple[int, ...] | None = None) -> None:
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
-        "sdpa" or "reduce" (``models.llama.reduce_attention``; default: "reduce" when compiled)."""
+        "sdpa" or "reduce" (``models.llama.reduce_attention``; default: "reduce" when compiled).
+        ``buckets``: the batch sizes a decode step is padded to (default ``BUCKETS``); each is one
+        compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,)."""
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = device
         args = self.model.args
@@ -69,6 +72,7 @@ class Engine:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
+        self.buckets = tuple(sorted(b for b in (buckets or BUCKETS) if b < max_batch)) + (max_batch,)
         dtype = self.model.norm.weight.dtype
         kv = loaded.kv_cache_dtype
         self.model.attach_cache(lambda i, attn: StaticKVCache(
@@ -174,7 +178,7 @@ class Engine:
                 self._park(row)
                 seq.parked = True
         if launch:
-            n = min(next((b for b in BUCKETS if b > launch[-1][0]), self.max_batch), self.max_batch)
+            n = next(b for b in self.buckets if b > launch[-1][0])
             kv_len = self.max_seq_len if self.compiled else self._kv_len(launch)
             if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -272,6 +276,10 @@ class Engine:
 
     def _free(self, seq: Sequence) -> None:
         if self.rows[seq.row] is seq:
+            if seq.finish_reason == "error":  # non-finite values in its row would leak into the next
+                for layer in self.model.layers:  # sequence's masked positions (0 × NaN is NaN)
+                    layer.attention.kv_cache.k_cache[seq.row].zero_()
+                    layer.attention.kv_cache.v_cache[seq.row].zero_()
             self._park(seq.row)
             self.rows[seq.row] = None
             self.sampler.release(seq.row)

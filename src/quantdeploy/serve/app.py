@@ -119,7 +119,7 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                                     top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                                    stop=tuple(body.stop or ()))
+                                    stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos)
             engine.check(n_prompt, params)
         except QuantDeployError as err:
             raise ApiError(400, str(err), param="max_tokens") from None
@@ -158,7 +158,8 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
             scheduler.cancel(job)
             raise
 
-    def stream(scheduler: Scheduler, job, chunk: Callable[[str | None, str | None], dict]) -> StreamingResponse:  # noqa: ANN001
+    def stream(scheduler: Scheduler, job, chunk: Callable[[str | None, str | None], dict],  # noqa: ANN001
+               include_usage: bool) -> StreamingResponse:
         async def events() -> AsyncIterator[bytes]:
             finished = False
             try:
@@ -175,6 +176,8 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
                         break
                     else:
                         yield _sse(chunk("", event["finish_reason"] if event["finish_reason"] != "abort" else "length"))
+                        if include_usage and "prompt_tokens" in event:
+                            yield _sse({**chunk("", None), "choices": [], "usage": _usage(event)})
                         break
                 finished = True
                 yield b"data: [DONE]\n\n"
@@ -217,7 +220,7 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         if body.stream:
-            return stream(scheduler, job, chunk)
+            return stream(scheduler, job, chunk, bool(body.stream_options and body.stream_options.include_usage))
         text, done = await collect(http, scheduler, job)
         return {**chunk(text, done["finish_reason"]), "usage": _usage(done)}
 
@@ -236,7 +239,7 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         if body.stream:
-            return stream(scheduler, job, chunk)
+            return stream(scheduler, job, chunk, bool(body.stream_options and body.stream_options.include_usage))
         text, done = await collect(http, scheduler, job)
         return {"id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,

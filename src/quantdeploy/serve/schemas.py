@@ -3,7 +3,7 @@
 Fields OpenAI defines that this server cannot honour (``n`` > 1, ``logprobs``, ``echo``, tools) are
 refused with a 400 naming the field rather than silently ignored; fields it does not know are
 ignored, as OpenAI-compatible servers do, so clients that send extra options keep working.
-``top_k`` and ``repetition_penalty`` are the common extensions (vLLM accepts them too).
+``top_k``, ``repetition_penalty`` and ``ignore_eos`` are the common extensions (vLLM accepts them too).
 """
 
 from __future__ import annotations
@@ -11,6 +11,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
 
 
 class _Sampling(BaseModel):
@@ -25,8 +31,10 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)
     user: str | None = None
+    ignore_eos: bool = False  # extension (vLLM's): generate to max_tokens, as load tests need
 
     @field_validator("stop")
     @classmethod

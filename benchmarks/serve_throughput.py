@@ -1,0 +1,97 @@
+"""Server throughput with continuous batching against the same server at ``--max-batch 1``, in one run.
+
+    python benchmarks/serve_throughput.py CHECKPOINT [--batches 64 1] [--requests 200] [--concurrency 64]
+
+For each ``--max-batch`` it starts ``quantdeploy serve`` as a subprocess, waits for /health, runs
+``quantdeploy loadtest`` (streamed completions, fixed prompt and output lengths, ignore_eos), stops the
+server, and reports throughput and latency percentiles, then the ratio. Every request must end as
+200 or 429: the script says how many did neither. Last line: JSON with machine, commit and config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from quantdeploy.bench import loadtest
+from quantdeploy.eval.report import machine_info
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "quantdeploy", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
+           "--max-queue", str(args.max_queue), "--max-seq-len", str(args.max_seq_len), "--device", args.device]
+    if getattr(args, "one_bucket", False):
+        cmd.append("--one-bucket")
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        if args.warmup:
+            asyncio.run(loadtest.run(loadtest.LoadConfig(url=url, requests=args.warmup, concurrency=max_batch,
+                                                         prompt_len=args.prompt_len, output_len=args.output_len)))
+        cfg = loadtest.LoadConfig(url=url, requests=args.requests, concurrency=args.concurrency,
+                                  prompt_len=args.prompt_len, output_len=args.output_len)
+        return asyncio.run(loadtest.run(cfg))
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 1])
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--prompt-len", default="32")
+    p.add_argument("--output-len", default="32")
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=0, help="requests sent before timing (e.g. to record CUDA graphs)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    results = {}
+    for b in args.batches:
+        results[b] = serve_and_load(args.model, b, args)
+        print(f"\n--max-batch {b}\n{loadtest.table(results[b])}", flush=True)
+    lost = {b: r["requests"] - r["statuses"].get("ok", 0) - r["statuses"].get("http_429", 0) for b, r in results.items()}
+    print(f"\nrequests neither completed nor answered 429: {lost}")
+    if len(args.batches) > 1:
+        first, last = args.batches[0], args.batches[-1]
+        ratio = results[first]["output_token_throughput"] / results[last]["output_token_throughput"]
+        print(f"output throughput --max-batch {first} / --max-batch {last}: {ratio:.2f}x")
+    print(json.dumps({**machine_info(), "config": vars(args), "lost": lost,
+                      "results": {b: {k: v for k, v in r.items() if k != "config"} for b, r in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
