@@ -168,6 +168,14 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
                     yield _sse(first)
                 while True:
                     event = await job.events.get()
+                    while event["kind"] == "delta" and not job.events.empty():  # under load: one chunk for all
+                        following = job.events.get_nowait()                    # the text that is ready
+                        if following["kind"] != "delta":
+                            if event["text"]:
+                                yield _sse(chunk(event["text"], None))
+                            event = following
+                            break
+                        event = {**event, "text": event["text"] + following["text"]}
                     if event["kind"] == "delta":
                         if event["text"]:
                             yield _sse(chunk(event["text"], None))

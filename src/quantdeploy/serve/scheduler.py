@@ -32,6 +32,11 @@ from quantdeploy.serve.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+def _dispatch(items: list[tuple[asyncio.Queue, dict]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound: answer 429 and let the client retry."""
 
@@ -52,10 +57,11 @@ class Request:
     cancelled: bool = False
     sent_tokens: int = 0
     last_token_at: float | None = None
+    outbox: list = dataclasses.field(default_factory=list)  # the scheduler's, shared by all its requests
 
     def emit(self, kind: str, **data: Any) -> None:
-        """Hand an event to the request's handler, from the engine thread."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, {"kind": kind, **data})
+        """Queue an event for the request's handler (the engine thread flushes them once per step)."""
+        self.outbox.append((self, {"kind": kind, **data}))
 
 
 class Scheduler:
@@ -64,8 +70,10 @@ class Scheduler:
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # engine sequence id → request
         self._lock = threading.Lock()
+        self._outbox: list[tuple[Request, dict]] = []  # events of this loop iteration, handed over at once
         self._wake = threading.Event()
         self._admitting = True
+        self._prefilling = False  # a request between the waiting queue and the running batch
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="quantdeploy-engine", daemon=True)
 
@@ -81,7 +89,7 @@ class Scheduler:
                 raise ShuttingDown()
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull()
-            request = Request(prompt_ids, params, loop, asyncio.Queue())
+            request = Request(prompt_ids, params, loop, asyncio.Queue(), outbox=self._outbox)
             self._waiting.append(request)
             self.metrics.waiting.set(len(self._waiting))
         self._wake.set()
@@ -100,20 +108,36 @@ class Scheduler:
         with self._lock:
             self._admitting = False
         end = time.monotonic() + deadline_s
-        while time.monotonic() < end and (self._running or self._waiting):
+        while time.monotonic() < end and (self._running or self._waiting or self._prefilling):
             time.sleep(0.02)
-        with self._lock:
-            for request in [*self._waiting, *self._running.values()]:
-                request.cancelled = True
-        self._wake.set()
-        time.sleep(0.05)
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=60)
+        # The engine thread is gone: whatever did not finish in time is cancelled from here.
+        for request in [*self._waiting, *self._running.values()]:
+            if request.seq is not None:
+                self.engine.abort(request.seq)
+            self.metrics.requests.labels("cancelled").inc()
+            request.emit("done", finish_reason="abort")
+        self._waiting.clear()
+        self._running.clear()
+        self._flush()
 
     # ------------------------------------------------------------------ engine thread
+    def _flush(self) -> None:
+        """Hand this iteration's events to the event loop(s) in one wake-up each, not one per token."""
+        if not self._outbox:
+            return
+        batch, self._outbox[:] = list(self._outbox), []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request, event in batch:
+            by_loop.setdefault(request.loop, []).append((request.events, event))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_dispatch, items)
+
     def _loop(self) -> None:
         while not self._stop:
+            self._flush()
             self._drop_cancelled()
             self._admit()
             self._update_gauges()
@@ -132,7 +156,9 @@ class Scheduler:
                 request = self._running.get(seq.id)
                 if request is not None:
                     self._deliver(request)
+            self._flush()
             self._update_gauges()
+        self._flush()
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -151,16 +177,19 @@ class Scheduler:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
+                self._prefilling = True
                 self.metrics.waiting.set(len(self._waiting))
             self.metrics.queue_time.observe(time.perf_counter() - request.arrived)
             try:
                 request.seq = self.engine.add(request.prompt_ids, request.params)
             except Exception as err:
                 log.exception("prefill failed")
+                self._prefilling = False
                 self.metrics.requests.labels("error").inc()
                 request.emit("error", message=f"prefill failed: {type(err).__name__}: {err}")
                 continue
             self._running[request.seq.id] = request
+            self._prefilling = False
             self.metrics.prompt.inc(len(request.prompt_ids))
 
     def _deliver(self, request: Request) -> None:
