@@ -370,6 +370,16 @@ def _add_protocol_flags(p: argparse.ArgumentParser, text_required: bool) -> None
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto", help="prepend BOS to each window")
 
 
+def _add_engine_flags(p: argparse.ArgumentParser, compile_flag: bool = True, max_seq_len_flag: bool = True) -> None:
+    """The engine settings that generate, bench and serve share."""
+    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    if max_seq_len_flag:
+        p.add_argument("--max-seq-len", type=int, help="context window to allocate (default: min(model's, 2048))")
+    if compile_flag:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step on the CPU too (inductor C++; about a minute per batch size)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantdeploy", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -420,8 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", nargs="+", help="stop strings")
-    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
-    p.add_argument("--max-seq-len", type=int, help="context window to allocate (default: min(model's, 2048))")
+    _add_engine_flags(p, compile_flag=False)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--transformers", action="store_true",
                    help="greedy through transformers' generate instead (any architecture transformers runs)")
@@ -432,13 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="quantdeploy checkpoint or any model source")
     p.add_argument("--original", help="the unquantized original (default: the checkpoint's recorded source)")
     p.add_argument("--no-original", action="store_true", help="bench the model alone")
-    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step on the CPU too (inductor C++; about a minute per batch size)")
+    _add_engine_flags(p, max_seq_len_flag=False)
     p.add_argument("--json", help="also write the record to this JSON file")
     p.set_defaults(func=cmd_bench)
 
@@ -451,14 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QUANTDEPLOY_API_KEY)")
     p.add_argument("--max-prompt-tokens", type=int, help="default: the context window")
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--max-seq-len", type=int, help="context window to allocate (default: min(model's, 2048))")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--shutdown-deadline", type=float, default=30.0, help="seconds to finish in-flight requests")
     p.add_argument("--model-name", help="the id /v1/models reports (default: the folder name)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step on the CPU too")
     p.add_argument("--one-bucket", action="store_true",
                    help="always decode max-batch rows: one compiled graph, no compile stalls as load ramps up")
-    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    _add_engine_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("loadtest", help="HTTP load generator for OpenAI-compatible servers (TTFT, TPOT, ITL, e2e)")
