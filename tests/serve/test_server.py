@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import socket
 import threading
@@ -44,10 +46,16 @@ def serving(load_engine, config: ServeConfig):
         thread.join(timeout=30)
 
 
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
+    tokenizer = copy.deepcopy(tiny_bundle.tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE  # the tiny test tokenizer has none
+    bundle = dataclasses.replace(tiny_bundle, tokenizer=tokenizer)
     config = ServeConfig(model_name="tiny", max_queue=64, api_key=KEY, max_new_tokens=64, max_body_bytes=4096)
-    with serving(lambda: Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=128), config) as url:
+    with serving(lambda: Engine.from_bundle(bundle, "cpu", max_batch=4, max_seq_len=128), config) as url:
         yield url
 
 
@@ -67,16 +75,15 @@ def test_openai_client_completions_streamed_and_not(server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
-def test_openai_client_chat_streamed_and_not(server, tiny_bundle):
+def test_openai_client_chat_streamed_and_not(server):
     client = _client(server)
-    messages = [{"role": "user", "content": "Tell me about the city"}]
-    if not getattr(tiny_bundle.tokenizer, "chat_template", None):
-        with pytest.raises(Exception, match="no chat template"):
-            client.chat.completions.create(model="tiny", messages=messages, max_tokens=8)
-        return
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the city"}]
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert full.choices[0].message.role == "assistant" and full.usage.completion_tokens >= 1
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def test_generate_health_metrics_and_auth(server):
