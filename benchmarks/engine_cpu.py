@@ -64,7 +64,7 @@ def bench_ours(path: str, batches: list[int], compile: bool, prompt_len: int, st
 
     cfg = BenchConfig(prompt_len=prompt_len, batches=tuple(batches), steps=steps, warmup=4)
     engine = Engine.load(path, "cpu", max_batch=max(batches), max_seq_len=prompt_len + steps + 16,
-                         compile=compile, compile_options={} if compile else None)
+                         compile=compile)
     out = {"ttft_ms": 1e3 * time_to_first_token(engine, cfg), "decode": {}}
     for b in batches:
         out["decode"][b] = decode_rate(engine, b, cfg)[0]

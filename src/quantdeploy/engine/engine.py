@@ -92,7 +92,7 @@ class Engine:
             layer.attention.decode_attention = attention
         if self.compiled:  # options, not mode=: inductor's global config is left alone
             self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False,
-                                         options=compile_options or COMPILE_OPTIONS)
+                                         options=COMPILE_OPTIONS if compile_options is None else compile_options)
 
     # ------------------------------------------------------------------ construction
     @classmethod
