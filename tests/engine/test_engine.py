@@ -39,6 +39,39 @@ def test_batched_decode_at_different_positions_equals_one_at_a_time(engine, tiny
     assert together == alone
 
 
+@pytest.mark.parametrize("max_prefill_tokens", [8192, 6])
+def test_prefill_batches_of_padded_prompts_equal_one_at_a_time(engine, tiny_bundle, max_prefill_tokens):
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = [engine.generate(p, params).token_ids for p in PROMPTS]
+    # four prompts of different lengths added at once: one padded prefill, or (6 tokens) one per batch
+    batched = Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=128, max_prefill_tokens=max_prefill_tokens)
+    calls = []
+    prefill = batched.model.prefill
+    batched.model.prefill = lambda tokens, *a, **k: calls.append(tokens.shape) or prefill(tokens, *a, **k)
+    assert [c.token_ids for c in batched.generate(PROMPTS, params)] == alone
+    assert len(calls) == (1 if max_prefill_tokens == 8192 else 4)
+
+
+def test_a_failing_prefill_fails_its_own_sequences_only(engine, tiny_bundle):
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    broken = Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=128)
+    running = broken.add(broken.encode(PROMPTS[0]), params)
+    broken.step()
+    prefill = broken.model.prefill
+
+    def out_of_memory(*a, **k):
+        broken.model.prefill = prefill  # fails once
+        raise torch.OutOfMemoryError("simulated")
+
+    broken.model.prefill = out_of_memory
+    failed = broken.add(broken.encode(PROMPTS[1]), params)
+    while broken.running:
+        broken.step()
+    assert failed.finish_reason == "error" and "OutOfMemoryError" in failed.error
+    assert running.output_ids == engine.generate(PROMPTS[0], params).token_ids
+    assert broken.generate(PROMPTS[1], params).token_ids == engine.generate(PROMPTS[1], params).token_ids
+
+
 def test_sequences_join_and_leave_mid_decode(engine):
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     expected = {p: engine.generate(p, params).token_ids for p in PROMPTS[:3]}
@@ -118,7 +151,7 @@ def test_saved_quantized_checkpoint_is_deterministic_and_matches_transformers(ti
     ids = reloaded.tokenizer(PROMPTS[3], return_tensors="pt").input_ids
     with torch.no_grad():
         ref = reloaded.model(ids).logits[0, -1]
-        ours = exact.model.prefill(ids, row=1)[0, -1]
-        fast = engines[0].model.prefill(ids, row=1)[0, -1]
+        ours = exact.model.prefill(ids, rows=1)[0, -1]
+        fast = engines[0].model.prefill(ids, rows=1)[0, -1]
     assert (ours - ref).abs().max() < 1e-4
     assert (fast - ref).norm() / ref.norm() < 2e-2  # the packed path: bf16 activations and scales

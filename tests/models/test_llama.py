@@ -72,15 +72,36 @@ def test_prefill_and_decode_with_a_cache_match_the_full_forward():
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(ids).logits
-        first = ours.prefill(ids[0:1, :30], row=2, last_only=False)  # sequence 0 in row 2
-        ours.prefill(ids[1:2, :12], row=0)  # sequence 1 in row 0, in two chunks
-        chunk = ours.prefill(ids[1:2, 12:20], row=0, start=12, last_only=False)
+        first = ours.prefill(ids[0:1, :30], rows=2, last_only=False)  # sequence 0 in row 2
+        ours.prefill(ids[1:2, :12], rows=0)  # sequence 1 in row 0, in two chunks
+        chunk = ours.prefill(ids[1:2, 12:20], rows=0, start=12, last_only=False)
         # rows 0..2 at different positions; row 1 is a free row decoding a dummy token
         step = ours.decode(torch.stack([ids[1, 20], ids[0, 0], ids[0, 30]]), torch.tensor([20, 0, 30]), kv_len=64)
     assert (first[0] - ref[0, :30]).abs().max() < 1e-4
     assert (chunk[0] - ref[1, 12:20]).abs().max() < 1e-4
     assert (step[2] - ref[0, 30]).abs().max() < 1e-4
     assert (step[0] - ref[1, 20]).abs().max() < 1e-4
+
+
+def test_a_padded_batch_prefill_matches_each_sequence_alone():
+    model = _hf("llama")
+    ours = _ours(model)
+    a = ours.args
+    ours.attach_cache(lambda i, att: StaticKVCache(4, a.n_kv_heads, 64, a.head_dim, torch.float32, "cpu"))
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([24, 9])
+    padded = ids.clone()
+    padded[1, 9:] = 0  # sequence 1 is 9 tokens long, right-padded
+    with torch.no_grad():
+        ref = model(ids).logits
+        last = ours.prefill(padded, torch.tensor([3, 1]), lengths=lengths)  # rows 3 and 1
+        # decode on from both rows: row 1 continues at position 9, over the padding it wrote
+        tokens = torch.tensor([0, ids[1, 9], 0, ids[0, 23]])
+        step = ours.decode(tokens, torch.tensor([0, 9, 0, 23]), kv_len=64)
+    assert last.shape == (2, 1, SHAPE["vocab_size"])
+    assert (last[0, 0] - ref[0, 23]).abs().max() < 1e-4
+    assert (last[1, 0] - ref[1, 8]).abs().max() < 1e-4
+    assert (step[1] - ref[1, 9]).abs().max() < 1e-4
 
 
 @pytest.mark.slow

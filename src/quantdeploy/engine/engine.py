@@ -2,8 +2,10 @@
 
 Lifecycle of a sequence::
 
-    add(prompt)  → prefill into the lowest free cache row, first token sampled on the device
-    step()       → one decode step for every running row, then read back the *previous* step's tokens
+    add(prompt)  → the lowest free cache row is the sequence's
+    step()       → prefill every sequence added since the last step in one padded forward (first tokens
+                   sampled on the device), one decode step for every running row, then read back the
+                   *previous* step's tokens
     ...          → a sequence finishes on EOS / stop id / stop string / max_tokens / context end;
                    its row is freed at once and the next ``add`` may take it
 
@@ -59,12 +61,14 @@ class Engine:
     def __init__(self, loaded: LoadedModel, device: torch.device, max_batch: int = 8,
                  max_seq_len: int | None = None, compile: bool | None = None,
                  compile_options: dict | None = None, decode_attention: str | None = None,
-                 buckets: tuple[int, ...] | None = None) -> None:
+                 buckets: tuple[int, ...] | None = None, max_prefill_tokens: int = 8192) -> None:
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
         "sdpa" or "reduce" (``models.llama.reduce_attention``; default: "reduce" when compiled).
         ``buckets``: the batch sizes a decode step is padded to (default ``BUCKETS``); each is one
-        compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,)."""
+        compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,).
+        ``max_prefill_tokens``: the most (padded) prompt tokens one prefill forward takes; sequences added
+        between two steps are prefilled together up to it (a longer prompt goes alone)."""
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = device
         args = self.model.args
@@ -84,6 +88,8 @@ class Engine:
         self.rows: list[Sequence | None] = [None] * max_batch
         self.eos_ids = _eos_ids(loaded)
         self._pending: list[tuple[Any, Any, list[tuple[int, Sequence]]]] = []  # (host tokens, event, launched)
+        self._unfilled: list[Sequence] = []  # added, not yet prefilled
+        self.max_prefill_tokens = max_prefill_tokens
         self._next_id = 0
         self.compiled = (device.type == "cuda") if compile is None else compile
         self._decode = self.model.decode
@@ -136,38 +142,33 @@ class Engine:
             raise RequestError(f"max_tokens {params.max_tokens} + {n_prompt} prompt tokens exceeds the context window "
                                f"of {self.max_seq_len}; lower max_tokens to at most {self.max_seq_len - n_prompt}")
 
-    @torch.inference_mode()
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """Prefill a new sequence into the lowest free row; its first token is reported by the next ``step``."""
+        """Give a new sequence the lowest free row. The next ``step`` prefills it, together with every other
+        sequence added since the last step, and reports its first token."""
         self.check(len(prompt_ids), params)
         if self.free_rows == 0:
             raise RuntimeError("no free row: check free_rows before add (the server queues instead)")
         row = self.rows.index(None)
         seq = Sequence(self._next_id, row, list(prompt_ids), params, self.tokenizer, self._stop_ids(params))
         self._next_id += 1
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        self.sampler.assign(row, params, seed, ids[0])
-        logits = self.model.prefill(ids, row)[:, -1]  # [1, vocab]
-        token = self.sampler.sample(logits, slice(row, row + 1))
-        self.next_token[row] = token[0].clamp(min=0)
-        self.positions[row] = len(prompt_ids)
-        self.growing[row] = 1
         self.rows[row] = seq
-        seq.launched = 1
-        self._push(token, [(0, seq)])
+        self._unfilled.append(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence now (client gone); its row is free for the next ``add``."""
         if not seq.finished:
             seq.finish("abort")
+        if seq in self._unfilled:
+            self._unfilled.remove(seq)
         self._free(seq)
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Launch one decode step for every row that may still grow, then read back the previous one.
-        Returns the sequences that received tokens (check ``seq.finished``)."""
+        """Prefill the sequences added since the last step, launch one decode step for every row that may
+        still grow, then read back the previous one. Returns the sequences that received tokens or failed
+        (check ``seq.finished``)."""
+        failed = self._prefill_added()
         launch = []
         for row, seq in enumerate(self.rows):
             if seq is None:
@@ -189,7 +190,7 @@ class Engine:
             for _, seq in launch:
                 seq.launched += 1
             self._push(tokens, launch)
-        return self._resolve(keep_last=bool(launch))
+        return failed + self._resolve(keep_last=bool(launch))
 
     # ------------------------------------------------------------------ simple loops
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]], params: SamplingParams | None = None,
@@ -230,6 +231,53 @@ class Engine:
                 self.abort(seq)
 
     # ------------------------------------------------------------------ internals
+    def _prefill_added(self) -> list[Sequence]:
+        """Prefill the added sequences in batches of at most ``max_prefill_tokens`` (padded) tokens, in
+        the order they came. A batch that raises fails its own sequences (reason "error") and no other."""
+        failed: list[Sequence] = []
+        while self._unfilled:
+            batch, longest = [], 0
+            for seq in self._unfilled:
+                longest_with = max(longest, len(seq.prompt_ids))
+                if batch and longest_with * (len(batch) + 1) > self.max_prefill_tokens:
+                    break
+                batch.append(seq)
+                longest = longest_with
+            del self._unfilled[:len(batch)]
+            try:
+                self._prefill(batch, longest)
+            except Exception as err:  # e.g. out of memory for this batch: its requests fail, the engine goes on
+                log.exception("prefill of %d sequences failed", len(batch))
+                for seq in batch:
+                    seq.finish("error")
+                    seq.error = f"prefill failed: {type(err).__name__}: {err}"
+                    self._free(seq)
+                failed.extend(batch)
+        return failed
+
+    def _prefill(self, batch: list[Sequence], longest: int) -> None:
+        """One forward over ``batch``'s prompts, right-padded to ``longest``; samples each first token."""
+        # Tokens, rows and lengths go to the device in one copy from pinned memory, which does not wait
+        # for the decode step still running there.
+        host = torch.tensor([s.prompt_ids + [0] * (longest - len(s.prompt_ids)) + [s.row, len(s.prompt_ids)]
+                             for s in batch], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        data = host.to(self.device, non_blocking=True)
+        tokens, rows, lengths = data[:, :longest], data[:, longest], data[:, longest + 1]
+        for i, seq in enumerate(batch):
+            params = seq.params
+            seed = params.seed if params.seed is not None else random.getrandbits(32)
+            self.sampler.assign(seq.row, params, seed, tokens[i, :len(seq.prompt_ids)])
+        logits = self.model.prefill(tokens, rows, lengths=lengths)[:, 0]  # [B, vocab]
+        first = self.sampler.sample(logits, rows, [s.row for s in batch])
+        self.next_token.index_copy_(0, rows, first.clamp(min=0))
+        self.positions.index_copy_(0, rows, lengths)
+        self.growing.index_fill_(0, rows, 1)
+        for seq in batch:
+            seq.launched = 1
+        self._push(first, list(enumerate(batch)))
+
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
 

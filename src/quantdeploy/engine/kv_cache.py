@@ -57,8 +57,9 @@ class StaticKVCache(nn.Module):
         self.k_cache[idx, :, positions] = k.transpose(1, 2).to(self.k_cache.dtype)
         self.v_cache[idx, :, positions] = v.transpose(1, 2).to(self.v_cache.dtype)
 
-    def read(self, rows: slice, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[rows, Hkv, length, D]`` in ``dtype`` (a view unless the cache is quantized)."""
+    def read(self, rows: slice | torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[rows, Hkv, length, D]`` in ``dtype``: a view for a slice of rows (unless the
+        cache is quantized), a gathered copy for a tensor of row indices."""
         k, v = self.k_cache[rows, :, :length], self.v_cache[rows, :, :length]
         if self.quant:
             return dequantize_kv(k, self.k_scale, dtype), dequantize_kv(v, self.v_scale, dtype)

@@ -104,9 +104,11 @@ class BatchSampler:
     def release(self, row: int) -> None:
         self.params[row] = None
 
-    def sample(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Tokens for the consecutive ``rows`` from their ``logits [n, vocab]``; advances their step counters."""
-        active = [p for p in self.params[rows] if p is not None]
+    def sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, row_ids: list[int] | None = None) -> torch.Tensor:
+        """Tokens for ``rows`` (a slice, or a device tensor of row indices whose host copy is ``row_ids``)
+        from their ``logits [n, vocab]``; advances their step counters."""
+        active = [p for p in (self.params[rows] if isinstance(rows, slice) else [self.params[r] for r in row_ids])
+                  if p is not None]
         logits = logits.float()
         if any(p.repetition_penalty != 1.0 for p in active):
             pen = self.penalty[rows, None]
@@ -117,13 +119,15 @@ class BatchSampler:
         else:
             tokens = self._draw(logits, rows, filtered=any(p.top_k or p.top_p < 1 for p in active))
         tokens = torch.where(torch.isfinite(logits).all(dim=-1), tokens, -1)  # a NaN/inf row: -1, its request fails
-        # scatter_ with a Python value passes it as a kernel argument; ``seen[i, t] = True`` would copy a
-        # host tensor to the device, and that copy waits for the whole stream: a sync per token.
-        self.seen[rows].scatter_(1, tokens.clamp(min=0)[:, None], True)
-        self.step[rows] += 1
+        # Writes go through index kernels that take their value as an argument; ``seen[i, t] = True`` would
+        # copy a host tensor to the device, and that copy waits for the whole stream: a sync per token.
+        index = rows if isinstance(rows, torch.Tensor) else torch.arange(rows.start, rows.stop, device=logits.device)
+        vocab = self.seen.shape[1]
+        self.seen.view(-1).index_fill_(0, index * vocab + tokens.clamp(min=0), True)
+        self.step.index_add_(0, index, torch.ones_like(index))
         return tokens
 
-    def _draw(self, logits: torch.Tensor, n: slice, filtered: bool) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, n: slice | torch.Tensor, filtered: bool) -> torch.Tensor:
         temp = self.temperature[n, None]
         scaled = logits / temp.clamp(min=1e-5)
         if filtered:

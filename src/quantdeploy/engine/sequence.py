@@ -24,6 +24,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
+        self.error: str | None = None  # what went wrong, when finish_reason is "error"
         self.launched = 0  # tokens whose computation has been queued on the device
         self.received = 0  # tokens read back (including a final stop token)
         self.parked = False  # no more steps will be launched for it
@@ -43,6 +44,7 @@ class Sequence:
         """Take the next generated token and apply every stop condition."""
         self.received += 1
         if token < 0:  # the sampler's mark for non-finite logits
+            self.error = "the model produced non-finite logits for this request"
             self.finish("error")
             return
         if token in self.stop_ids:

@@ -9,8 +9,8 @@ not care which. Tensor names and checkpoint conversion live in ``models/hf_names
 Three ways to run it:
 
 - ``forward(tokens)``: the whole sequence, causal attention, no cache (checks against transformers);
-- ``prefill(tokens, row, start)``: one sequence's chunk, written into cache row ``row`` at positions
-  ``start..``, attending to everything cached before it;
+- ``prefill(tokens, rows, start, lengths)``: a chunk of one or several (right-padded) sequences, written
+  into their cache rows at positions ``start..``, each attending to everything its row cached before;
 - ``decode(tokens, positions, kv_len)``: one new token for each of the cache rows ``0..n-1``, each at
   its own position; attention reads the first ``kv_len`` cached positions under a per-row mask.
 
@@ -175,7 +175,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache_at: tuple | None) -> torch.Tensor:
         """``x [B, T, dim]``; ``mask [B, 1, rep*T, S]`` bool (True = attend; rows per query group, built once in ``_run``). ``cache_at`` = (rows [B], positions [B, T],
-        kv_rows: slice, kv_len) writes K/V into the cache and attends over the cached rows' first ``kv_len``
+        kv_rows: a slice or [B] tensor, kv_len) writes K/V into the cache and attends over the cached rows' first ``kv_len``
         positions; None attends over this chunk only."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(x)
@@ -244,7 +244,8 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = make_cache(i, layer.attention)
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_at,  # noqa: ANN001
-             last_only: bool) -> torch.Tensor:
+             last: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]``, or ``[B, 1, vocab]`` at each row's index ``last [B]`` when given."""
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
         sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
@@ -252,8 +253,8 @@ class Transformer(nn.Module):
         mask = mask[:, None].repeat(1, 1, rep, 1)  # [B, T, S] → [B, 1, rep*T, S]: the grouped query rows
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_at)
-        if last_only:
-            x = x[:, -1:]
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last][:, None]
         return self.output(self.norm(x)).float()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -261,22 +262,35 @@ class Transformer(nn.Module):
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(b, t)
         mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril().expand(b, t, t)
-        return self._run(tokens, positions, mask, None, last_only=False)
+        return self._run(tokens, positions, mask, None, last=None)
 
-    def prefill(self, tokens: torch.Tensor, row: int, start: int = 0, last_only: bool = True) -> torch.Tensor:
-        """Run ``tokens [1, T]`` of the sequence in cache row ``row`` at positions ``start..start+T-1``."""
-        t = tokens.shape[1]
+    def prefill(self, tokens: torch.Tensor, rows: int | torch.Tensor, start: int = 0,
+                lengths: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
+        """Run ``tokens [B, T]`` of the sequences in cache ``rows`` (one row as an int, or a ``[B]`` device
+        tensor) at positions ``start..start+T-1``, attending to what each row has cached before them.
+
+        Several sequences are right-padded to one length; ``lengths [B]`` gives each row's real token
+        count. Padding writes past a row's end in the cache, where nothing reads it before decode writes
+        over it (every read is masked to positions at or before the reader's). With ``last_only`` the
+        logits are each row's at its last real token, ``[B, 1, vocab]``; otherwise ``[B, T, vocab]``."""
+        b, t = tokens.shape
         device = tokens.device
-        positions = torch.arange(start, start + t, device=device)[None]  # [1, T]
+        positions = torch.arange(start, start + t, device=device).expand(b, t)  # [B, T]
         kv_len = start + t
-        mask = (torch.arange(kv_len, device=device)[None, :] <= positions[0, :, None])[None]  # [1, T, S]
-        rows = torch.tensor([row], device=device)
-        return self._run(tokens, positions, mask, (rows, positions, slice(row, row + 1), kv_len), last_only)
+        mask = (torch.arange(kv_len, device=device)[None, :] <= positions[0, :, None]).expand(b, t, kv_len)
+        if isinstance(rows, int):
+            rows, kv_rows = torch.full((1,), rows, dtype=torch.long, device=device), slice(rows, rows + 1)
+        else:
+            kv_rows = rows
+        last = None
+        if last_only:
+            last = lengths - 1 if lengths is not None else torch.full((b,), t - 1, dtype=torch.long, device=device)
+        return self._run(tokens, positions, mask, (rows, positions, kv_rows, kv_len), last)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One step for cache rows ``0..n-1``: ``tokens [n]`` at ``positions [n]`` → logits ``[n, vocab]``."""
         n = tokens.shape[0]
         rows = torch.arange(n, device=tokens.device)
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None]  # [n, 1, S]
-        logits = self._run(tokens[:, None], positions[:, None], mask, (rows, positions[:, None], slice(0, n), kv_len), False)
+        logits = self._run(tokens[:, None], positions[:, None], mask, (rows, positions[:, None], slice(0, n), kv_len), None)
         return logits[:, 0]

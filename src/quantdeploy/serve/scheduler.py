@@ -210,7 +210,7 @@ class Scheduler:
         if seq.finished:
             del self._running[seq.id]
             if seq.finish_reason == "error":
-                self._fail(request, "the model produced non-finite logits for this request", running=False)
+                self._fail(request, seq.error or "the request failed", running=False)
                 return
             self.metrics.e2e.observe(now - request.arrived)
             self.metrics.requests.labels("ok").inc()
