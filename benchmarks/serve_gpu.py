@@ -1,13 +1,15 @@
 """GPU server throughput at 64 concurrent streams against the engine's offline throughput at batch 64,
 Llama-3.1-8B shape with random bf16 weights, in one run on one card.
 
-    python benchmarks/serve_gpu.py --tokenizer TOKENIZER_DIR [--requests 200]
+    python benchmarks/serve_gpu.py --tokenizer TOKENIZER_DIR [--requests 200] [--engines process thread]
 
 The random model is saved once as an HF folder (with any tokenizer whose ids fit the vocabulary: the
 prompts only need token ids; generated ids the tokenizer lacks decode to nothing, and throughput
 counts tokens from the server's usage). Offline: ``Engine.generate`` on the load test's exact prompts,
-batch 64, after a warm-up. Server: ``quantdeploy serve --max-batch 64 --one-bucket`` in a subprocess,
-warmed up, then ``loadtest`` with 64 concurrent streams. Both decode 64 rows per step (one CUDA graph).
+batch 64, after a warm-up. Server: ``quantdeploy serve --max-batch 64 --one-bucket --engine MODE`` in a subprocess, warmed up, then
+``loadtest`` with 64 concurrent streams, for each ``--engines`` mode (the engine loop in a process of
+its own, as ``serve`` runs it on a GPU, or in a thread of the server). Both sides decode 64 rows per
+step (one CUDA graph) and prefill the requests that arrive together in one batch.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def main() -> None:
     p.add_argument("--output-len", default="64")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--engines", nargs="+", choices=("process", "thread"), default=["process"],
+                   help="quantdeploy serve --engine for each server run (all against the one offline number)")
     p.add_argument("--tiny", action="store_true", help="2-layer model: a smoke test of the script")
     args = p.parse_args()
     folder = Path(args.folder)
@@ -79,15 +83,17 @@ def main() -> None:
     print(f"offline engine, batch {args.batch}: {off['output_token_throughput']:.0f} output tok/s", flush=True)
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    serve_args = argparse.Namespace(max_queue=256, max_seq_len=args.max_seq_len, device=args.device, warmup=args.batch,
-                                    requests=args.requests, concurrency=args.batch, prompt_len=args.prompt_len,
-                                    output_len=args.output_len, one_bucket=True)
-    served = serve_and_load(str(folder), args.batch, serve_args)
-    print(loadtest.table(served))
-    ratio = served["output_token_throughput"] / off["output_token_throughput"]
-    print(f"server at {args.batch} concurrent streams / offline engine at batch {args.batch}: {ratio:.1%}")
-    print(json.dumps({**machine_info(), "config": vars(args), "offline": off,
-                      "server": {k: v for k, v in served.items() if k != "config"}, "ratio": ratio}))
+    servers = {}
+    for mode in args.engines:
+        serve_args = argparse.Namespace(max_queue=256, max_seq_len=args.max_seq_len, device=args.device, warmup=args.batch,
+                                        requests=args.requests, concurrency=args.batch, prompt_len=args.prompt_len,
+                                        output_len=args.output_len, one_bucket=True, engine=mode)
+        served = serve_and_load(str(folder), args.batch, serve_args)
+        ratio = served["output_token_throughput"] / off["output_token_throughput"]
+        print(f"\nserver, engine loop in a {mode}:\n{loadtest.table(served)}")
+        print(f"server at {args.batch} concurrent streams / offline engine at batch {args.batch}: {ratio:.1%}", flush=True)
+        servers[mode] = {**{k: v for k, v in served.items() if k != "config"}, "ratio": ratio}
+    print(json.dumps({**machine_info(), "config": vars(args), "offline": off, "servers": servers}))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict
            "--max-queue", str(args.max_queue), "--max-seq-len", str(args.max_seq_len), "--device", args.device]
     if getattr(args, "one_bucket", False):
         cmd.append("--one-bucket")
+    if getattr(args, "engine", None):
+        cmd += ["--engine", args.engine]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -78,6 +80,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=0, help="requests sent before timing (e.g. to record CUDA graphs)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto", help="quantdeploy serve --engine")
     args = p.parse_args()
     results = {}
     for b in args.batches:

@@ -287,16 +287,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"the server needs {', '.join(missing)}: pip install 'quantdeploy[serve]'")
     import uvicorn
 
+    from quantdeploy.device import default_device
     from quantdeploy.engine import Engine
     from quantdeploy.serve.app import ServeConfig, create_app
+    from quantdeploy.serve.engine_loop import EngineSpec
 
     config = ServeConfig(model_name=args.model_name or Path(args.model).name, max_queue=args.max_queue,
                          api_key=args.api_key or os.environ.get("QUANTDEPLOY_API_KEY"),
                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                          max_body_bytes=args.max_body_bytes, shutdown_deadline_s=args.shutdown_deadline)
-    app = create_app(lambda: Engine.load(args.model, args.device, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                                         compile=True if args.compile else None,
-                                         buckets=(args.max_batch,) if args.one_bucket else None), config)
+    device = str(args.device or default_device())
+    options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=True if args.compile else None,
+                   buckets=(args.max_batch,) if args.one_bucket else None)
+    in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
+    logging.getLogger(__name__).info("engine loop in a %s", "process of its own" if in_process else "thread of the server")
+    app = create_app(EngineSpec(args.model, device, options) if in_process
+                     else (lambda: Engine.load(args.model, device, **options)), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=int(config.shutdown_deadline_s) + 5)
     return 0
@@ -304,6 +310,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
     import asyncio
+    import importlib.util
+
+    if importlib.util.find_spec("aiohttp") is None:
+        raise ConfigError("the load generator needs aiohttp: pip install 'quantdeploy[serve]'")
 
     from quantdeploy.bench import loadtest
     from quantdeploy.eval.report import machine_info
@@ -463,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the id /v1/models reports (default: the folder name)")
     p.add_argument("--one-bucket", action="store_true",
                    help="always decode max-batch rows: one compiled graph, no compile stalls as load ramps up")
+    p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
+                   help="where the engine loop runs: a process of its own (auto on a GPU: it stops sharing one "
+                        "interpreter lock with HTTP) or a thread of the server (auto on a CPU)")
     _add_engine_flags(p)
     p.set_defaults(func=cmd_serve)
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.serve.app import ServeConfig
+from quantdeploy.serve.engine_loop import EngineThread
 from quantdeploy.serve.metrics import Metrics
 from quantdeploy.serve.scheduler import Scheduler
 from tests.serve.test_server import serving
@@ -92,8 +93,8 @@ def test_a_request_with_non_finite_logits_fails_alone(tiny_bundle):
 def test_drain_finishes_in_flight_requests_or_cancels_them_at_the_deadline(tiny_bundle):
     async def scenario(deadline: float) -> list[str]:
         engine = Engine.from_bundle(tiny_bundle, "cpu", max_batch=2, max_seq_len=128)
-        scheduler = Scheduler(engine, max_queue=8, metrics=Metrics())
-        scheduler.start()
+        scheduler = Scheduler(max_queue=8, metrics=Metrics())
+        scheduler.attach(EngineThread(engine, scheduler.deliver_threadsafe))
         jobs = [scheduler.submit(engine.encode(p), SamplingParams(max_tokens=40, ignore_eos=True))
                 for p in ("The history of", "In 1850", "A")]
         await asyncio.sleep(0.05)

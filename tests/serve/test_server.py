@@ -20,13 +20,13 @@ KEY = "test-key"
 
 
 @contextlib.contextmanager
-def serving(load_engine, config: ServeConfig):
+def serving(engine, config: ServeConfig):
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(load_engine, config), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

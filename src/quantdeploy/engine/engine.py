@@ -125,22 +125,11 @@ class Engine:
         return sum(s is None for s in self.rows)
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
-            return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)["input_ids"])
-        return list(tok(prompt).input_ids)
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def check(self, n_prompt: int, params: SamplingParams) -> None:
         """Raise RequestError if a prompt of ``n_prompt`` tokens with ``params`` cannot fit the context."""
-        if n_prompt == 0:
-            raise RequestError("the prompt is empty; give at least one token")
-        if n_prompt >= self.max_seq_len:
-            raise RequestError(f"the prompt has {n_prompt} tokens but the context window is {self.max_seq_len}; "
-                               "shorten the prompt (or load the engine with a larger max_seq_len)")
-        if n_prompt + params.max_tokens > self.max_seq_len:
-            raise RequestError(f"max_tokens {params.max_tokens} + {n_prompt} prompt tokens exceeds the context window "
-                               f"of {self.max_seq_len}; lower max_tokens to at most {self.max_seq_len - n_prompt}")
+        check_lengths(self.max_seq_len, n_prompt, params)
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Give a new sequence the lowest free row. The next ``step`` prefills it, together with every other
@@ -331,6 +320,26 @@ class Engine:
             self._park(seq.row)
             self.rows[seq.row] = None
             self.sampler.release(seq.row)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
+    """Token ids of ``prompt``; with ``chat``, as the user turn of the tokenizer's chat template."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer(prompt).input_ids)
+
+
+def check_lengths(max_seq_len: int, n_prompt: int, params: SamplingParams) -> None:
+    """Raise RequestError if a prompt of ``n_prompt`` tokens with ``params`` cannot fit ``max_seq_len``."""
+    if n_prompt == 0:
+        raise RequestError("the prompt is empty; give at least one token")
+    if n_prompt >= max_seq_len:
+        raise RequestError(f"the prompt has {n_prompt} tokens but the context window is {max_seq_len}; "
+                           "shorten the prompt (or load the engine with a larger max_seq_len)")
+    if n_prompt + params.max_tokens > max_seq_len:
+        raise RequestError(f"max_tokens {params.max_tokens} + {n_prompt} prompt tokens exceeds the context window "
+                           f"of {max_seq_len}; lower max_tokens to at most {max_seq_len - n_prompt}")
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

@@ -4,8 +4,10 @@
 Everything a client can get wrong is answered in OpenAI's error shape with a 4xx: validation (400),
 a missing or wrong API key (401, compared in constant time), a body over the size limit (413), limits
 on prompt and output tokens (400, naming the limit), a full waiting queue (429 with Retry-After).
-503 means not ready yet (model still loading) or shutting down. The model loads in a background
-thread after the socket opens, so ``/health`` answers 503 until it is ready.
+503 means not ready yet (model still loading), shutting down, or an engine process that died. The
+model loads in the background after the socket opens, so ``/health`` answers 503 until it is ready.
+The engine loop runs in a thread of this process or in a process of its own (``serve/engine_loop.py``
+says when each pays off); the app is the same for both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.errors import QuantDeployError
+from quantdeploy.serve.engine_loop import EngineInfo, EngineProcess, EngineSpec, EngineThread
 from quantdeploy.serve.metrics import Metrics
 from quantdeploy.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from quantdeploy.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, error_body
@@ -52,29 +55,36 @@ class ApiError(Exception):
 
 class _State:
     def __init__(self) -> None:
-        self.engine: Engine | None = None
+        self.info: EngineInfo | None = None  # set once the engine is ready
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
 
 
-def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAPI:
-    """An app whose engine comes from ``load_engine()``, called in a background thread at startup."""
+def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -> FastAPI:
+    """An app whose engine comes from ``engine()``, called in a background thread at startup and run in
+    a thread of this process, or from an ``EngineSpec``, loaded and run in a process of its own."""
     state, metrics = _State(), Metrics()
 
-    def load() -> None:
+    def load(scheduler: Scheduler) -> None:
         try:
-            engine = load_engine()
-            scheduler = Scheduler(engine, config.max_queue, metrics)
-            scheduler.start()
-            state.engine, state.scheduler = engine, scheduler
+            if isinstance(engine, EngineSpec):
+                process = EngineProcess(engine)
+                scheduler.attach(process)
+                info = process.start(scheduler.loop, scheduler.deliver, scheduler.engine_exited)
+            else:
+                thread = EngineThread(engine(), scheduler.deliver_threadsafe)
+                scheduler.attach(thread)
+                info = thread.info
+            state.info = info
         except Exception as err:  # reported by /health; the process stays up to say so
             state.load_error = f"{type(err).__name__}: {err}"
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=load, name="quantdeploy-load", daemon=True).start()
+        state.scheduler = Scheduler(config.max_queue, metrics)
+        threading.Thread(target=load, args=(state.scheduler,), name="quantdeploy-load", daemon=True).start()
         yield
-        if state.scheduler is not None:  # graceful: stop admitting, finish or cancel within the deadline
+        if state.info is not None:  # graceful: stop admitting, finish or cancel within the deadline
             await asyncio.to_thread(state.scheduler.drain, config.shutdown_deadline_s)
 
     app = FastAPI(title="quantdeploy", lifespan=lifespan)
@@ -100,13 +110,15 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), config.api_key.encode()):
                 raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)", "authentication_error")
-        if state.scheduler is None:
+        if state.info is None:
             raise ApiError(503, "the model is still loading; retry shortly" if state.load_error is None
                            else f"the model failed to load: {state.load_error}", "server_error")
+        if state.scheduler.failed:
+            raise ApiError(503, state.scheduler.failed, "server_error")
         return state.scheduler
 
     def params_for(n_prompt: int, max_tokens: int | None, body: Any) -> SamplingParams:
-        engine = state.engine
+        engine = state.info
         limit = config.max_prompt_tokens or engine.max_seq_len - 1
         if n_prompt > limit:
             raise ApiError(400, f"the prompt has {n_prompt} tokens; this server's limit is {limit} (max prompt tokens)",
@@ -197,9 +209,11 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.scheduler is None:
+        if state.info is None:
             return JSONResponse({"status": "loading" if state.load_error is None else "failed",
                                  "error": state.load_error}, 503)
+        if state.scheduler.failed:
+            return JSONResponse({"status": "failed", "error": state.scheduler.failed}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -217,7 +231,7 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
         scheduler = ready(http)
         if body.unsupported():
             raise ApiError(400, f"'{body.unsupported()}' is not supported by this server", param=body.unsupported())
-        ids = state.engine.encode(body.prompt)
+        ids = state.info.encode(body.prompt)
         job = submit(scheduler, ids, params_for(len(ids), body.max_tokens, body))
         rid, created = f"cmpl-{job.id}", int(time.time())
 
@@ -237,7 +251,7 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
         scheduler = ready(http)
         if body.unsupported():
             raise ApiError(400, f"'{body.unsupported()}' is not supported by this server", param=body.unsupported())
-        ids = _chat_ids(state.engine, body)
+        ids = _chat_ids(state.info, body)
         job = submit(scheduler, ids, params_for(len(ids), body.max_completion_tokens or body.max_tokens, body))
         rid, created = f"chatcmpl-{job.id}", int(time.time())
 
@@ -257,7 +271,7 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
     async def generate(body: GenerateRequest, http: Request) -> dict:
         scheduler = ready(http)
         start = time.perf_counter()
-        ids = state.engine.encode(body.prompt)
+        ids = state.info.encode(body.prompt)
         sampling = CompletionRequest(prompt=body.prompt, temperature=body.temperature)
         job = submit(scheduler, ids, params_for(len(ids), body.max_length, sampling))
         text, done = await collect(http, scheduler, job)
@@ -267,7 +281,7 @@ def create_app(load_engine: Callable[[], Engine], config: ServeConfig) -> FastAP
     return app
 
 
-def _chat_ids(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+def _chat_ids(engine: EngineInfo, body: ChatCompletionRequest) -> list[int]:
     tok = engine.tokenizer
     if not getattr(tok, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")

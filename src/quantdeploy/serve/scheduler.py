@@ -1,40 +1,29 @@
-"""Continuous batching: one engine loop, in a thread of its own, between the HTTP handlers and the engine.
+"""The HTTP side of continuous batching: requests in flight, their event queues, backpressure, metrics.
 
-Handlers ``submit`` requests into a bounded waiting queue (full → ``QueueFull``, which the app answers
-with 429) and read their events from an ``asyncio.Queue``. The loop, between two decode steps,
-retires finished sequences, drops cancelled ones (a client that went away frees its row at once),
-admits waiting requests into free rows (prefill) and runs one ``engine.step()`` for the whole batch.
-Each request keeps its own sampling parameters and stop conditions: they live on its engine sequence.
+Handlers ``submit`` requests (a full waiting queue raises ``QueueFull``, which the app answers with
+429) and read their events from an ``asyncio.Queue``. The scheduler forwards each request to the
+engine loop (``serve/engine_loop.py``, in a thread or a process of its own) and turns the event
+batches that come back, once per engine step, into per-request events and metrics, all on the event
+loop. Waiting means submitted but not yet admitted into a batch row; that count is what the bound
+applies to.
 
-A failure inside one request (its prefill raises, or its logits turn non-finite) fails that request
-alone; a failing decode step fails the requests in that batch and the loop carries on. ``drain``
-stops admitting, lets running requests finish until a deadline, then cancels what is left.
+A failure inside one request (its prefill, or non-finite logits) fails that request alone; a failing
+decode step fails the requests in that batch and the engine loop carries on; an engine process that
+dies fails everything in flight and turns ``/health`` to 503. ``drain`` stops admitting, lets requests
+in flight finish until a deadline, then stops the engine loop, which cancels what is left.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
-import logging
 import threading
 import time
 import uuid
 from typing import Any
 
-import torch
-
-from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
-from quantdeploy.engine.sequence import Sequence
 from quantdeploy.serve.metrics import Metrics
-
-log = logging.getLogger(__name__)
-
-
-def _dispatch(items: list[tuple[asyncio.Queue, dict]]) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
 
 
 class QueueFull(Exception):
@@ -49,185 +38,137 @@ class ShuttingDown(Exception):
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
-    loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:24])
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
-    seq: Sequence | None = None
-    cancelled: bool = False
+    admitted: bool = False
     sent_tokens: int = 0
     last_token_at: float | None = None
-    outbox: list = dataclasses.field(default_factory=list)  # the scheduler's, shared by all its requests
-
-    def emit(self, kind: str, **data: Any) -> None:
-        """Queue an event for the request's handler (the engine thread flushes them once per step)."""
-        self.outbox.append((self, {"kind": kind, **data}))
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics) -> None:
-        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._running: dict[int, Request] = {}  # engine sequence id → request
-        self._lock = threading.Lock()
-        self._outbox: list[tuple[Request, dict]] = []  # events of this loop iteration, handed over at once
-        self._wake = threading.Event()
+    """Create it on the event loop, then ``attach`` the engine loop's transport (``EngineThread`` or
+    ``EngineProcess``: anything with ``send(command)`` and ``join(timeout)``)."""
+
+    def __init__(self, max_queue: int, metrics: Metrics) -> None:
+        self.max_queue, self.metrics = max_queue, metrics
+        self.loop = asyncio.get_running_loop()
+        self.requests: dict[str, Request] = {}
+        self.waiting = 0
+        self.engine: Any = None
+        self.failed: str | None = None  # why the engine is gone, if it is
+        self.stopped = threading.Event()  # the engine loop has ended
         self._admitting = True
-        self._prefilling = False  # a request between the waiting queue and the running batch
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="quantdeploy-engine", daemon=True)
 
-    # ------------------------------------------------------------------ handler side
-    def start(self) -> None:
-        self._thread.start()
+    def attach(self, engine: Any) -> None:
+        self.engine = engine
 
+    def deliver_threadsafe(self, batch: list) -> None:
+        """For an engine thread: hand a batch to the event loop."""
+        self.loop.call_soon_threadsafe(self.deliver, batch)
+
+    # ------------------------------------------------------------------ handler side (event loop)
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a request (after ``engine.check`` has accepted its lengths)."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if not self._admitting:
-                raise ShuttingDown()
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull()
-            request = Request(prompt_ids, params, loop, asyncio.Queue(), outbox=self._outbox)
-            self._waiting.append(request)
-            self.metrics.waiting.set(len(self._waiting))
-        self._wake.set()
+        """Queue a request (after the lengths have been checked against the engine's limits)."""
+        if not self._admitting or self.failed:
+            raise ShuttingDown()
+        if self.waiting >= self.max_queue:
+            raise QueueFull()
+        request = Request(prompt_ids, params, asyncio.Queue())
+        self.requests[request.id] = request
+        self.waiting += 1
+        self.metrics.waiting.set(self.waiting)
+        self.engine.send(("submit", request.id, prompt_ids, params))
         return request
 
     def cancel(self, request: Request) -> None:
-        request.cancelled = True
-        self._wake.set()
+        if request.id in self.requests:
+            self.engine.send(("cancel", request.id))
 
-    @property
-    def load(self) -> tuple[int, int]:
-        return len(self._running), len(self._waiting)
-
-    def drain(self, deadline_s: float) -> None:
-        """Stop admitting; wait up to ``deadline_s`` for in-flight requests, then cancel the rest."""
-        with self._lock:
-            self._admitting = False
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end and (self._running or self._waiting or self._prefilling):
-            time.sleep(0.02)
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=60)
-        # The engine thread is gone: whatever did not finish in time is cancelled from here.
-        for request in [*self._waiting, *self._running.values()]:
-            if request.seq is not None:
-                self.engine.abort(request.seq)
-            self.metrics.requests.labels("cancelled").inc()
-            request.emit("done", finish_reason="abort")
-        self._waiting.clear()
-        self._running.clear()
-        self._flush()
-
-    # ------------------------------------------------------------------ engine thread
-    def _flush(self) -> None:
-        """Hand this iteration's events to the event loop(s) in one wake-up each, not one per token."""
-        if not self._outbox:
-            return
-        batch, self._outbox[:] = list(self._outbox), []
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for request, event in batch:
-            by_loop.setdefault(request.loop, []).append((request.events, event))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_dispatch, items)
-
-    def _loop(self) -> None:
-        while not self._stop:
-            self._flush()
-            self._drop_cancelled()
-            self._admit()
-            self._update_gauges()
-            if not self.engine.running:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            try:
-                touched = self.engine.step()
-            except Exception as err:  # one bad step fails its batch, never the server
-                log.exception("decode step failed")
-                for request in list(self._running.values()):
-                    self._fail(request, f"decode step failed: {type(err).__name__}")
-                continue
-            for seq in touched:
-                request = self._running.get(seq.id)
-                if request is not None:
-                    self._deliver(request)
-            self._flush()
-            self._update_gauges()
-        self._flush()
-
-    def _drop_cancelled(self) -> None:
-        with self._lock:
-            for request in [r for r in self._waiting if r.cancelled]:
-                self._waiting.remove(request)
-                request.emit("done", finish_reason="abort")
-        for request in [r for r in self._running.values() if r.cancelled]:
-            self.engine.abort(request.seq)
-            del self._running[request.seq.id]
-            self.metrics.requests.labels("cancelled").inc()
-            request.emit("done", finish_reason="abort")
-
-    def _admit(self) -> None:
-        while self.engine.free_rows:
-            with self._lock:
-                if not self._waiting:
-                    return
-                request = self._waiting.popleft()
-                self._prefilling = True
-                self.metrics.waiting.set(len(self._waiting))
-            self.metrics.queue_time.observe(time.perf_counter() - request.arrived)
-            try:
-                request.seq = self.engine.add(request.prompt_ids, request.params)
-            except Exception as err:
-                log.exception("prefill failed")
-                self._prefilling = False
-                self.metrics.requests.labels("error").inc()
-                request.emit("error", message=f"prefill failed: {type(err).__name__}: {err}")
-                continue
-            self._running[request.seq.id] = request
-            self._prefilling = False
-            self.metrics.prompt.inc(len(request.prompt_ids))
-
-    def _deliver(self, request: Request) -> None:
-        seq = request.seq
+    # ------------------------------------------------------------------ events from the engine loop
+    def deliver(self, batch: list) -> None:
+        """Apply one engine step's events (on the event loop)."""
         now = time.perf_counter()
-        new = len(seq.output_ids) - request.sent_tokens
-        if new > 0:
-            if request.sent_tokens == 0:
-                self.metrics.ttft.observe(now - request.arrived)
-            elif request.last_token_at is not None:
-                self.metrics.itl.observe((now - request.last_token_at) / new)
-            request.sent_tokens += new
-            request.last_token_at = now
-            self.metrics.generated.inc(new)
-        piece = seq.take_text()
-        if piece or new:
-            request.emit("delta", text=piece, tokens=new)
-        if seq.finished:
-            del self._running[seq.id]
-            if seq.finish_reason == "error":
-                self._fail(request, seq.error or "the request failed", running=False)
-                return
-            self.metrics.e2e.observe(now - request.arrived)
-            self.metrics.requests.labels("ok").inc()
-            request.emit("done", finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
-                         completion_tokens=len(seq.output_ids))
+        m = self.metrics
+        for event in batch:
+            kind = event[0]
+            if kind == "stopped":
+                self.stopped.set()
+                continue
+            if kind == "stats":
+                _, running, kv_usage, gpu_bytes = event
+                m.running.set(running)
+                m.kv_usage.set(kv_usage)
+                if gpu_bytes:
+                    m.gpu_memory.set(gpu_bytes)
+                continue
+            request = self.requests.get(event[1])
+            if request is None:  # already answered (e.g. cancelled on a dead engine)
+                continue
+            if kind == "admitted":
+                self._admitted(request)
+                m.queue_time.observe(now - request.arrived)
+                m.prompt.inc(len(request.prompt_ids))
+            elif kind == "delta":
+                _, _, text, new = event
+                if new:
+                    if request.sent_tokens == 0:
+                        m.ttft.observe(now - request.arrived)
+                    elif request.last_token_at is not None:
+                        m.itl.observe((now - request.last_token_at) / new)
+                    request.sent_tokens += new
+                    request.last_token_at = now
+                    m.generated.inc(new)
+                request.events.put_nowait({"kind": "delta", "text": text, "tokens": new})
+            elif kind == "done":
+                _, _, reason, n_prompt, n_output = event
+                if reason == "abort":
+                    m.requests.labels("cancelled").inc()
+                else:
+                    m.e2e.observe(now - request.arrived)
+                    m.requests.labels("ok").inc()
+                self._finish(request, {"kind": "done", "finish_reason": reason, "prompt_tokens": n_prompt,
+                                       "completion_tokens": n_output})
+            elif kind == "error":
+                m.requests.labels("error").inc()
+                self._finish(request, {"kind": "error", "message": event[2]})
+        m.waiting.set(self.waiting)
 
-    def _fail(self, request: Request, message: str, running: bool = True) -> None:
-        if running and request.seq is not None:
-            self.engine.abort(request.seq)
-            self._running.pop(request.seq.id, None)
-        self.metrics.requests.labels("error").inc()
-        request.emit("error", message=message)
+    def engine_exited(self, message: str) -> None:
+        """The engine process died: every request in flight fails, and no new one is admitted."""
+        if self.stopped.is_set():
+            return  # it was told to stop
+        self.failed = message
+        self.stopped.set()
+        for request in list(self.requests.values()):
+            self.metrics.requests.labels("error").inc()
+            self._finish(request, {"kind": "error", "message": message})
 
-    def _update_gauges(self) -> None:
-        engine = self.engine
-        self.metrics.running.set(len(self._running))
-        used = sum(len(s.prompt_ids) + len(s.output_ids) for s in engine.running)
-        self.metrics.kv_usage.set(used / (engine.max_batch * engine.max_seq_len))
-        if engine.device.type == "cuda":
-            self.metrics.gpu_memory.set(torch.cuda.memory_allocated(engine.device))
+    def _admitted(self, request: Request) -> None:
+        if not request.admitted:
+            request.admitted = True
+            self.waiting -= 1
+
+    def _finish(self, request: Request, event: dict) -> None:
+        self._admitted(request)
+        del self.requests[request.id]
+        request.events.put_nowait(event)
+
+    # ------------------------------------------------------------------ shutdown (from a worker thread)
+    def drain(self, deadline_s: float) -> None:
+        """Stop admitting; wait up to ``deadline_s`` for requests in flight, then stop the engine loop,
+        which cancels the rest."""
+        self._admitting = False
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end and self.requests and not self.failed:
+            time.sleep(0.02)
+        self.engine.send(("stop",))
+        self.stopped.wait(60)
+        self.engine.join(10)
+        if self.requests:  # the engine loop did not answer in time: cancel what is left from here
+            asyncio.run_coroutine_threadsafe(self._cancel_leftovers(), self.loop).result(timeout=10)
+
+    async def _cancel_leftovers(self) -> None:
+        for request in list(self.requests.values()):
+            self.metrics.requests.labels("cancelled").inc()
+            self._finish(request, {"kind": "done", "finish_reason": "abort"})
