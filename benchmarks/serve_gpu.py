@@ -15,6 +15,7 @@ step (one CUDA graph) and prefill the requests that arrive together in one batch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine_gpu import llama31_8b_config, random_hf_model
-from benchmarks.serve_throughput import serve_and_load
+from benchmarks.serve_throughput import describe_counts, serve_and_load
 from quantdeploy.bench import loadtest
 from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
@@ -52,13 +53,15 @@ def offline(folder: Path, args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=jobs[0][1], temperature=0, ignore_eos=True)
     engine.generate(prompts[: args.batch], params)  # compile and record the graph
     sync()
+    before = dataclasses.asdict(engine.counters)
     t = time.perf_counter()
     done = engine.generate(prompts, params)
     sync()
     elapsed = time.perf_counter() - t
     tokens = sum(len(c.token_ids) for c in done)
+    counts = {k: v - before[k] for k, v in dataclasses.asdict(engine.counters).items()}
     del engine
-    return {"output_tokens": tokens, "seconds": elapsed, "output_token_throughput": tokens / elapsed}
+    return {"output_tokens": tokens, "seconds": elapsed, "output_token_throughput": tokens / elapsed, "engine": counts}
 
 
 def main() -> None:
@@ -73,6 +76,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--engines", nargs="+", choices=("process", "thread"), default=["process"],
                    help="quantdeploy serve --engine for each server run (all against the one offline number)")
+    p.add_argument("--prefill-wait-steps", type=int, nargs="+", default=[4],
+                   help="quantdeploy serve --prefill-wait-steps for each server run")
     p.add_argument("--tiny", action="store_true", help="2-layer model: a smoke test of the script")
     args = p.parse_args()
     folder = Path(args.folder)
@@ -80,19 +85,24 @@ def main() -> None:
     save_random_model(folder, args.tokenizer, args.device, args.tiny)
     print(f"random model saved in {time.perf_counter() - t:.0f} s", flush=True)
     off = offline(folder, args)
-    print(f"offline engine, batch {args.batch}: {off['output_token_throughput']:.0f} output tok/s", flush=True)
+    print(f"offline engine, batch {args.batch}: {off['output_token_throughput']:.0f} output tok/s; "
+          f"{describe_counts(off['engine'])}", flush=True)
     if args.device == "cuda":
         torch.cuda.empty_cache()
     servers = {}
     for mode in args.engines:
-        serve_args = argparse.Namespace(max_queue=256, max_seq_len=args.max_seq_len, device=args.device, warmup=args.batch,
-                                        requests=args.requests, concurrency=args.batch, prompt_len=args.prompt_len,
-                                        output_len=args.output_len, one_bucket=True, engine=mode)
-        served = serve_and_load(str(folder), args.batch, serve_args)
-        ratio = served["output_token_throughput"] / off["output_token_throughput"]
-        print(f"\nserver, engine loop in a {mode}:\n{loadtest.table(served)}")
-        print(f"server at {args.batch} concurrent streams / offline engine at batch {args.batch}: {ratio:.1%}", flush=True)
-        servers[mode] = {**{k: v for k, v in served.items() if k != "config"}, "ratio": ratio}
+        for wait in args.prefill_wait_steps:
+            serve_args = argparse.Namespace(max_queue=256, max_seq_len=args.max_seq_len, device=args.device,
+                                            warmup=args.batch, requests=args.requests, concurrency=args.batch,
+                                            prompt_len=args.prompt_len, output_len=args.output_len, one_bucket=True,
+                                            engine=mode, prefill_wait_steps=wait)
+            served = serve_and_load(str(folder), args.batch, serve_args)
+            ratio = served["output_token_throughput"] / off["output_token_throughput"]
+            print(f"\nserver, engine loop in a {mode}, --prefill-wait-steps {wait}:\n{loadtest.table(served)}\n"
+                  f"{describe_counts(served['engine'])}")
+            print(f"server at {args.batch} concurrent streams / offline engine at batch {args.batch}: {ratio:.1%}",
+                  flush=True)
+            servers[f"{mode}/wait{wait}"] = {**{k: v for k, v in served.items() if k != "config"}, "ratio": ratio}
     print(json.dumps({**machine_info(), "config": vars(args), "offline": off, "servers": servers}))
 
 

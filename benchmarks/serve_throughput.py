@@ -32,6 +32,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def engine_counts(url: str) -> dict[str, float]:
+    """The server's ``quantdeploy_engine_*_total`` counters, from /metrics."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("quantdeploy_engine_") and "_total " in line:
+            name, value = line.split()
+            out[name[len("quantdeploy_engine_"):-len("_total")]] = float(value)
+    return out
+
+
+def describe_counts(counts: dict[str, float]) -> str:
+    """One line: prefill forwards and their mean size, decode steps and their mean batch."""
+    batches, steps = counts.get("prefill_batches", 0), counts.get("decode_steps", 0)
+    return (f"prefill forwards {batches:.0f} ({counts.get('prefill_sequences', 0) / max(batches, 1):.1f} sequences each), "
+            f"decode steps {steps:.0f} ({counts.get('decode_rows', 0) / max(steps, 1):.1f} rows each)")
+
+
 def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict:
     port = _free_port()
     cmd = [sys.executable, "-m", "quantdeploy", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
@@ -40,6 +57,8 @@ def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict
         cmd.append("--one-bucket")
     if getattr(args, "engine", None):
         cmd += ["--engine", args.engine]
+    if getattr(args, "prefill_wait_steps", None) is not None:
+        cmd += ["--prefill-wait-steps", str(args.prefill_wait_steps)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -59,7 +78,10 @@ def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict
                                                          prompt_len=args.prompt_len, output_len=args.output_len)))
         cfg = loadtest.LoadConfig(url=url, requests=args.requests, concurrency=args.concurrency,
                                   prompt_len=args.prompt_len, output_len=args.output_len)
-        return asyncio.run(loadtest.run(cfg))
+        before = engine_counts(url)
+        result = asyncio.run(loadtest.run(cfg))
+        after = engine_counts(url)
+        return {**result, "engine": {k: after[k] - before.get(k, 0) for k in after}}
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -81,11 +103,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=0, help="requests sent before timing (e.g. to record CUDA graphs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto", help="quantdeploy serve --engine")
+    p.add_argument("--prefill-wait-steps", type=int, help="quantdeploy serve --prefill-wait-steps (default: its default)")
     args = p.parse_args()
     results = {}
     for b in args.batches:
         results[b] = serve_and_load(args.model, b, args)
-        print(f"\n--max-batch {b}\n{loadtest.table(results[b])}", flush=True)
+        print(f"\n--max-batch {b}\n{loadtest.table(results[b])}\n{describe_counts(results[b]['engine'])}", flush=True)
     lost = {b: r["requests"] - r["statuses"].get("ok", 0) - r["statuses"].get("http_429", 0) for b, r in results.items()}
     print(f"\nrequests neither completed nor answered 429: {lost}")
     if len(args.batches) > 1:

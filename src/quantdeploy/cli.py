@@ -295,13 +295,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(model_name=args.model_name or Path(args.model).name, max_queue=args.max_queue,
                          api_key=args.api_key or os.environ.get("QUANTDEPLOY_API_KEY"),
                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                         max_body_bytes=args.max_body_bytes, shutdown_deadline_s=args.shutdown_deadline)
+                         max_body_bytes=args.max_body_bytes, shutdown_deadline_s=args.shutdown_deadline,
+                         prefill_wait_steps=args.prefill_wait_steps)
     device = str(args.device or default_device())
     options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=True if args.compile else None,
                    buckets=(args.max_batch,) if args.one_bucket else None)
     in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
     logging.getLogger(__name__).info("engine loop in a %s", "process of its own" if in_process else "thread of the server")
-    app = create_app(EngineSpec(args.model, device, options) if in_process
+    app = create_app(EngineSpec(args.model, device, options, args.prefill_wait_steps) if in_process
                      else (lambda: Engine.load(args.model, device, **options)), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=int(config.shutdown_deadline_s) + 5)
@@ -476,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
                    help="where the engine loop runs: a process of its own (auto on a GPU: it stops sharing one "
                         "interpreter lock with HTTP) or a thread of the server (auto on a CPU)")
+    p.add_argument("--prefill-wait-steps", type=int, default=4,
+                   help="while rows decode, gather new requests up to this many steps (or until they fill the free "
+                        "rows) and prefill them together; 0 admits each at once")
     _add_engine_flags(p)
     p.set_defaults(func=cmd_serve)
 

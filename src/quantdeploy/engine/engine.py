@@ -48,6 +48,16 @@ COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 @dataclasses.dataclass
+class Counters:
+    """What the engine has done since it started (host-side counts, no device sync)."""
+
+    prefill_batches: int = 0
+    prefill_sequences: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sequences advanced, summed over decode steps (rows / steps = mean batch)
+
+
+@dataclasses.dataclass
 class Completion:
     text: str
     token_ids: list[int]
@@ -89,6 +99,7 @@ class Engine:
         self.eos_ids = _eos_ids(loaded)
         self._pending: list[tuple[Any, Any, list[tuple[int, Sequence]]]] = []  # (host tokens, event, launched)
         self._unfilled: list[Sequence] = []  # added, not yet prefilled
+        self.counters = Counters()
         self.max_prefill_tokens = max_prefill_tokens
         self._next_id = 0
         self.compiled = (device.type == "cuda") if compile is None else compile
@@ -179,6 +190,8 @@ class Engine:
             for _, seq in launch:
                 seq.launched += 1
             self._push(tokens, launch)
+            self.counters.decode_steps += 1
+            self.counters.decode_rows += len(launch)
         return failed + self._resolve(keep_last=bool(launch))
 
     # ------------------------------------------------------------------ simple loops
@@ -254,10 +267,9 @@ class Engine:
             host = host.pin_memory()
         data = host.to(self.device, non_blocking=True)
         tokens, rows, lengths = data[:, :longest], data[:, longest], data[:, longest + 1]
-        for i, seq in enumerate(batch):
-            params = seq.params
-            seed = params.seed if params.seed is not None else random.getrandbits(32)
-            self.sampler.assign(seq.row, params, seed, tokens[i, :len(seq.prompt_ids)])
+        seeds = [s.params.seed if s.params.seed is not None else random.getrandbits(32) for s in batch]
+        self.sampler.assign(rows, [s.row for s in batch], [s.params for s in batch], seeds, tokens,
+                            [len(s.prompt_ids) for s in batch])
         logits = self.model.prefill(tokens, rows, lengths=lengths)[:, 0]  # [B, vocab]
         first = self.sampler.sample(logits, rows, [s.row for s in batch])
         self.next_token.index_copy_(0, rows, first.clamp(min=0))
@@ -266,6 +278,8 @@ class Engine:
         for seq in batch:
             seq.launched = 1
         self._push(first, list(enumerate(batch)))
+        self.counters.prefill_batches += 1
+        self.counters.prefill_sequences += len(batch)
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)

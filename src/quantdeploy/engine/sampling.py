@@ -88,18 +88,24 @@ class BatchSampler:
         self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)  # prompt + output tokens
         self.params: list[SamplingParams | None] = [None] * rows
 
-    def assign(self, row: int, params: SamplingParams, seed: int, prompt: torch.Tensor) -> None:
-        """Set ``row``'s parameters and mark its prompt tokens as seen."""
-        self.params[row] = params
-        self.temperature[row] = params.temperature
-        self.top_k[row] = params.top_k
-        self.top_p[row] = params.top_p
-        self.penalty[row] = params.repetition_penalty
-        self.seed[row] = seed & _M32
-        self.step[row] = 0
-        self.seen[row] = False
-        if params.repetition_penalty != 1.0:  # index_fill_ takes its value as a kernel argument: no host copy
-            self.seen[row].index_fill_(0, prompt.to(self.seen.device), True)
+    def assign(self, rows: torch.Tensor, row_ids: list[int], params: list[SamplingParams], seeds: list[int],
+               prompts: torch.Tensor, lengths: list[int]) -> None:
+        """Set the parameters of the rows ``rows`` (device tensor; ``row_ids`` its host copy) and mark
+        their prompt tokens as seen: ``prompts [n, T]`` right-padded to ``lengths``. A handful of kernels
+        whatever ``n``: the values travel in one copy from pinned memory."""
+        host = torch.tensor([[p.temperature, p.top_k, p.top_p, p.repetition_penalty, seed & _M32]
+                             for p, seed in zip(params, seeds)], dtype=torch.float64)
+        if rows.device.type == "cuda":
+            host = host.pin_memory()
+        values = host.to(rows.device, non_blocking=True)
+        for column, target in enumerate((self.temperature, self.top_k, self.top_p, self.penalty, self.seed)):
+            target.index_copy_(0, rows, values[:, column].to(target.dtype))
+        self.step.index_fill_(0, rows, 0)
+        self.seen.index_fill_(0, rows, False)
+        for i, (row, p) in enumerate(zip(row_ids, params)):
+            self.params[row] = p
+            if p.repetition_penalty != 1.0:  # index_fill_ takes its value as a kernel argument: no host copy
+                self.seen[row].index_fill_(0, prompts[i, :lengths[i]], True)
 
     def release(self, row: int) -> None:
         self.params[row] = None

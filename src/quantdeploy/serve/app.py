@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.errors import QuantDeployError
-from quantdeploy.serve.engine_loop import EngineInfo, EngineProcess, EngineSpec, EngineThread
+from quantdeploy.serve.engine_loop import PREFILL_WAIT_STEPS, EngineInfo, EngineProcess, EngineSpec, EngineThread
 from quantdeploy.serve.metrics import Metrics
 from quantdeploy.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from quantdeploy.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, error_body
@@ -44,6 +44,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     shutdown_deadline_s: float = 30.0
     retry_after_s: int = 1
+    prefill_wait_steps: int = PREFILL_WAIT_STEPS  # for an engine in a thread (an EngineSpec carries its own)
 
 
 class ApiError(Exception):
@@ -72,7 +73,7 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -
                 scheduler.attach(process)
                 info = process.start(scheduler.loop, scheduler.deliver, scheduler.engine_exited)
             else:
-                thread = EngineThread(engine(), scheduler.deliver_threadsafe)
+                thread = EngineThread(engine(), scheduler.deliver_threadsafe, config.prefill_wait_steps)
                 scheduler.attach(thread)
                 info = thread.info
             state.info = info

@@ -5,6 +5,13 @@ that went away frees its row at once), admits waiting requests into free rows (t
 them together) and runs one ``engine.step()``; then it sends that step's events as one batch. Each
 request keeps its own sampling parameters and stop conditions: they live on its engine sequence.
 
+When to admit: a prefill is one forward that every decoding row waits for (on a GPU a small one costs
+about two decode steps, whatever its size), so admitting each arrival at once, under load, turns into
+many small prefills. While rows are decoding, the loop gathers new requests until they fill every
+free row or the oldest has waited ``prefill_wait_steps`` decode steps, then prefills them together;
+an idle engine admits at once. This is TGI's ``max_waiting_tokens`` rule (vLLM's
+``scheduler_delay_factor`` is the same idea in seconds); ``prefill_wait_steps=0`` admits at once.
+
 The loop runs in a thread of the server process (``EngineThread``) or in a process of its own
 (``EngineProcess``). On a GPU the loop is Python-bound between steps: sharing one interpreter lock with
 the HTTP side costs a third of the throughput at 64 streams, so there it gets a process (vLLM's V1
@@ -14,7 +21,8 @@ core, and a thread is enough. Both speak the same messages, plain tuples that pi
 - commands: ``("submit", rid, prompt_ids, params)``, ``("cancel", rid)``, ``("stop",)``;
 - events: ``("admitted", rid)``, ``("delta", rid, text, n_tokens)``,
   ``("done", rid, finish_reason, n_prompt, n_output)``, ``("error", rid, message)``; every batch ends
-  with ``("stats", running, kv_usage, gpu_bytes)``.
+  with ``("stats", running, kv_usage, gpu_bytes, counts)``, ``counts`` the engine's ``Counters`` added
+  since the last batch.
 
 ``stop`` cancels whatever is still waiting or running (``done`` with reason ``abort``), sends
 ``[("stopped",)]`` and ends the loop.
@@ -32,7 +40,7 @@ from typing import Any, Callable
 
 import torch
 
-from quantdeploy.engine.engine import Engine, check_lengths, encode_prompt
+from quantdeploy.engine.engine import Counters, Engine, check_lengths, encode_prompt
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.engine.sequence import Sequence
 
@@ -58,22 +66,28 @@ class EngineInfo:
         check_lengths(self.max_seq_len, n_prompt, params)
 
 
+PREFILL_WAIT_STEPS = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
-    """How an engine process builds its engine: ``Engine.load(path, device, **options)``."""
+    """How an engine process builds its engine (``Engine.load(path, device, **options)``) and its loop."""
 
     path: str
     device: str | None = None
     options: dict = dataclasses.field(default_factory=dict)
+    prefill_wait_steps: int = PREFILL_WAIT_STEPS
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, send: Callable[[list], None]) -> None:
-        self.engine, self.send = engine, send
-        self.waiting: collections.deque[tuple[str, list[int], SamplingParams]] = collections.deque()
+    def __init__(self, engine: Engine, send: Callable[[list], None], prefill_wait_steps: int = PREFILL_WAIT_STEPS) -> None:
+        self.engine, self.send, self.prefill_wait_steps = engine, send, prefill_wait_steps
+        self.waiting: collections.deque[tuple[str, list[int], SamplingParams, int]] = collections.deque()
         self.running: dict[int, tuple[str, Sequence]] = {}  # engine sequence id → (request id, sequence)
         self.sent: dict[int, int] = {}  # engine sequence id → tokens already reported
         self.events: list[tuple] = []
+        self.steps = 0  # engine steps run, the clock of prefill_wait_steps
+        self._counted = Counters()
 
     def run(self, receive: Callable[[float], list]) -> None:
         """Loop until a ``stop`` command; ``receive(timeout)`` returns the commands that arrived."""
@@ -82,7 +96,7 @@ class EngineLoop:
             stop = False
             for command in receive(0.05 if idle else 0.0):
                 if command[0] == "submit":
-                    self.waiting.append(command[1:])
+                    self.waiting.append((*command[1:], self.steps))
                 elif command[0] == "cancel":
                     self._cancel(command[1])
                 else:
@@ -94,6 +108,7 @@ class EngineLoop:
                 return
             self._admit()
             if self.engine.running:
+                self.steps += 1
                 try:
                     touched = self.engine.step()
                 except Exception as err:  # one bad step fails its batch, never the server
@@ -107,8 +122,12 @@ class EngineLoop:
             self._flush()
 
     def _admit(self) -> None:
+        free = self.engine.free_rows
+        if (self.waiting and self.engine.running and len(self.waiting) < free
+                and self.steps - self.waiting[0][3] < self.prefill_wait_steps):
+            return  # gather more arrivals for one prefill
         while self.waiting and self.engine.free_rows:
-            rid, prompt_ids, params = self.waiting.popleft()
+            rid, prompt_ids, params, _ = self.waiting.popleft()
             try:
                 seq = self.engine.add(prompt_ids, params)
             except Exception as err:  # the HTTP side checked the lengths; anything else fails this request
@@ -162,7 +181,10 @@ class EngineLoop:
         engine = self.engine
         used = sum(len(s.prompt_ids) + len(s.output_ids) for s in engine.running)
         gpu = torch.cuda.memory_allocated(engine.device) if engine.device.type == "cuda" else 0
-        self.events.append(("stats", len(engine.running), used / (engine.max_batch * engine.max_seq_len), gpu))
+        now, before = dataclasses.asdict(engine.counters), dataclasses.asdict(self._counted)
+        self._counted = dataclasses.replace(engine.counters)
+        counts = {k: now[k] - before[k] for k in now}
+        self.events.append(("stats", len(engine.running), used / (engine.max_batch * engine.max_seq_len), gpu, counts))
         batch, self.events = self.events, []
         self.send(batch)
 
@@ -170,10 +192,10 @@ class EngineLoop:
 class EngineThread:
     """The loop in a thread of this process; ``deliver(batch)`` is called from that thread."""
 
-    def __init__(self, engine: Engine, deliver: Callable[[list], None]) -> None:
+    def __init__(self, engine: Engine, deliver: Callable[[list], None], prefill_wait_steps: int = PREFILL_WAIT_STEPS) -> None:
         self.info = EngineInfo.of(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=EngineLoop(engine, deliver).run, args=(self._receive,),
+        self._thread = threading.Thread(target=EngineLoop(engine, deliver, prefill_wait_steps).run, args=(self._receive,),
                                         name="quantdeploy-engine", daemon=True)
         self._thread.start()
 
@@ -220,7 +242,7 @@ def _process_main(conn: Any, spec: EngineSpec) -> None:
         except (BrokenPipeError, OSError):
             pass  # the server process is gone; the next receive sees EOF and stops
 
-    EngineLoop(engine, send).run(receive)
+    EngineLoop(engine, send, spec.prefill_wait_steps).run(receive)
 
 
 class EngineProcess:

@@ -29,6 +29,11 @@ class Metrics:
         self.generated = Counter("quantdeploy_generation_tokens", "Generated tokens", registry=r)
         self.prompt = Counter("quantdeploy_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.gpu_memory = Gauge("quantdeploy_gpu_memory_allocated_bytes", "GPU memory held by tensors", registry=r)
+        # The engine's own counts: decode_rows / decode_steps is the mean batch, prefill_sequences /
+        # prefill_batches how many requests each prefill forward took.
+        self.engine = {name: Counter(f"quantdeploy_engine_{name}", help_, registry=r) for name, help_ in (
+            ("prefill_batches", "Prefill forwards run"), ("prefill_sequences", "Sequences prefilled"),
+            ("decode_steps", "Decode steps run"), ("decode_rows", "Sequences advanced, summed over decode steps"))}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -96,11 +96,14 @@ class Scheduler:
                 self.stopped.set()
                 continue
             if kind == "stats":
-                _, running, kv_usage, gpu_bytes = event
+                _, running, kv_usage, gpu_bytes, counts = event
                 m.running.set(running)
                 m.kv_usage.set(kv_usage)
                 if gpu_bytes:
                     m.gpu_memory.set(gpu_bytes)
+                for name, added in counts.items():
+                    if added:
+                        m.engine[name].inc(added)
                 continue
             request = self.requests.get(event[1])
             if request is None:  # already answered (e.g. cancelled on a dead engine)
