@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--engines", nargs="+", choices=("process", "thread"), default=["process"],
                    help="quantdeploy serve --engine for each server run (all against the one offline number)")
-    p.add_argument("--prefill-wait-steps", type=int, nargs="+", default=[4],
+    p.add_argument("--prefill-wait-steps", type=int, nargs="+", default=[0],
                    help="quantdeploy serve --prefill-wait-steps for each server run")
     p.add_argument("--tiny", action="store_true", help="2-layer model: a smoke test of the script")
     args = p.parse_args()

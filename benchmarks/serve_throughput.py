@@ -46,7 +46,8 @@ def describe_counts(counts: dict[str, float]) -> str:
     """One line: prefill forwards and their mean size, decode steps and their mean batch."""
     batches, steps = counts.get("prefill_batches", 0), counts.get("decode_steps", 0)
     return (f"prefill forwards {batches:.0f} ({counts.get('prefill_sequences', 0) / max(batches, 1):.1f} sequences each), "
-            f"decode steps {steps:.0f} ({counts.get('decode_rows', 0) / max(steps, 1):.1f} rows each)")
+            f"decode steps {steps:.0f} ({counts.get('decode_rows', 0) / max(steps, 1):.1f} rows each), "
+            f"engine idle {counts.get('idle_seconds', 0):.2f} s")
 
 
 def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict:

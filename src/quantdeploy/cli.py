@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
                    help="where the engine loop runs: a process of its own (auto on a GPU: it stops sharing one "
                         "interpreter lock with HTTP) or a thread of the server (auto on a CPU)")
-    p.add_argument("--prefill-wait-steps", type=int, default=4,
+    p.add_argument("--prefill-wait-steps", type=int, default=0,
                    help="while rows decode, gather new requests up to this many steps (or until they fill the free "
                         "rows) and prefill them together; 0 admits each at once")
     _add_engine_flags(p)

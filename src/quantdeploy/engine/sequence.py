@@ -1,8 +1,11 @@
 """One sequence in the engine: its tokens, its incremental text, and its stop conditions.
 
-Detokenization is incremental (the prefix/read-offset scheme of TGI and vLLM): each new token decodes
-a short window of recent tokens, and text is released only once it no longer ends in an incomplete
-UTF-8 character. Stop strings are searched in the text as it grows; the text is cut where the first
+Detokenization is incremental. With a fast (Rust) tokenizer each token goes through the tokenizers
+library's ``DecodeStream``, as in vLLM's V1 engine: one native call per token (~2.5 µs against ~16 µs
+for the window scheme, measured here on SmolLM2's tokenizer; at 64 rows that is most of the host
+time of a decode step). Other tokenizers use the prefix/read-offset scheme of TGI and vLLM: each new
+token decodes a short window of recent tokens. Either way text is released only once it no longer
+ends in an incomplete UTF-8 character. Stop strings are searched in the text as it grows; the text is cut where the first
 one starts, and streaming holds back any tail that could still become the start of a stop string,
 so streamed pieces always join to exactly the final text. A stop token (EOS or a requested id) ends
 the sequence and is not part of its output.
@@ -11,6 +14,8 @@ the sequence and is not part of its output.
 from __future__ import annotations
 
 from typing import Any
+
+from tokenizers.decoders import DecodeStream
 
 from quantdeploy.engine.sampling import SamplingParams
 
@@ -28,8 +33,10 @@ class Sequence:
         self.launched = 0  # tokens whose computation has been queued on the device
         self.received = 0  # tokens read back (including a final stop token)
         self.parked = False  # no more steps will be launched for it
-        self._prefix = 0  # incremental detokenization offsets into output_ids
+        self._prefix = 0  # window-scheme offsets into output_ids
         self._read = 0
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust object
+        self._stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
         self._emitted = 0  # characters of ``text`` already handed to a stream
 
     @property
@@ -60,13 +67,17 @@ class Sequence:
     def _extend_text(self, final: bool = False) -> None:
         if self.tokenizer is None or self.finished:
             return
-        ids = self.output_ids
-        before = self.tokenizer.decode(ids[self._prefix:self._read], skip_special_tokens=True)
-        now = self.tokenizer.decode(ids[self._prefix:], skip_special_tokens=True)
-        if not final and now.endswith("\ufffd") and len(ids) - self._read < 4:
-            return  # an incomplete UTF-8 character: wait for the rest of its bytes
-        delta = now[len(before):]
-        self._prefix, self._read = self._read, len(ids)
+        if self._stream is not None:
+            delta = ""
+            if len(self.output_ids) > self._read:  # a stop token is no part of the text: not fed
+                self._read = len(self.output_ids)
+                delta = self._stream.step(self._backend, self.output_ids[-1]) or ""
+            if final:  # the stream may hold bytes of an incomplete character: end as a full decode does
+                full = self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
+                if full.startswith(self.text):
+                    delta = full[len(self.text):]
+        else:
+            delta = self._window_delta(final)
         if not delta:
             return
         start = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0))
@@ -77,6 +88,15 @@ class Sequence:
                 self.text = self.text[:at]
                 self.finish("stop")
                 return
+
+    def _window_delta(self, final: bool) -> str:
+        ids = self.output_ids
+        before = self.tokenizer.decode(ids[self._prefix:self._read], skip_special_tokens=True)
+        now = self.tokenizer.decode(ids[self._prefix:], skip_special_tokens=True)
+        if not final and now.endswith("\ufffd") and len(ids) - self._read < 4:
+            return ""  # an incomplete UTF-8 character: wait for the rest of its bytes
+        self._prefix, self._read = self._read, len(ids)
+        return now[len(before):]
 
     def take_text(self) -> str:
         """The text not yet streamed, minus any tail that might still turn into a stop string."""

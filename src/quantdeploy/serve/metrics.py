@@ -33,7 +33,8 @@ class Metrics:
         # prefill_batches how many requests each prefill forward took.
         self.engine = {name: Counter(f"quantdeploy_engine_{name}", help_, registry=r) for name, help_ in (
             ("prefill_batches", "Prefill forwards run"), ("prefill_sequences", "Sequences prefilled"),
-            ("decode_steps", "Decode steps run"), ("decode_rows", "Sequences advanced, summed over decode steps"))}
+            ("decode_steps", "Decode steps run"), ("decode_rows", "Sequences advanced, summed over decode steps"),
+            ("idle_seconds", "Time the engine loop had nothing to run"))}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
