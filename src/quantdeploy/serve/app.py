@@ -63,7 +63,8 @@ class _State:
 
 def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -> FastAPI:
     """An app whose engine comes from ``engine()``, called in a background thread at startup and run in
-    a thread of this process, or from an ``EngineSpec``, loaded and run in a process of its own."""
+    a thread of this process, or from an ``EngineSpec``, loaded and run in a process of its own (spawned:
+    a script that builds such an app must start the server under ``if __name__ == "__main__":``)."""
     state, metrics = _State(), Metrics()
 
     def load(scheduler: Scheduler) -> None:

@@ -15,10 +15,14 @@ closed-loop benchmark (64 clients, equal lengths) waiting bought nothing; bursty
 where it may.
 
 The loop runs in a thread of the server process (``EngineThread``) or in a process of its own
-(``EngineProcess``). On a GPU the loop is Python-bound between steps: sharing one interpreter lock with
-the HTTP side costs a third of the throughput at 64 streams, so there it gets a process (vLLM's V1
-engine core runs apart for the same reason). On a CPU the engine's compute threads already use every
-core, and a thread is enough. Both speak the same messages, plain tuples that pickle cheaply:
+(``EngineProcess``). Both sides are Python-bound under load: the HTTP side spends ~75 µs of interpreter
+time per streamed token (measured on the 2-core CPU box), the loop a few ms per step at 64 rows, and
+in one process they share one interpreter lock. On a GPU the loop gets a process of its own, as vLLM's
+V1 engine core does, which also keeps a crashed engine from taking the HTTP side with it (measured on
+an H200 at 64 streams, the two modes landed within run-to-run noise of each other, see
+``benchmarks/results/serve-gpu-llama8b-shape-h200.txt``). On a CPU the engine's compute threads
+already use every core, and a thread is enough. Both speak the same messages, plain tuples that
+pickle cheaply:
 
 - commands: ``("submit", rid, prompt_ids, params)``, ``("cancel", rid)``, ``("stop",)``;
 - events: ``("admitted", rid)``, ``("delta", rid, text, n_tokens)``,
