@@ -64,12 +64,18 @@ def test_rope_variants_change_the_tables():
     assert all(not torch.equal(tables["llama-tied"], t) for c, t in tables.items() if c != "llama-tied")
 
 
-def test_prefill_and_decode_with_a_cache_match_the_full_forward():
-    model = _hf("qwen2")
+def _cached(kind: str, length: int, seed: int):
+    """A random HF model, ours built from it with a 4-row cache of 64 positions, and 2 random sequences."""
+    model = _hf(kind)
     ours = _ours(model)
     a = ours.args
     ours.attach_cache(lambda i, att: StaticKVCache(4, a.n_kv_heads, 64, a.head_dim, torch.float32, "cpu"))
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
+    return model, ours, ids
+
+
+def test_prefill_and_decode_with_a_cache_match_the_full_forward():
+    model, ours, ids = _cached("qwen2", 40, seed=2)
     with torch.no_grad():
         ref = model(ids).logits
         first = ours.prefill(ids[0:1, :30], rows=2, last_only=False)  # sequence 0 in row 2
@@ -84,11 +90,7 @@ def test_prefill_and_decode_with_a_cache_match_the_full_forward():
 
 
 def test_a_padded_batch_prefill_matches_each_sequence_alone():
-    model = _hf("llama")
-    ours = _ours(model)
-    a = ours.args
-    ours.attach_cache(lambda i, att: StaticKVCache(4, a.n_kv_heads, 64, a.head_dim, torch.float32, "cpu"))
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(3))
+    model, ours, ids = _cached("llama", 24, seed=3)
     lengths = torch.tensor([24, 9])
     padded = ids.clone()
     padded[1, 9:] = 0  # sequence 1 is 9 tokens long, right-padded
