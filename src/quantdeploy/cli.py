@@ -1,4 +1,7 @@
-"""The command line: one subcommand per public function (quantize, eval, generate, bench, inspect, demo).
+"""The command line of quantdeploy: quantize, measure, run and serve a model.
+
+One subcommand per public function: quantize, eval, inspect and demo here; generate, bench, serve and
+loadtest, the commands that run a model, in ``cli_run``.
 
 Errors a user can cause (:class:`~quantdeploy.errors.QuantDeployError`) print one line and exit 2;
 anything else is a bug and keeps its traceback. Long steps show rich progress bars on stderr.
@@ -7,7 +10,6 @@ anything else is a bug and keeps its traceback. Long steps show rich progress ba
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from quantdeploy import cli_run
 from quantdeploy.errors import ConfigError, QuantDeployError
 
 err_console = Console(stderr=True)
@@ -212,125 +215,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- generate, inspect
-def cmd_generate(args: argparse.Namespace) -> int:
-    import quantdeploy as qd
-
-    if args.transformers:  # any architecture transformers runs; greedy only
-        bundle = qd.load(args.model)
-        text, ids = qd.generate(bundle, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
-        print(json.dumps({"text": text, "ids": ids}) if args.json else text)
-        return 0
-    from quantdeploy.engine import Engine, SamplingParams
-
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop=tuple(args.stop or ()))
-    engine = Engine.load(args.model, args.device, max_batch=1, max_seq_len=args.max_seq_len)
-    if args.json:
-        done = engine.generate(args.prompt, params, chat=args.chat)
-        print(json.dumps({"text": done.text, "ids": done.token_ids, "finish_reason": done.finish_reason}))
-        return 0
-    for piece in engine.stream(args.prompt, params, chat=args.chat):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    from quantdeploy.bench import decode
-    from quantdeploy.eval.report import machine_info
-    from quantdeploy.formats import checkpoint as ckpt
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from quantdeploy.device import default_device
-
-    device = torch.device(args.device) if args.device else default_device()
-    original = None
-    model_path = Path(args.model).expanduser()
-    if not args.no_original and ckpt.is_checkpoint(model_path):
-        _, manifest = ckpt.read_checkpoint(model_path)
-        original = args.original or manifest.get("source", {}).get("path")
-        if original is None or (not Path(original).expanduser().exists() and original != "bundled" and "/" not in original):
-            raise ConfigError(f"the checkpoint's original model ({original}) is not on this machine; "
-                              "pass --original PATH or --no-original")
-    cfg = decode.BenchConfig(prompt_len=args.prompt_len, batches=tuple(args.batches), steps=args.steps)
-    console = Console(stderr=True)
-    record = decode.run(args.model, original, device, cfg, compile=True if args.compile else None,
-                        on_result=lambda name, _: console.print(f"[dim]{name} done[/dim]"))
-    table = Table(title=f"quantdeploy bench on {device} (copy bandwidth {record['bandwidth_gbs']:.1f} GB/s)")
-    for header in decode.HEADERS:
-        table.add_column(header, justify="left" if header == "model" else "right")
-    for name, result in record["results"].items():
-        for row in decode.table_rows(name, result):
-            table.add_row(*row)
-    Console().print(table)
-    for batch, ratio in record.get("speedup_vs_original", {}).items():
-        print(f"batch {batch}: {ratio:.2f}x the original's decode tok/s")
-    out = {**machine_info(), "device": str(device), "config": dataclasses.asdict(cfg), **record}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import importlib.util
-
-    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"the server needs {', '.join(missing)}: pip install 'quantdeploy[serve]'")
-    import uvicorn
-
-    from quantdeploy.device import default_device
-    from quantdeploy.engine import Engine
-    from quantdeploy.serve.app import ServeConfig, create_app
-    from quantdeploy.serve.engine_loop import EngineSpec
-
-    config = ServeConfig(model_name=args.model_name or Path(args.model).name, max_queue=args.max_queue,
-                         api_key=args.api_key or os.environ.get("QUANTDEPLOY_API_KEY"),
-                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                         max_body_bytes=args.max_body_bytes, shutdown_deadline_s=args.shutdown_deadline,
-                         prefill_wait_steps=args.prefill_wait_steps)
-    device = str(args.device or default_device())
-    options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=True if args.compile else None,
-                   buckets=(args.max_batch,) if args.one_bucket else None)
-    in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
-    logging.getLogger(__name__).info("engine loop in a %s", "process of its own" if in_process else "thread of the server")
-    app = create_app(EngineSpec(args.model, device, options, args.prefill_wait_steps) if in_process
-                     else (lambda: Engine.load(args.model, device, **options)), config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=int(config.shutdown_deadline_s) + 5)
-    return 0
-
-
-def cmd_loadtest(args: argparse.Namespace) -> int:
-    import asyncio
-    import importlib.util
-
-    if importlib.util.find_spec("aiohttp") is None:
-        raise ConfigError("the load generator needs aiohttp: pip install 'quantdeploy[serve]'")
-
-    from quantdeploy.bench import loadtest
-    from quantdeploy.eval.report import machine_info
-
-    cfg = loadtest.LoadConfig(url=args.url, requests=args.requests, concurrency=None if args.rate else args.concurrency,
-                              rate=args.rate, duration=args.duration, prompt_len=args.prompt_len,
-                              output_len=args.output_len, model=args.model, api_key=args.api_key, timeout=args.timeout)
-    result = asyncio.run(loadtest.run(cfg))
-    print(loadtest.table(result))
-    out = {**machine_info(), **result}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
-    return 0
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -381,16 +265,6 @@ def _add_protocol_flags(p: argparse.ArgumentParser, text_required: bool) -> None
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto", help="prepend BOS to each window")
 
 
-def _add_engine_flags(p: argparse.ArgumentParser, compile_flag: bool = True, max_seq_len_flag: bool = True) -> None:
-    """The engine settings that generate, bench and serve share."""
-    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
-    if max_seq_len_flag:
-        p.add_argument("--max-seq-len", type=int, help="context window to allocate (default: min(model's, 2048))")
-    if compile_flag:
-        p.add_argument("--compile", action="store_true",
-                       help="torch.compile the decode step on the CPU too (inductor C++; about a minute per batch size)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantdeploy", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -431,71 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="text continuation through the engine (streamed)")
-    p.add_argument("model")
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", nargs="+", help="stop strings")
-    _add_engine_flags(p, compile_flag=False)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--transformers", action="store_true",
-                   help="greedy through transformers' generate instead (any architecture transformers runs)")
-    p.add_argument("--json", action="store_true", help="print {text, ids, finish_reason} as JSON")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("bench", help="engine speed: prefill, TTFT, decode tok/s per batch, memory, GB/s vs the original")
-    p.add_argument("model", help="quantdeploy checkpoint or any model source")
-    p.add_argument("--original", help="the unquantized original (default: the checkpoint's recorded source)")
-    p.add_argument("--no-original", action="store_true", help="bench the model alone")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
-    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
-    _add_engine_flags(p, max_seq_len_flag=False)
-    p.add_argument("--json", help="also write the record to this JSON file")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (needs [serve])")
-    p.add_argument("model", help="quantdeploy checkpoint or any model source")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QUANTDEPLOY_API_KEY)")
-    p.add_argument("--max-prompt-tokens", type=int, help="default: the context window")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--shutdown-deadline", type=float, default=30.0, help="seconds to finish in-flight requests")
-    p.add_argument("--model-name", help="the id /v1/models reports (default: the folder name)")
-    p.add_argument("--one-bucket", action="store_true",
-                   help="always decode max-batch rows: one compiled graph, no compile stalls as load ramps up")
-    p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
-                   help="where the engine loop runs: a process of its own (auto on a GPU: it stops sharing one "
-                        "interpreter lock with HTTP) or a thread of the server (auto on a CPU)")
-    p.add_argument("--prefill-wait-steps", type=int, default=0,
-                   help="while rows decode, gather new requests up to this many steps (or until they fill the free "
-                        "rows) and prefill them together; 0 admits each at once")
-    _add_engine_flags(p)
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("loadtest", help="HTTP load generator for OpenAI-compatible servers (TTFT, TPOT, ITL, e2e)")
-    p.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=64, help="concurrent clients (ignored with --rate)")
-    p.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
-    p.add_argument("--duration", type=float, help="stop issuing requests after this many seconds")
-    p.add_argument("--prompt-len", default="32", help="words per prompt: N or LO:HI (uniform)")
-    p.add_argument("--output-len", default="32", help="max_tokens: N or LO:HI (uniform); ignore_eos is set")
-    p.add_argument("--model")
-    p.add_argument("--api-key")
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--json", help="also write the result to this JSON file")
-    p.set_defaults(func=cmd_loadtest)
+    cli_run.add_commands(sub)
 
     p = sub.add_parser("inspect", help="per-layer spec, bits per weight and size of a checkpoint")
     p.add_argument("checkpoint")
