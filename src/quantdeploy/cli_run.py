@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    buckets=(args.max_batch,) if args.one_bucket else None)
     in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
     logging.getLogger(__name__).info("engine loop in a %s", "process of its own" if in_process else "thread of the server")
-    app = create_app(EngineSpec(args.model, device, options, args.prefill_wait_steps) if in_process
+    app = create_app(EngineSpec(args.model, device, options) if in_process
                      else (lambda: Engine.load(args.model, device, **options)), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=int(config.shutdown_deadline_s) + 5)

@@ -267,11 +267,11 @@ class Engine:
             host = host.pin_memory()
         data = host.to(self.device, non_blocking=True)
         tokens, rows, lengths = data[:, :longest], data[:, longest], data[:, longest + 1]
+        row_ids = [s.row for s in batch]
         seeds = [s.params.seed if s.params.seed is not None else random.getrandbits(32) for s in batch]
-        self.sampler.assign(rows, [s.row for s in batch], [s.params for s in batch], seeds, tokens,
-                            [len(s.prompt_ids) for s in batch])
+        self.sampler.assign(rows, row_ids, [s.params for s in batch], seeds, tokens, [len(s.prompt_ids) for s in batch])
         logits = self.model.prefill(tokens, rows, lengths=lengths)[:, 0]  # [B, vocab]
-        first = self.sampler.sample(logits, rows, [s.row for s in batch])
+        first = self.sampler.sample(logits, rows, row_ids)
         self.next_token.index_copy_(0, rows, first.clamp(min=0))
         self.positions.index_copy_(0, rows, lengths)
         self.growing.index_fill_(0, rows, 1)

@@ -4,8 +4,9 @@ Detokenization is incremental. With a fast (Rust) tokenizer each token goes thro
 library's ``DecodeStream``, as in vLLM's V1 engine: one native call per token (~2.5 µs against ~16 µs
 for the window scheme, measured here on SmolLM2's tokenizer; at 64 rows that is most of the host
 time of a decode step). Other tokenizers use the prefix/read-offset scheme of TGI and vLLM: each new
-token decodes a short window of recent tokens. Either way text is released only once it no longer
-ends in an incomplete UTF-8 character. Stop strings are searched in the text as it grows; the text is cut where the first
+token decodes a short window of recent tokens, waiting up to 4 tokens for an incomplete UTF-8
+character (after that, runs of stray bytes may show other replacement characters than a full decode).
+Either way text is released only once it no longer ends in an incomplete UTF-8 character. Stop strings are searched in the text as it grows; the text is cut where the first
 one starts, and streaming holds back any tail that could still become the start of a stop string,
 so streamed pieces always join to exactly the final text. A stop token (EOS or a requested id) ends
 the sequence and is not part of its output.

@@ -44,7 +44,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     shutdown_deadline_s: float = 30.0
     retry_after_s: int = 1
-    prefill_wait_steps: int = PREFILL_WAIT_STEPS  # for an engine in a thread (an EngineSpec carries its own)
+    prefill_wait_steps: int = PREFILL_WAIT_STEPS  # see serve/engine_loop.py
 
 
 class ApiError(Exception):
@@ -70,7 +70,7 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -
     def load(scheduler: Scheduler) -> None:
         try:
             if isinstance(engine, EngineSpec):
-                process = EngineProcess(engine)
+                process = EngineProcess(engine, config.prefill_wait_steps)
                 scheduler.attach(process)
                 info = process.start(scheduler.loop, scheduler.deliver, scheduler.engine_exited)
             else:

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import torch
 
-from quantdeploy.engine.engine import Counters, Engine, check_lengths, encode_prompt
+from quantdeploy.engine.engine import Engine, check_lengths, encode_prompt
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.engine.sequence import Sequence
 
@@ -78,12 +78,11 @@ PREFILL_WAIT_STEPS = 0  # measured on an H200 at 64 streams: 4 did not cut the p
 
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
-    """How an engine process builds its engine (``Engine.load(path, device, **options)``) and its loop."""
+    """How an engine process builds its engine: ``Engine.load(path, device, **options)``."""
 
     path: str
     device: str | None = None
     options: dict = dataclasses.field(default_factory=dict)
-    prefill_wait_steps: int = PREFILL_WAIT_STEPS
 
 
 class EngineLoop:
@@ -95,8 +94,7 @@ class EngineLoop:
         self.events: list[tuple] = []
         self.steps = 0  # engine steps run, the clock of prefill_wait_steps
         self.idle_seconds = 0.0  # time spent with nothing to run, waiting for requests
-        self._counted = Counters()
-        self._idle_counted = 0.0
+        self._counted: dict[str, float] = {}  # the counts already sent
 
     def run(self, receive: Callable[[float], list]) -> None:
         """Loop until a ``stop`` command; ``receive(timeout)`` returns the commands that arrived."""
@@ -194,10 +192,9 @@ class EngineLoop:
         engine = self.engine
         used = sum(len(s.prompt_ids) + len(s.output_ids) for s in engine.running)
         gpu = torch.cuda.memory_allocated(engine.device) if engine.device.type == "cuda" else 0
-        now, before = dataclasses.asdict(engine.counters), dataclasses.asdict(self._counted)
-        self._counted = dataclasses.replace(engine.counters)
-        counts = {k: now[k] - before[k] for k in now}
-        counts["idle_seconds"], self._idle_counted = self.idle_seconds - self._idle_counted, self.idle_seconds
+        now = {**dataclasses.asdict(engine.counters), "idle_seconds": self.idle_seconds}
+        counts = {k: v - self._counted.get(k, 0) for k, v in now.items()}
+        self._counted = now
         self.events.append(("stats", len(engine.running), used / (engine.max_batch * engine.max_seq_len), gpu, counts))
         batch, self.events = self.events, []
         self.send(batch)
@@ -229,7 +226,7 @@ class EngineThread:
             return out
 
 
-def _process_main(conn: Any, spec: EngineSpec) -> None:
+def _process_main(conn: Any, spec: EngineSpec, prefill_wait_steps: int) -> None:
     """The engine process: load, report ready (or why not), then run the loop until stop or EOF."""
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -256,7 +253,7 @@ def _process_main(conn: Any, spec: EngineSpec) -> None:
         except (BrokenPipeError, OSError):
             pass  # the server process is gone; the next receive sees EOF and stops
 
-    EngineLoop(engine, send, spec.prefill_wait_steps).run(receive)
+    EngineLoop(engine, send, prefill_wait_steps).run(receive)
 
 
 class EngineProcess:
@@ -264,10 +261,11 @@ class EngineProcess:
     then the event loop ``loop`` reads event batches off the pipe and calls ``deliver(batch)``, and
     ``on_exit(message)`` if the process dies."""
 
-    def __init__(self, spec: EngineSpec) -> None:
+    def __init__(self, spec: EngineSpec, prefill_wait_steps: int = PREFILL_WAIT_STEPS) -> None:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_process_main, args=(child, spec), name="quantdeploy-engine", daemon=True)
+        self._process = ctx.Process(target=_process_main, args=(child, spec, prefill_wait_steps),
+                                    name="quantdeploy-engine", daemon=True)
         self._child = child
         self._lock = threading.Lock()
         self.info: EngineInfo | None = None
