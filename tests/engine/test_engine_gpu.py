@@ -52,6 +52,7 @@ def test_compiled_decode_matches_eager_logits_in_bf16():
         engine = Engine.from_bundle(_bundle(torch.bfloat16), "cuda", max_batch=4, max_seq_len=128, compile=compiled)
         for prompt in PROMPTS:
             engine.add(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+        engine._prefill_added()  # the cache rows and first tokens the decode step starts from
         tokens, positions = engine.next_token.clone(), engine.positions.clone()
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
@@ -65,3 +66,30 @@ def test_batched_equals_alone_and_sampling_is_seeded_on_gpu():
     together = _run(engine, params)
     alone = [engine.generate(p, params).token_ids for p in PROMPTS]
     assert together == alone
+
+
+def test_prefill_graphs_give_the_tokens_and_logits_of_the_eager_prefill():
+    from quantdeploy.engine.prefill_graphs import pack_rows, run_packed
+
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    eager = Engine.from_bundle(_bundle(torch.float32), "cuda", max_batch=4, max_seq_len=128, prefill_graph_tokens=0)
+    graphed = Engine.from_bundle(_bundle(torch.float32), "cuda", max_batch=4, max_seq_len=128)
+    assert eager.prefill_graphs is None and graphed.prefill_graphs is not None
+    assert _run(graphed, params) == _run(eager, params)  # one prompt per prefill, 1 to 40 tokens
+    assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in eager.generate(PROMPTS, params)]
+    assert {(1, 16), (1, 48), (4, 48)} <= set(graphed.prefill_graphs.graphs)  # those ran from graphs
+
+    graphs = graphed.prefill_graphs
+    graphed.capture_prefill_graphs()
+    assert set(graphs.graphs) == set(graphs.shapes)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n, longest in [(1, 5), (3, 17), (4, 64), (2, 100)]:
+            prompts = [torch.randint(0, 512, (int(torch.randint(1, longest + 1, (1,), generator=g)),), generator=g).tolist()
+                       for _ in range(n - 1)] + [list(range(longest))]
+            b, t = graphs.shape(n, longest)
+            host = pack_rows(prompts, list(range(n)), b, t, graphed.scratch_row)
+            _, replayed = graphs.run((b, t), host.pin_memory())
+            direct = run_packed(graphed.model, host.cuda())
+            assert torch.allclose(replayed[:n], direct[:n], atol=1e-5)
+    assert graphs.shape(4, 129) is None and graphs.shape(5, 1) is None  # past the graphs: eager

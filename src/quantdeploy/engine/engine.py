@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,6 +36,7 @@ import torch
 from quantdeploy.device import default_device
 from quantdeploy.engine.kv_cache import StaticKVCache
 from quantdeploy.engine.loading import LoadedModel, from_bundle, load
+from quantdeploy.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs, pack_rows, run_packed
 from quantdeploy.engine.sampling import BatchSampler, SamplingParams
 from quantdeploy.engine.sequence import Sequence
 from quantdeploy.errors import ConfigError, RequestError
@@ -55,6 +57,7 @@ class Counters:
     prefill_sequences: int = 0
     decode_steps: int = 0
     decode_rows: int = 0  # sequences advanced, summed over decode steps (rows / steps = mean batch)
+    device_wait_seconds: float = 0.0  # the host blocked on a step's tokens: the device was the one busy
 
 
 @dataclasses.dataclass
@@ -71,14 +74,17 @@ class Engine:
     def __init__(self, loaded: LoadedModel, device: torch.device, max_batch: int = 8,
                  max_seq_len: int | None = None, compile: bool | None = None,
                  compile_options: dict | None = None, decode_attention: str | None = None,
-                 buckets: tuple[int, ...] | None = None, max_prefill_tokens: int = 8192) -> None:
+                 buckets: tuple[int, ...] | None = None, max_prefill_tokens: int = 8192,
+                 prefill_graph_tokens: int | None = None) -> None:
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
         "sdpa" or "reduce" (``models.llama.reduce_attention``; default: "reduce" when compiled).
         ``buckets``: the batch sizes a decode step is padded to (default ``BUCKETS``); each is one
         compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,).
         ``max_prefill_tokens``: the most (padded) prompt tokens one prefill forward takes; sequences added
-        between two steps are prefilled together up to it (a longer prompt goes alone)."""
+        between two steps are prefilled together up to it (a longer prompt goes alone).
+        ``prefill_graph_tokens``: prefills of up to this many padded tokens replay CUDA graphs
+        (``engine/prefill_graphs.py``; default 4096 on CUDA; 0 runs every prefill eagerly)."""
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = device
         args = self.model.args
@@ -89,8 +95,9 @@ class Engine:
         self.buckets = tuple(sorted(b for b in (buckets or BUCKETS) if b < max_batch)) + (max_batch,)
         dtype = self.model.norm.weight.dtype
         kv = loaded.kv_cache_dtype
+        self.scratch_row = max_batch  # one cache row past the sequences' rows: padding rows of a prefill write here
         self.model.attach_cache(lambda i, attn: StaticKVCache(
-            max_batch, args.n_kv_heads, self.max_seq_len, args.head_dim, dtype, device, kv, attn.k_scale, attn.v_scale))
+            max_batch + 1, args.n_kv_heads, self.max_seq_len, args.head_dim, dtype, device, kv, attn.k_scale, attn.v_scale))
         self.sampler = BatchSampler(max_batch, args.vocab_size, device)
         self.next_token = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
@@ -107,6 +114,9 @@ class Engine:
         attention = decode_attention or ("reduce" if self.compiled else "sdpa")
         for layer in self.model.layers:
             layer.attention.decode_attention = attention
+        graph_tokens = (MAX_TOKENS if device.type == "cuda" else 0) if prefill_graph_tokens is None else prefill_graph_tokens
+        self.prefill_graphs = (PrefillGraphs(self.model, max_batch, self.max_seq_len, self.scratch_row, device, graph_tokens)
+                               if graph_tokens else None)
         if self.compiled:  # options, not mode=: inductor's global config is left alone
             self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False,
                                          options=COMPILE_OPTIONS if compile_options is None else compile_options)
@@ -141,6 +151,13 @@ class Engine:
     def check(self, n_prompt: int, params: SamplingParams) -> None:
         """Raise RequestError if a prompt of ``n_prompt`` tokens with ``params`` cannot fit the context."""
         check_lengths(self.max_seq_len, n_prompt, params)
+
+    @torch.inference_mode()
+    def capture_prefill_graphs(self) -> None:
+        """Record the prefill CUDA graphs of every bucket now (a server does this before it reports ready);
+        otherwise each is recorded when first used."""
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.capture()
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Give a new sequence the lowest free row. The next ``step`` prefills it, together with every other
@@ -258,19 +275,26 @@ class Engine:
         return failed
 
     def _prefill(self, batch: list[Sequence], longest: int) -> None:
-        """One forward over ``batch``'s prompts, right-padded to ``longest``; samples each first token."""
+        """One forward over ``batch``'s prompts, right-padded to ``longest`` (or to the shape of a prefill
+        graph, padding rows on the scratch row); samples each first token."""
         # Tokens, rows and lengths go to the device in one copy from pinned memory, which does not wait
-        # for the decode step still running there.
-        host = torch.tensor([s.prompt_ids + [0] * (longest - len(s.prompt_ids)) + [s.row, len(s.prompt_ids)]
-                             for s in batch], dtype=torch.long)
+        # for the decode step still running there; a small prefill replays a CUDA graph.
+        n = len(batch)
+        shape = self.prefill_graphs.shape(n, longest) if self.prefill_graphs is not None else None
+        b, t = shape or (n, longest)
+        row_ids = [s.row for s in batch]
+        host = pack_rows([s.prompt_ids for s in batch], row_ids, b, t, self.scratch_row)
         if self.device.type == "cuda":
             host = host.pin_memory()
-        data = host.to(self.device, non_blocking=True)
-        tokens, rows, lengths = data[:, :longest], data[:, longest], data[:, longest + 1]
-        row_ids = [s.row for s in batch]
+        if shape is not None:
+            data, logits = self.prefill_graphs.run(shape, host)
+        else:
+            data = host.to(self.device, non_blocking=True)
+            logits = run_packed(self.model, data)
+        tokens, rows, lengths = data[:n, :longest], data[:n, t], data[:n, t + 1]
         seeds = [s.params.seed if s.params.seed is not None else random.getrandbits(32) for s in batch]
         self.sampler.assign(rows, row_ids, [s.params for s in batch], seeds, tokens, [len(s.prompt_ids) for s in batch])
-        logits = self.model.prefill(tokens, rows, lengths=lengths)[:, 0]  # [B, vocab]
+        logits = logits[:n]
         first = self.sampler.sample(logits, rows, row_ids)
         self.next_token.index_copy_(0, rows, first.clamp(min=0))
         self.positions.index_copy_(0, rows, lengths)
@@ -309,7 +333,9 @@ class Engine:
         touched: list[Sequence] = []
         for host, event, launched in ready:
             if event is not None:
+                started = time.perf_counter()
                 event.synchronize()  # an older step: the device has already moved on to the next one
+                self.counters.device_wait_seconds += time.perf_counter() - started
             values = host.tolist()
             for index, seq in launched:
                 if seq.finished:
