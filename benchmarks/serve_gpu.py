@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine_gpu import llama31_8b_config, random_hf_model
-from benchmarks.serve_throughput import describe_counts, serve_and_load
+from benchmarks.serve_throughput import describe_counts, describe_cpu, describe_server_times, serve_and_load
 from quantdeploy.bench import loadtest
 from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
@@ -46,6 +46,7 @@ def save_random_model(folder: Path, tokenizer_dir: str, device: str, tiny: bool)
 
 def offline(folder: Path, args: argparse.Namespace) -> dict:
     engine = Engine.load(folder, args.device, max_batch=args.batch, max_seq_len=args.max_seq_len, buckets=(args.batch,))
+    engine.capture_prefill_graphs()  # as the server does before it reports ready
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     cfg = loadtest.LoadConfig(url="", requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len)
     jobs = loadtest.make_jobs(cfg)
@@ -99,7 +100,7 @@ def main() -> None:
             served = serve_and_load(str(folder), args.batch, serve_args)
             ratio = served["output_token_throughput"] / off["output_token_throughput"]
             print(f"\nserver, engine loop in a {mode}, --prefill-wait-steps {wait}:\n{loadtest.table(served)}\n"
-                  f"{describe_counts(served['engine'])}")
+                  f"{describe_counts(served['engine'])}\n{describe_server_times(served['engine'])}\n{describe_cpu(served)}")
             print(f"server at {args.batch} concurrent streams / offline engine at batch {args.batch}: {ratio:.1%}",
                   flush=True)
             servers[f"{mode}/wait{wait}"] = {**{k: v for k, v in served.items() if k != "config"}, "ratio": ratio}

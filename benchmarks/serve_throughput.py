@@ -32,14 +32,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_TIMES = {"queue": "quantdeploy_request_queue_time_seconds", "ttft": "quantdeploy_time_to_first_token_seconds",
+                "e2e": "quantdeploy_e2e_request_latency_seconds"}
+
+
 def engine_counts(url: str) -> dict[str, float]:
-    """The server's ``quantdeploy_engine_*_total`` counters, from /metrics."""
+    """The server's ``quantdeploy_engine_*_total`` counters, and the sum and count of its latency
+    histograms (``queue_sum``, ``queue_count``, ...), from /metrics."""
     out = {}
+    sums = {f"{metric}_{part}": f"{short}_{part}" for short, metric in SERVER_TIMES.items() for part in ("sum", "count")}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line.startswith("quantdeploy_engine_") and "_total " in line:
             name, value = line.split()
             out[name[len("quantdeploy_engine_"):-len("_total")]] = float(value)
+        elif line.split(" ")[0] in sums:
+            name, value = line.split()
+            out[sums[name]] = float(value)
     return out
+
+
+def describe_server_times(counts: dict[str, float]) -> str:
+    """One line: the server's own mean queue time (arrival to admission), TTFT and end-to-end latency."""
+    means = [f"{short} {1000 * counts[f'{short}_sum'] / counts[f'{short}_count']:.1f} ms" for short in SERVER_TIMES
+             if counts.get(f"{short}_count")]
+    return "server-side means: " + ", ".join(means)
+
+
+def describe_cpu(result: dict) -> str:
+    """One line: CPU seconds of each process during the load test, against its wall time."""
+    wall = result["duration_s"]
+    return "CPU during the load: " + ", ".join(f"{name} {t:.2f} s ({t / wall:.0%})" for name, t in result["cpu_seconds"].items())
 
 
 def describe_counts(counts: dict[str, float]) -> str:
@@ -47,7 +69,31 @@ def describe_counts(counts: dict[str, float]) -> str:
     batches, steps = counts.get("prefill_batches", 0), counts.get("decode_steps", 0)
     return (f"prefill forwards {batches:.0f} ({counts.get('prefill_sequences', 0) / max(batches, 1):.1f} sequences each), "
             f"decode steps {steps:.0f} ({counts.get('decode_rows', 0) / max(steps, 1):.1f} rows each), "
-            f"engine idle {counts.get('idle_seconds', 0):.2f} s")
+            f"engine idle {counts.get('idle_seconds', 0):.2f} s, waiting on the device {counts.get('device_wait_seconds', 0):.2f} s")
+
+
+def process_tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of process ``pid`` and of each of its descendants, by name, from /proc
+    (Linux): the server's HTTP process and its engine process, apart."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+            stats[int(entry)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, out = {pid}, {}
+    for _ in range(4):  # descendants a few levels down
+        tree |= {p for p, (_, parent, _) in stats.items() if parent in tree}
+    for p in sorted(tree):
+        if p in stats:
+            name = "server" if p == pid else f"{stats[p][0]}-{p}"
+            out[name] = stats[p][2]
+    return out
 
 
 def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict:
@@ -79,10 +125,13 @@ def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict
                                                          prompt_len=args.prompt_len, output_len=args.output_len)))
         cfg = loadtest.LoadConfig(url=url, requests=args.requests, concurrency=args.concurrency,
                                   prompt_len=args.prompt_len, output_len=args.output_len)
-        before = engine_counts(url)
+        before, cpu_before, client_before = engine_counts(url), process_tree_cpu(server.pid), time.process_time()
         result = asyncio.run(loadtest.run(cfg))
-        after = engine_counts(url)
-        return {**result, "engine": {k: after[k] - before.get(k, 0) for k in after}}
+        client_cpu = time.process_time() - client_before
+        after, cpu_after = engine_counts(url), process_tree_cpu(server.pid)
+        cpu = {name: round(t - cpu_before.get(name, 0.0), 3) for name, t in cpu_after.items()}
+        return {**result, "engine": {k: after[k] - before.get(k, 0) for k in after},
+                "cpu_seconds": {**cpu, "load generator": round(client_cpu, 3)}}
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -109,7 +158,9 @@ def main() -> None:
     results = {}
     for b in args.batches:
         results[b] = serve_and_load(args.model, b, args)
-        print(f"\n--max-batch {b}\n{loadtest.table(results[b])}\n{describe_counts(results[b]['engine'])}", flush=True)
+        print(f"\n--max-batch {b}\n{loadtest.table(results[b])}\n{describe_counts(results[b]['engine'])}\n"
+              f"{describe_server_times(results[b]['engine'])}\n"
+              f"{describe_cpu(results[b])}", flush=True)
     lost = {b: r["requests"] - r["statuses"].get("ok", 0) - r["statuses"].get("http_429", 0) for b, r in results.items()}
     print(f"\nrequests neither completed nor answered 429: {lost}")
     if len(args.batches) > 1:

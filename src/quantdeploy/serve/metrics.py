@@ -34,6 +34,7 @@ class Metrics:
         self.engine = {name: Counter(f"quantdeploy_engine_{name}", help_, registry=r) for name, help_ in (
             ("prefill_batches", "Prefill forwards run"), ("prefill_sequences", "Sequences prefilled"),
             ("decode_steps", "Decode steps run"), ("decode_rows", "Sequences advanced, summed over decode steps"),
+            ("device_wait_seconds", "Time the engine loop waited for the device's tokens (device-bound)"),
             ("idle_seconds", "Time the engine loop had nothing to run"))}
 
     def render(self) -> bytes:
