@@ -9,7 +9,8 @@ counts tokens from the server's usage). Offline: ``Engine.generate`` on the load
 batch 64, after a warm-up. Server: ``quantdeploy serve --max-batch 64 --one-bucket --engine MODE`` in a subprocess, warmed up, then
 ``loadtest`` with 64 concurrent streams, for each ``--engines`` mode (the engine loop in a process of
 its own, as ``serve`` runs it on a GPU, or in a thread of the server). Both sides decode 64 rows per
-step (one CUDA graph) and prefill the requests that arrive together in one batch.
+step (one CUDA graph), prefill the requests that arrive together in one batch, and replay prefill
+CUDA graphs captured before timing.
 """
 
 from __future__ import annotations

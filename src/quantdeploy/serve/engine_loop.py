@@ -5,9 +5,10 @@ that went away frees its row at once), admits waiting requests into free rows (t
 them together) and runs one ``engine.step()``; then it sends that step's events as one batch. Each
 request keeps its own sampling parameters and stop conditions: they live on its engine sequence.
 
-When to admit: a prefill is one forward that every decoding row waits for (on a GPU a small one costs
-about two decode steps, whatever its size), so admitting each arrival at once, under load, turns into
-many small prefills. While rows are decoding, the loop gathers new requests until they fill every
+When to admit: a prefill is one forward that every decoding row waits for, so admitting each arrival
+at once, under load, turns into many small prefills. On a GPU a small prefill replays a CUDA graph
+(``engine/prefill_graphs.py``) and costs about one decode step (8.6 ms for four 32-token prompts on the
+8B shape, H200); eagerly it cost 22-43 ms, all of it launch overhead. While rows are decoding, the loop gathers new requests until they fill every
 free row or the oldest has waited ``prefill_wait_steps`` decode steps, then prefills them together;
 an idle engine admits at once. This is TGI's ``max_waiting_tokens`` rule (vLLM's
 ``scheduler_delay_factor`` is the same idea in seconds). The default, 0, admits at once: under the
@@ -15,12 +16,12 @@ closed-loop benchmark (64 clients, equal lengths) waiting bought nothing; bursty
 where it may.
 
 The loop runs in a thread of the server process (``EngineThread``) or in a process of its own
-(``EngineProcess``). Both sides are Python-bound under load: the HTTP side spends ~75 µs of interpreter
-time per streamed token (measured on the 2-core CPU box), the loop a few ms per step at 64 rows, and
-in one process they share one interpreter lock. On a GPU the loop gets a process of its own, as vLLM's
-V1 engine core does, which also keeps a crashed engine from taking the HTTP side with it (measured on
-an H200 at 64 streams, the two modes landed within run-to-run noise of each other, see
-``benchmarks/results/serve-gpu-llama8b-shape-h200.txt``). On a CPU the engine's compute threads
+(``EngineProcess``). Both sides are Python-bound under load: the HTTP side spends tens of µs of
+interpreter time per streamed token, the loop a few ms per step at 64 rows, and in one process they
+share one interpreter lock. On a GPU the loop gets a process of its own, as vLLM's V1 engine core does,
+which also keeps a crashed engine from taking the HTTP side with it; there (H200, 8B shape, 64 streams)
+the HTTP process used 17-20% of a core and the server reached 92% of the offline engine's throughput,
+see ``benchmarks/results/serve-gpu-llama8b-shape-h200.txt``. On a CPU the engine's compute threads
 already use every core, and a thread is enough. Both speak the same messages, plain tuples that
 pickle cheaply:
 
