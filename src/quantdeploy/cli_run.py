@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          prefill_wait_steps=args.prefill_wait_steps)
     device = str(args.device or default_device())
     options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=True if args.compile else None,
-                   buckets=(args.max_batch,) if args.one_bucket else None)
+                   buckets=(args.max_batch,) if args.one_bucket else None, prefill_graph_tokens=args.prefill_graph_tokens)
     in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
     logging.getLogger(__name__).info("engine loop in a %s", "process of its own" if in_process else "thread of the server")
     app = create_app(EngineSpec(args.model, device, options) if in_process
@@ -195,6 +195,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
                    help="where the engine loop runs: a process of its own (auto on a GPU: it stops sharing one "
                         "interpreter lock with HTTP) or a thread of the server (auto on a CPU)")
+    p.add_argument("--prefill-graph-tokens", type=int,
+                   help="on a GPU, prefills of up to this many padded tokens replay CUDA graphs captured at startup "
+                        "(default 4096; 0: every prefill eager, no graph memory)")
     p.add_argument("--prefill-wait-steps", type=int, default=0,
                    help="while rows decode, gather new requests up to this many steps (or until they fill the free "
                         "rows) and prefill them together; 0 admits each at once")

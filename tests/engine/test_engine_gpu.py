@@ -93,3 +93,24 @@ def test_prefill_graphs_give_the_tokens_and_logits_of_the_eager_prefill():
             direct = run_packed(graphed.model, host.cuda())
             assert torch.allclose(replayed[:n], direct[:n], atol=1e-5)
     assert graphs.shape(4, 129) is None and graphs.shape(5, 1) is None  # past the graphs: eager
+
+
+@pytest.mark.parametrize("method", ["int4", "nf4"])
+def test_prefill_graphs_with_a_quantized_model_and_kv_cache(tiny_bundle, tmp_path, train_text, method):
+    import quantdeploy as qd
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(train_text[:50_000])
+    kv_cache = qd.KVCacheConfig(dtype="int8", calibration=qd.CalibrationConfig(str(calib), 4, 64))
+    config = qd.RTNConfig(bits=4, group_size=32) if method == "int4" else qd.NF4Config(group_size=32)
+    qd.save(qd.quantize(tiny_bundle, config, kv_cache=kv_cache), tmp_path / "ckpt")
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompts = ["The history of", "In 1850 the city", "A", "Mathematics is the study of numbers and"]
+    runs = []
+    for graph_tokens in (0, None):
+        engine = Engine.load(tmp_path / "ckpt", "cuda", max_batch=4, max_seq_len=64, prefill_graph_tokens=graph_tokens)
+        assert engine.model.layers[0].attention.kv_cache.k_cache.dtype == torch.int8
+        runs.append([c.token_ids for c in engine.generate(prompts, params)])
+        runs.append([engine.generate(p, params).token_ids for p in prompts])
+    assert engine.prefill_graphs.graphs  # the second engine replayed graphs
+    assert runs[2:] == runs[:2]  # the same kernels, replayed: the same tokens, batched and alone

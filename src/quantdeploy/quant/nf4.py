@@ -20,8 +20,11 @@ _NF4_OFFSET = 0.9677083  # QLoRA's outermost quantile: the midpoint of 1-1/(2*15
 
 
 @functools.lru_cache(maxsize=None)
-def nf4_levels() -> torch.Tensor:
-    """The 16 NF4 values in ascending order, -1 and 1 included, 0 exact (fp32)."""
+def nf4_levels(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 values in ascending order, -1 and 1 included, 0 exact (fp32), one copy per device (a
+    dequantization inside a CUDA-graph capture must not copy from the host)."""
+    if torch.device(device).type != "cpu":
+        return nf4_levels("cpu").to(device)
     pos = torch.special.ndtri(torch.linspace(_NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1])
     neg = -torch.special.ndtri(torch.linspace(_NF4_OFFSET, 0.5, 8, dtype=torch.float64)[:-1])
     values = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)])
@@ -30,12 +33,15 @@ def nf4_levels() -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def dynamic_map(max_exponent_bits: int = 7) -> torch.Tensor:
+def dynamic_map(max_exponent_bits: int = 7, device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map: 256 ascending values in [-1, 1], 0 and 1 included.
 
     For exponent ``e`` in ``0..6`` the map holds ``2^e`` linearly spaced fractions (midpoints of
-    ``linspace(0.1, 1, 2^e + 1)``) times ``10^(e - 6)``, with both signs; then 0 and 1.
+    ``linspace(0.1, 1, 2^e + 1)``) times ``10^(e - 6)``, with both signs; then 0 and 1. One copy per
+    device, as ``nf4_levels``.
     """
+    if torch.device(device).type != "cpu":
+        return dynamic_map(max_exponent_bits, "cpu").to(device)
     values: list[float] = []
     for e in range(max_exponent_bits):
         edges = torch.linspace(0.1, 1.0, 2**e + 1, dtype=torch.float32)
@@ -92,7 +98,7 @@ def quantize_scales(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
 def dequantize_scales(t: dict[str, torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`quantize_scales`: fp32 absmax ``[out, n_groups]``."""
     codes = t["scales"]
-    flat = dynamic_map().to(codes.device)[codes.reshape(-1).long()]
+    flat = dynamic_map(device=codes.device)[codes.reshape(-1).long()]
     block = torch.arange(flat.numel(), device=codes.device) // DQ_BLOCK
     return (flat * t["scales_absmax"][block] + t["scales_offset"]).reshape(codes.shape)
 
@@ -101,4 +107,4 @@ def dequantize_nf4(t: dict[str, torch.Tensor], out_features: int, n_groups: int,
     """fp32 ``[out, n_groups, G]`` weights from NF4 codes and (possibly double-quantized) scales."""
     absmax = dequantize_scales(t) if t["scales"].dtype == torch.uint8 else t["scales"]
     codes = unpack_bits(t["qweight"], 4, n_groups * group).reshape(out_features, n_groups, group)
-    return nf4_levels().to(codes.device)[codes.long()] * absmax.unsqueeze(-1)
+    return nf4_levels(codes.device)[codes.long()] * absmax.unsqueeze(-1)

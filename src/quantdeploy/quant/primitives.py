@@ -155,7 +155,8 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     else:
         codes = unpack_bits(t["qweight"], spec.bits, in_features).reshape(out_features, n_groups, group)
         if spec.symmetric:
-            zero = torch.tensor(2 ** (spec.bits - 1), dtype=torch.float32, device=codes.device)
+            # a fill on the device, not a host-to-device copy: prefill CUDA graphs capture this
+            zero = torch.full((), 2 ** (spec.bits - 1), dtype=torch.float32, device=codes.device)
         else:
             zero = t["zeros"].unsqueeze(-1)
         w = dequantize_affine(codes, t["scales"].unsqueeze(-1), zero)
