@@ -1,11 +1,15 @@
-"""Prefill padding for the CUDA-graph shapes, on the CPU: padding rows (on the scratch row) and padding
-positions change nothing a sequence can see. The graphs themselves are checked in test_engine_gpu.py."""
+"""Prefill CUDA graphs, what the CPU can check: padding rows (on the scratch row) and padding positions
+change nothing a sequence can see, and no quantized prefill moves data from the host (a capture would
+refuse it). The graphs themselves are checked in test_engine_gpu.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from quantdeploy.engine.kv_cache import StaticKVCache
 from quantdeploy.engine.loading import from_bundle
@@ -72,3 +76,60 @@ def test_batch_sizes_are_powers_of_two_then_the_maximum():
     assert batch_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
     assert batch_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
     assert batch_sizes(1) == (1,)
+
+
+class _HostTransfers(TorchDispatchMode):
+    """Records every op that takes a host tensor and gives a tensor on another device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in ins) and any(t.device.type != "cpu" for t in outs):
+            self.seen.append(str(func))
+        return out
+
+
+QUANTIZED = {
+    "int4-sym": lambda qd: qd.RTNConfig(bits=4, group_size=32),
+    "int8-asym": lambda qd: qd.RTNConfig(bits=8, symmetric=False),
+    "nf4-double-quant": lambda qd: qd.NF4Config(group_size=32),
+    "fp8": lambda qd: qd.FP8Config(),
+    "w8a8-int8": None,  # calibrated: built in the test
+}
+
+
+@pytest.mark.parametrize("method", list(QUANTIZED))
+def test_a_quantized_prefill_moves_nothing_from_the_host(tiny_bundle, train_text, tmp_path, method, monkeypatch):
+    """What a CUDA graph cannot capture: a host-to-device copy (or a sync) inside the prefill forward. The
+    model runs on the meta device, so any host tensor that reaches it is a transfer; the reference kernels
+    are the path the GPU takes for quantized weights."""
+    import quantdeploy as qd
+    from quantdeploy.engine.engine import Engine
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(train_text[:50_000])
+    calibration = qd.CalibrationConfig(str(calib), 4, 64)
+    config = QUANTIZED[method](qd) if QUANTIZED[method] else qd.SmoothQuantConfig(alpha=0.5, calibration=calibration)
+    kv = qd.KVCacheConfig(dtype="int8", calibration=calibration) if method == "int4-sym" else None
+    engine = Engine.from_bundle(qd.quantize(tiny_bundle, config, kv_cache=kv), "meta", backend="reference",
+                                max_batch=2, max_seq_len=64)
+    data = pack_rows([[5, 6, 7], [8, 9]], [0, 1], 2, 16, engine.scratch_row).to("meta")
+    run_packed(engine.model, data)  # the first run may fill per-device caches (the capture warms up first too)
+    created_on_device = []
+    real_tensor = torch.tensor
+
+    def tensor(*args, **kwargs):  # torch.tensor(..., device=...) copies below the dispatcher: watch it here
+        if kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu":
+            created_on_device.append(kwargs["device"])
+        return real_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    with _HostTransfers() as watch:
+        logits = run_packed(engine.model, data)
+    assert logits.shape == (2, engine.model.args.vocab_size)
+    assert watch.seen == [] and created_on_device == []
