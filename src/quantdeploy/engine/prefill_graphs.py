@@ -93,7 +93,11 @@ class PrefillGraphs:
             run_packed(self.model, data)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.out[:b].copy_(run_packed(self.model, data))
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.out[:b].copy_(run_packed(self.model, data))
+        except RuntimeError as err:  # e.g. an op that copies from the host: name the way around it
+            raise RuntimeError(f"capturing the prefill CUDA graph of shape {shape} failed ({err}); "
+                               "serve --prefill-graph-tokens 0 (Engine(prefill_graph_tokens=0)) prefills eagerly") from err
         self.graphs[shape] = (graph, data)
         return graph, data
