@@ -1,5 +1,6 @@
-"""The engine on CUDA: the compiled, CUDA-graph decode step gives the tokens of the eager one, and
-batched decode with sequences joining and leaving matches one-at-a-time decoding."""
+"""The engine on CUDA: the compiled, CUDA-graph decode step gives the tokens of the eager one, batched
+decode with sequences joining and leaving matches one-at-a-time decoding, and prefills replayed from
+CUDA graphs (float, int4 and NF4 weights, an int8 KV cache) give what the eager prefill gives."""
 
 from __future__ import annotations
 
