@@ -61,7 +61,8 @@ def describe_server_times(counts: dict[str, float]) -> str:
 def describe_cpu(result: dict) -> str:
     """One line: CPU seconds of each process during the load test, against its wall time."""
     wall = result["duration_s"]
-    return "CPU during the load: " + ", ".join(f"{name} {t:.2f} s ({t / wall:.0%})" for name, t in result["cpu_seconds"].items() if t > 0)
+    busy = [f"{name} {t:.2f} s ({t / wall:.0%})" for name, t in result["cpu_seconds"].items() if t > 0]
+    return "CPU during the load: " + ", ".join(busy)
 
 
 def describe_counts(counts: dict[str, float]) -> str:

@@ -7,13 +7,13 @@ request keeps its own sampling parameters and stop conditions: they live on its 
 
 When to admit: a prefill is one forward that every decoding row waits for, so admitting each arrival
 at once, under load, turns into many small prefills. On a GPU a small prefill replays a CUDA graph
-(``engine/prefill_graphs.py``) and costs about one decode step (8.6 ms for four 32-token prompts on the
-8B shape, H200); eagerly it cost 22-43 ms, all of it launch overhead. While rows are decoding, the loop gathers new requests until they fill every
-free row or the oldest has waited ``prefill_wait_steps`` decode steps, then prefills them together;
-an idle engine admits at once. This is TGI's ``max_waiting_tokens`` rule (vLLM's
-``scheduler_delay_factor`` is the same idea in seconds). The default, 0, admits at once: under the
-closed-loop benchmark (64 clients, equal lengths) waiting bought nothing; bursty open-loop traffic is
-where it may.
+(``engine/prefill_graphs.py``) and costs about one decode step (8.6 ms for four 32-token prompts on
+the 8B shape, H200); eagerly it cost 22-43 ms, all of it launch overhead. While rows are decoding,
+the loop gathers new requests until they fill every free row or the oldest has waited
+``prefill_wait_steps`` decode steps, then prefills them together; an idle engine admits at once. This
+is TGI's ``max_waiting_tokens`` rule (vLLM's ``scheduler_delay_factor`` is the same idea in seconds).
+The default, 0, admits at once: under the closed-loop benchmark (64 clients, equal lengths) waiting
+bought nothing; bursty open-loop traffic is where it may.
 
 The loop runs in a thread of the server process (``EngineThread``) or in a process of its own
 (``EngineProcess``). Both sides are Python-bound under load: the HTTP side spends tens of µs of
