@@ -11,7 +11,7 @@ import quantdeploy as qd
 
 
 def run(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "quantdeploy", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
 
@@ -34,12 +34,16 @@ def test_quantize_inspect_eval_generate(tiny_llama_dir, tmp_path, data):
     proc = run("eval", out, "--baseline", tiny_llama_dir, "--text", data / "text" / "wiki_en.test.txt",
                "--tokens", "512", "--window", "128", "--json", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "{" not in proc.stdout and "…" not in proc.stdout  # the table, whole though piped; no JSON dump
+    assert "kld" in proc.stdout.lower() or "KLD" in proc.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    proc = run("eval", out, "--baseline", tiny_llama_dir, "--text", data / "text" / "wiki_en.test.txt",
+               "--tokens", "512", "--window", "128", "--json", "-")
+    assert json.loads(proc.stdout) == result
     names = [r["name"] for r in result["results"]]
     assert names == ["original", "q4"]
     q = result["results"][1]
     assert q["kld_mean"] > 0 and 0 < q["top1_agreement"] <= 1 and q["tokens_scored"] == 512 - 4
-    assert json.loads((tmp_path / "r.json").read_text()) == result
 
 
 def test_saved_checkpoint_generates_the_same_greedy_tokens_in_a_new_process(tiny_bundle, tmp_path):

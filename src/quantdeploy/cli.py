@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,10 +23,13 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from quantdeploy import cli_run
+from quantdeploy.cli_types import Parser, count, number
 from quantdeploy.errors import ConfigError, QuantDeployError
 
 err_console = Console(stderr=True)
-out_console = Console()
+# Piped or redirected, rich would wrap tables at 80 columns ("0.00…"): give them the width they need.
+out_console = Console() if sys.stdout.isatty() else Console(width=1000)
+log = logging.getLogger("quantdeploy")
 
 
 def progress_bar() -> Progress:
@@ -34,7 +38,21 @@ def progress_bar() -> Progress:
 
 
 def run_with_progress(description: str, fn, *args, **kwargs):
-    """Call ``fn(*args, progress=callback, **kwargs)`` under a progress bar."""
+    """Call ``fn(*args, progress=callback, **kwargs)`` under a progress bar; when stderr is not a terminal
+    (a log file, CI), a log line at every tenth of the work and at most every 30 s instead."""
+    if not err_console.is_terminal:
+        started = time.monotonic()
+        last = {"tenth": -1, "at": started}
+
+        def log_line(done: int, total: int, *_: Any) -> None:
+            now = time.monotonic()
+            tenth = int(10 * done / total) if total else -1
+            if tenth > last["tenth"] or now - last["at"] >= 30:
+                last.update(tenth=tenth, at=now)
+                log.info("%s: %s%s, %.0f s", description, f"{done}/{total}" if total else done,
+                         f" ({100 * done / total:.0f}%)" if total else "", now - started)
+
+        return fn(*args, progress=log_line, **kwargs)
     with progress_bar() as bar:
         task = bar.add_task(description, total=None)
 
@@ -168,14 +186,23 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import quantdeploy as qd
+    from quantdeploy.device import resolve_device
+    from quantdeploy.formats.checkpoint import check_output
+    from quantdeploy.quant.calibration import check_source
 
-    config = build_method_config(args)  # bad flags fail before anything is loaded
+    # Everything a user can get wrong fails here, before the model loads or any long work starts.
+    config = build_method_config(args)
     kv_cache = build_kv_config(args)
     if kv_cache is not None and not kv_cache.calibration.source and hasattr(config, "calibration"):
         kv_cache = kv_cache.replace(calibration=config.calibration)  # the method's data serves the scales too
+    if hasattr(config, "calibration"):
+        check_source(config.calibration, f"method '{args.method or config.TYPE}'")
+    if kv_cache is not None:
+        check_source(kv_cache.calibration, "--kv-cache (its scales are measured)")
+    if args.device is not None:
+        resolve_device(args.device)
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
+    check_output(out, args.overwrite)
     with err_console.status("loading model"):
         base = qd.load_model(args.model, adapter=args.adapter, dtype=args.dtype)
     quantized = run_with_progress("quantizing", qd.quantize, base, config, seed=args.seed, device=args.device,
@@ -206,12 +233,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         baseline = qd.load(args.baseline) if args.baseline else None
     rows = run_with_progress("evaluating", compare, {Path(args.model).name or args.model: model}, baseline,
                              args.text, protocol)
-    out_console.print(rich_table(rows, title=f"{args.text}: {rows[-1]['tokens_scored']} tokens scored"))
     result = {"protocol": protocol.to_dict(), "text": str(args.text), "results": rows}
+    if args.json == "-":
+        print(json.dumps(result))
+        return 0
+    out_console.print(rich_table(rows, title=f"{args.text}: {rows[-1]['tokens_scored']} tokens scored"))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+        write_json(Path(args.json), result)
     return 0
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file beside it, then renamed)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 # ------------------------------------------------------------------------------- generate, inspect
@@ -252,34 +292,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                              f"{rows[-1]['tokens_scored']} tokens scored"))
     written = write_report(Path(args.out), rows, meta)
     out_console.print(f"report: {', '.join(str(p) for p in written)}; checkpoints in {Path(args.out) / 'checkpoints'}")
-    print(json.dumps({"meta": meta, "results": rows}))
     return 0
 
 
 # ------------------------------------------------------------------------------------------ parser
 def _add_protocol_flags(p: argparse.ArgumentParser, text_required: bool) -> None:
     p.add_argument("--text", required=text_required, help="evaluation text: .txt, .jsonl or hf:NAME[:CONFIG[:SPLIT]]")
-    p.add_argument("--tokens", type=int, default=32768, help="text tokens to score (0: all)")
-    p.add_argument("--window", type=int, default=1024, help="tokens per window")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window)")
+    p.add_argument("--tokens", type=count(0), default=32768, help="text tokens to score (0: all)")
+    p.add_argument("--window", type=count(2), default=1024, help="tokens per window")
+    p.add_argument("--stride", type=count(1), default=None, help="tokens between window starts (default: the window)")
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto", help="prepend BOS to each window")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantdeploy", description=__doc__.splitlines()[0])
+    parser = Parser(prog="quantdeploy", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quantize", help="quantize a model and save a checkpoint folder")
     p.add_argument("model", help="HF checkpoint folder, .gguf file, hub name, or 'bundled'")
     p.add_argument("--method", help="rtn, nf4, fp8, gptq, awq, awq+gptq, smoothquant or smoothquant+gptq")
-    p.add_argument("--alpha", type=float, help="smoothquant: migration strength in [0, 1] (default: searched per layer)")
+    p.add_argument("--alpha", type=number(0, 1), help="smoothquant: migration strength in [0, 1] (default: searched per layer)")
     p.add_argument("--w8a8", action="store_true", help="fp8: also quantize activations per token (W8A8)")
     p.add_argument("--kv-cache", choices=("int8", "fp8_e4m3"),
                    help="also quantize the KV cache (static per-head scales measured on the --calib data)")
     p.add_argument("--recipe", help="YAML file with the method and its settings (flags override it)")
-    p.add_argument("--bits", type=int, help="rtn: 8, 4, 3 or 2")
-    p.add_argument("--group-size", type=int, help="weights per scale along the input (0: per-channel); pinned")
+    p.add_argument("--bits", type=int, help="rtn/gptq: 8, 4, 3 or 2 (default 4)")
+    p.add_argument("--group-size", type=count(0),
+                   help="weights per scale along the input; 0: per channel. Default: per channel for --bits 8, "
+                        "else 128 (or the largest group that divides a layer, logged); a size typed here is pinned")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric grid")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric grid")
@@ -288,12 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-head", action="store_true", help="also quantize the output head")
     p.add_argument("--embeddings", action="store_true", help="also quantize the input embeddings")
     p.add_argument("--calib", help="calibration data: .txt, fine-tuning .jsonl (chat/instruction) or hf:NAME")
-    p.add_argument("--calib-samples", type=int, help="calibration samples (default 128)")
-    p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample (default 512)")
+    p.add_argument("--calib-samples", type=count(1), help="calibration samples (default 128)")
+    p.add_argument("--calib-seq-len", type=count(16), help="tokens per calibration sample (default 512)")
     p.add_argument("--device", help="device for calibrated methods (default: cuda if present, else cpu)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder to merge before quantizing")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load dtype (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_quantize, symmetric=None)
@@ -302,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="quantdeploy checkpoint or any model source")
     p.add_argument("--baseline", help="the original model, for KL divergence and side-by-side numbers")
     _add_protocol_flags(p, text_required=True)
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", help="also write the results to this JSON file ('-': print them as JSON instead of the table)")
     p.set_defaults(func=cmd_eval)
 
     cli_run.add_commands(sub)
@@ -325,6 +366,7 @@ def _quiet_library_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report would repeat, as a table, the one line we raise
     try:
         from huggingface_hub.utils import disable_progress_bars
     except ImportError:
@@ -335,8 +377,12 @@ def _quiet_library_progress_bars() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
+    # To a terminal, rich's handler; to a file or a pipe, plain timestamped lines that nothing wraps.
+    handler = (RichHandler(console=err_console, show_path=False, show_time=False) if err_console.is_terminal
+               else logging.StreamHandler(sys.stderr))
+    if not err_console.is_terminal:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", handlers=[handler])
     for noisy in ("transformers", "httpx", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     _quiet_library_progress_bars()

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from quantdeploy.cli_types import count, length_range, number, port
 from quantdeploy.errors import ConfigError
 
 
@@ -24,8 +25,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text, ids = qd.generate(bundle, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
         print(json.dumps({"text": text, "ids": ids}) if args.json else text)
         return 0
+    from quantdeploy.device import resolve_device
     from quantdeploy.engine import Engine, SamplingParams
 
+    resolve_device(args.device)  # a bad --device fails before the model loads
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop=tuple(args.stop or ()))
@@ -52,9 +55,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from quantdeploy.device import default_device
+    from quantdeploy.device import resolve_device
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     original = None
     model_path = Path(args.model).expanduser()
     if not args.no_original and ckpt.is_checkpoint(model_path):
@@ -84,35 +87,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Check what can be checked, take the port, then serve; the model loads behind an open socket (/health
+    says 503 until it is ready), and a model that fails to load stops the server with one line, exit 2."""
     import importlib.util
 
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"the server needs {', '.join(missing)}: pip install 'quantdeploy[serve]'")
-    import uvicorn
-
-    from quantdeploy.device import default_device
+    from quantdeploy.device import resolve_device
     from quantdeploy.engine import Engine
     from quantdeploy.serve.app import ServeConfig, create_app
     from quantdeploy.serve.engine_loop import EngineSpec
+    from quantdeploy.serve.server import Server, listen
 
+    check_model_source(args.model)
     config = ServeConfig(model_name=args.model_name or Path(args.model).name, max_queue=args.max_queue,
                          api_key=args.api_key or os.environ.get("QUANTDEPLOY_API_KEY"),
                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                          max_body_bytes=args.max_body_bytes, shutdown_deadline_s=args.shutdown_deadline,
                          prefill_wait_steps=args.prefill_wait_steps)
-    device = str(args.device or default_device())
+    device = str(resolve_device(args.device))
     options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=True if args.compile else None,
                    buckets=(args.max_batch,) if args.one_bucket else None, prefill_graph_tokens=args.prefill_graph_tokens)
     in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
-    logging.getLogger(__name__).info("engine loop in a %s", "process of its own" if in_process else "thread of the server")
+    sock, address = listen(args.host, args.port)
+    log = logging.getLogger("quantdeploy")
+    log.info("listening on %s; loading %s (engine loop in a %s); GET /health answers 200 once it is ready",
+             address, args.model, "process of its own" if in_process else "thread of the server")
+    server: Server | None = None
+    failure: list[str] = []
+
+    def on_loaded(error: str | None) -> None:
+        if error is None:
+            log.info("ready: serving %s as '%s' at %s/v1", args.model, config.model_name, address)
+            return
+        failure.append(error)
+        server.should_exit = True  # nothing to serve: stop rather than answer 503 forever
+
     app = create_app(EngineSpec(args.model, device, options) if in_process
-                     else (lambda: Engine.load(args.model, device, **options)), config)
-    # loop/http "auto": uvloop and httptools when installed (the [serve] extra has them); against asyncio and
-    # h11, uvicorn's send of one streamed chunk went from ~130 to ~32 µs of interpreter time (2-core CPU box).
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", loop="auto", http="auto",
-                timeout_graceful_shutdown=int(config.shutdown_deadline_s) + 5)
+                     else (lambda: Engine.load(args.model, device, **options)), config, on_loaded=on_loaded)
+    server = Server(app, config.shutdown_deadline_s)
+    server.serve_on(sock)
+    if failure:
+        raise ConfigError(f"the model failed to load: {failure[0]}")
     return 0
+
+
+def check_model_source(model: str) -> None:
+    """The cheap checks of a model argument (it exists, a checkpoint is complete and unaltered in size), so
+    that a command that loads in the background still fails at once, in one line, on a bad path."""
+    from quantdeploy.formats import checkpoint as ckpt
+    from quantdeploy.models.loading import check_source
+
+    path = Path(model).expanduser()
+    if ckpt.is_checkpoint(path):
+        ckpt.read_checkpoint(path, verify_hashes=False)  # the load verifies the hashes
+    else:
+        check_source(model)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -141,7 +172,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, compile_flag: bool = True, max
     """The engine settings that generate, bench and serve share."""
     p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
     if max_seq_len_flag:
-        p.add_argument("--max-seq-len", type=int, help="context window to allocate (default: min(model's, 2048))")
+        p.add_argument("--max-seq-len", type=count(2), help="context window to allocate (default: min(model's, 2048))")
     if compile_flag:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step on the CPU too (inductor C++; about a minute per batch size)")
@@ -152,12 +183,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text continuation through the engine (streamed)")
     p.add_argument("model")
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=count(1), default=32)
+    p.add_argument("--temperature", type=number(0, 100), default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=count(0), default=0)
+    p.add_argument("--top-p", type=number(0, 1), default=1.0)
+    p.add_argument("--repetition-penalty", type=number(0.01, 100), default=1.0)
+    p.add_argument("--seed", type=count(0))
     p.add_argument("--stop", nargs="+", help="stop strings")
     _add_engine_flags(p, compile_flag=False)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -170,10 +201,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="quantdeploy checkpoint or any model source")
     p.add_argument("--original", help="the unquantized original (default: the checkpoint's recorded source)")
     p.add_argument("--no-original", action="store_true", help="bench the model alone")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
-    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per physical core)")
+    p.add_argument("--batches", type=count(1), nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--prompt-len", type=count(1), default=128)
+    p.add_argument("--steps", type=count(1), default=32, help="timed decode steps per batch size")
+    p.add_argument("--threads", type=count(1), help="CPU threads (default: PyTorch's, one per physical core)")
     _add_engine_flags(p, max_seq_len_flag=False)
     p.add_argument("--json", help="also write the record to this JSON file")
     p.set_defaults(func=cmd_bench)
@@ -181,24 +212,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (needs [serve])")
     p.add_argument("model", help="quantdeploy checkpoint or any model source")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--port", type=port, default=8000, help="TCP port (0: any free port, printed)")
+    p.add_argument("--max-batch", type=count(1), default=16, help="sequences decoded together (KV-cache rows)")
+    p.add_argument("--max-queue", type=count(0), default=256,
+                   help="requests that may wait beyond the free batch rows before the server answers 429")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QUANTDEPLOY_API_KEY)")
-    p.add_argument("--max-prompt-tokens", type=int, help="default: the context window")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--shutdown-deadline", type=float, default=30.0, help="seconds to finish in-flight requests")
+    p.add_argument("--max-prompt-tokens", type=count(1), help="default: the context window")
+    p.add_argument("--max-new-tokens", type=count(1), default=1024)
+    p.add_argument("--max-body-bytes", type=count(64), default=1 << 20)
+    p.add_argument("--shutdown-deadline", type=number(0, 3600), default=30.0, help="seconds to finish in-flight requests")
     p.add_argument("--model-name", help="the id /v1/models reports (default: the folder name)")
     p.add_argument("--one-bucket", action="store_true",
                    help="always decode max-batch rows: one compiled graph, no compile stalls as load ramps up")
     p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
                    help="where the engine loop runs: a process of its own (auto on a GPU: it stops sharing one "
                         "interpreter lock with HTTP) or a thread of the server (auto on a CPU)")
-    p.add_argument("--prefill-graph-tokens", type=int,
+    p.add_argument("--prefill-graph-tokens", type=count(0),
                    help="on a GPU, prefills of up to this many padded tokens replay CUDA graphs captured at startup "
                         "(default 4096; 0: every prefill eager, no graph memory)")
-    p.add_argument("--prefill-wait-steps", type=int, default=0,
+    p.add_argument("--prefill-wait-steps", type=count(0), default=0,
                    help="while rows decode, gather new requests up to this many steps (or until they fill the free "
                         "rows) and prefill them together; 0 admits each at once")
     _add_engine_flags(p)
@@ -206,14 +238,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("loadtest", help="HTTP load generator for OpenAI-compatible servers (TTFT, TPOT, ITL, e2e)")
     p.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=64, help="concurrent clients (ignored with --rate)")
-    p.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
-    p.add_argument("--duration", type=float, help="stop issuing requests after this many seconds")
-    p.add_argument("--prompt-len", default="32", help="words per prompt: N or LO:HI (uniform)")
-    p.add_argument("--output-len", default="32", help="max_tokens: N or LO:HI (uniform); ignore_eos is set")
+    p.add_argument("--requests", type=count(1), default=200)
+    p.add_argument("--concurrency", type=count(1), default=64, help="concurrent clients (ignored with --rate)")
+    p.add_argument("--rate", type=number(1e-3, 1e6), help="Poisson arrivals, requests per second")
+    p.add_argument("--duration", type=number(1e-3, 1e7), help="stop issuing requests after this many seconds")
+    p.add_argument("--prompt-len", type=length_range, default="32", help="words per prompt: N or LO:HI (uniform)")
+    p.add_argument("--output-len", type=length_range, default="32",
+                   help="max_tokens: N or LO:HI (uniform); ignore_eos is set")
     p.add_argument("--model")
     p.add_argument("--api-key")
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--timeout", type=number(1e-3, 1e7), default=300.0)
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_loadtest)

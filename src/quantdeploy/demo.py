@@ -8,7 +8,6 @@ The methods avoid asymmetric int4 group 32, the grid the bundled model's weights
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,21 +33,14 @@ DEMO_METHODS: list[tuple[str, Config]] = [
     ("int3-g64", RTNConfig(bits=3, group_size=64)),
 ]
 
-TEXT_NAME = "text/wiki_en.test.txt"
-
-
 def default_text_path() -> Path:
-    """The held-out text: ``$QUANTDEPLOY_DATA/text/...``, else ``shared/data`` next to or above the cwd."""
-    candidates = []
-    if os.environ.get("QUANTDEPLOY_DATA"):
-        candidates.append(Path(os.environ["QUANTDEPLOY_DATA"]) / TEXT_NAME)
-    for base in (Path.cwd(), *Path.cwd().parents):
-        candidates += [base / "shared" / "data" / TEXT_NAME]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise DataError(f"no evaluation text found (looked for shared/data/{TEXT_NAME} above the current folder); "
-                    "pass --text FILE or set QUANTDEPLOY_DATA")
+    """The held-out text the demo scores: a slice of English Wikipedia that ships in the package
+    (``data/README.md`` says where it comes from and its license)."""
+    path = Path(__file__).resolve().parent / "data" / "wiki_en_demo.txt"
+    if not path.is_file():
+        raise DataError(f"the demo text {path} is missing from this installation; reinstall quantdeploy "
+                        "or pass --text FILE")
+    return path
 
 
 def run_demo(model: str, text: str | Path, protocol: EvalProtocol, out: Path,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantdeploy.config import Config
-from quantdeploy.device import default_device
+from quantdeploy.device import default_device, resolve_device
 from quantdeploy.engine.quant_linear import QuantEmbedding, QuantLinear
 from quantdeploy.errors import CheckpointError, ConfigError
 from quantdeploy.formats import checkpoint as ckpt
@@ -42,9 +42,9 @@ def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progr
     static per-head scales measured on the weight-quantized model (``quant/kv_cache.py``).
     """
     torch.manual_seed(seed)
-    device = torch.device(device) if device is not None else None
+    device = resolve_device(device) if device is not None else None
     if kv_cache is not None:  # bad calibration data is reported before any work
-        kv_calib = load_calibration(bundle.tokenizer, kv_cache.calibration)
+        kv_calib = load_calibration(bundle.tokenizer, kv_cache.calibration, needed_by="a quantized KV cache")
     # Work on a copy: transforms such as AWQ edit weights and norms, and the copy becomes the result.
     model = copy.deepcopy(bundle.model)
     weights, record = quantize_weights(model, config, progress, tokenizer=bundle.tokenizer, device=device)
@@ -73,9 +73,9 @@ def quantize_kv_cache(bundle: ModelBundle, kv_cache: KVCacheConfig,
         raise ConfigError("quantize the weights first (the KV scales are measured on the quantized model)")
     if "kv_cache" in bundle.quant_config:
         raise ConfigError("this model's KV cache is already quantized; start from its weight-only checkpoint")
-    calib = load_calibration(bundle.tokenizer, kv_cache.calibration)
+    calib = load_calibration(bundle.tokenizer, kv_cache.calibration, needed_by="a quantized KV cache")
     model, quant_config = copy.deepcopy(bundle.model), copy.deepcopy(bundle.quant_config)
-    _calibrate_kv(model, quant_config, kv_cache, calib, torch.device(device) if device is not None else None)
+    _calibrate_kv(model, quant_config, kv_cache, calib, resolve_device(device) if device is not None else None)
     return ModelBundle(model=model.eval(), tokenizer=bundle.tokenizer, source=bundle.source, quant_config=quant_config)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from quantdeploy.bench import loadtest
 from quantdeploy.engine.engine import Engine
 from quantdeploy.serve.app import ServeConfig
@@ -33,7 +35,22 @@ def test_load_against_the_server_counts_every_request(tiny_bundle):
     assert "ttft" in loadtest.table(result)
 
 
-def test_an_unreachable_server_is_reported_not_dropped():
-    cfg = loadtest.LoadConfig(url="http://127.0.0.1:9", requests=3, concurrency=2)
+def test_requests_to_a_server_that_goes_away_are_reported_not_dropped():
+    cfg = loadtest.LoadConfig(url="http://127.0.0.1:9", requests=3, concurrency=2, model="m")  # no preflight
     result = asyncio.run(loadtest.run(cfg))
     assert result["statuses"] == {"error": 3} and result["output_token_throughput"] == 0
+
+
+def test_a_dead_url_is_a_one_line_error_before_any_load():
+    """`loadtest` against nothing exited 0 with a table of zeros (issue 12, item 11)."""
+    import subprocess
+    import sys
+
+    from quantdeploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot reach http://127.0.0.1:9"):
+        asyncio.run(loadtest.run(loadtest.LoadConfig(url="http://127.0.0.1:9", requests=3, concurrency=2)))
+    proc = subprocess.run([sys.executable, "-m", "quantdeploy", "loadtest", "http://127.0.0.1:9", "--requests", "2"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "is the server running?" in lines[0], proc.stderr

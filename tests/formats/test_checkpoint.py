@@ -1,7 +1,11 @@
 """Checkpoint folder: round trip, atomic writes, and one-line errors for broken folders."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,12 +76,15 @@ def test_crash_while_writing_leaves_nothing(tiny_bundle, tmp_path):
 
 
 def edit_json(folder, name, change):
-    """Change a JSON file of a checkpoint and re-record its size, as a careless hand edit would not."""
+    """Change a JSON file of a checkpoint and re-record its size and hash, as a careless hand edit would
+    not: what is left to catch it are the checks of the contents themselves."""
+    from quantdeploy.models.hashing import file_sha256
+
     data = json.loads((folder / name).read_text())
     change(data)
     (folder / name).write_text(json.dumps(data, indent=2))
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"][name]["bytes"] = (folder / name).stat().st_size
+    manifest["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -96,23 +103,108 @@ def test_truncated_weights_are_detected(saved):
         qd.load(saved)
 
 
-def test_corrupt_header_is_detected_even_without_manifest_sizes(saved):
+def test_corrupt_header_is_detected_even_when_the_manifest_was_rewritten_to_match(saved):
+    from quantdeploy.models.hashing import file_sha256
+
+    weights = saved / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
     manifest = json.loads((saved / "manifest.json").read_text())
-    manifest["files"] = {}
+    manifest["files"]["model.safetensors"] = {"bytes": 64, "sha256": file_sha256(weights)}
     (saved / "manifest.json").write_text(json.dumps(manifest))
-    (saved / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         qd.load(saved)
 
 
-def test_changed_bytes_are_caught_by_hash_verification(saved):
+def test_a_manifest_that_lists_no_files_is_refused(saved):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["files"] = {}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="does not list the checkpoint's files"):
+        qd.load(saved)
+
+
+def test_changed_bytes_are_caught_on_every_load(saved):
+    """4 MB overwritten inside model.safetensors, same size: every loader refuses it (issue 12, item 3)."""
+    from quantdeploy.engine.engine import Engine
+
     weights = saved / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
+    middle = len(data) // 2
+    span = min(4 << 20, len(data) // 4)
+    data[middle:middle + span] = bytes(span)
     weights.write_bytes(bytes(data))
-    ckpt.read_checkpoint(saved)  # sizes still match
-    with pytest.raises(CheckpointError, match="does not match its manifest hash"):
-        ckpt.read_checkpoint(saved, verify_hashes=True)
+    ckpt.read_checkpoint(saved, verify_hashes=False)  # sizes still match
+    for load in (ckpt.read_checkpoint, qd.load, lambda p: Engine.load(p, "cpu", max_batch=1, max_seq_len=64)):
+        with pytest.raises(CheckpointError, match="does not match its manifest hash"):
+            load(saved)
+
+
+def test_overwrite_replaces_only_our_own_checkpoints(tiny_bundle, saved, tmp_path):
+    """--overwrite never deletes an unrelated folder or a plain file (issue 12, item 4)."""
+    q = qd.quantize(tiny_bundle, CONFIGS["int8"])
+    unrelated = tmp_path / "mine"
+    (unrelated / "sub").mkdir(parents=True)
+    (unrelated / "notes.txt").write_text("keep me")
+    (unrelated / "sub" / "data.bin").write_bytes(b"1234")
+    plain = tmp_path / "file.txt"
+    plain.write_text("keep me too")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError, match="not a quantdeploy checkpoint"):
+        qd.save(q, unrelated, overwrite=True)
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        qd.save(q, plain, overwrite=True)
+    assert (unrelated / "notes.txt").read_text() == "keep me" and (unrelated / "sub" / "data.bin").is_file()
+    assert plain.read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no hidden .old-/.tmp- folder left behind
+    qd.save(q, saved, overwrite=True)  # one of ours is replaced
+    assert qd.load(saved).quant_config["modules"] == q.quant_config["modules"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    qd.save(q, empty)  # an empty folder holds nothing to lose
+    assert ckpt.is_checkpoint(empty)
+
+
+def test_an_unwritable_output_fails_before_any_work(tmp_path):
+    """-o /proc/x (issue 12, item 8): the check runs before quantizing."""
+    with pytest.raises(CheckpointError, match="cannot write under /proc"):
+        ckpt.check_output(Path("/proc/x"))
+
+
+def test_a_full_disk_during_save_leaves_nothing_behind(tiny_bundle, tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing the weights: one-line error, no folder, no temporary left."""
+    import errno
+
+    q = qd.quantize(tiny_bundle, CONFIGS["int8"])
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(CheckpointError, match="the disk is full"):
+        qd.save(q, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_size_limited_file_system_during_save_leaves_nothing_behind(tiny_llama_dir, tmp_path):
+    """The kernel refuses the write (RLIMIT_FSIZE, a file-size limit, as a small file system would): a real
+    failed write, in a child process; one line, nothing left."""
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "import quantdeploy as qd\n"
+        "from quantdeploy.errors import CheckpointError\n"
+        f"q = qd.quantize(qd.load_model({str(tiny_llama_dir)!r}), qd.RTNConfig(bits=8))\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+        "try:\n"
+        f"    qd.save(q, {str(tmp_path / 'out')!r})\n"
+        "except CheckpointError as err:\n"
+        "    print(err); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot write the checkpoint" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_file_newer_format_and_wrong_dtype(saved, tmp_path):

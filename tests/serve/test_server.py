@@ -148,3 +148,61 @@ def test_a_full_queue_answers_429_and_nothing_is_lost(tiny_bundle):
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
         assert r.status_code == 200  # healthy afterwards
+
+
+def _metric(url: str, name: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            values[line.split('status="')[1].split('"')[0]] = float(line.split()[-1])
+    return values
+
+
+def test_bad_requests_are_answered_in_openai_shape_and_counted(server):
+    """Issue 12, item 11: malformed JSON, an empty prompt, an unknown model, a chunked body over the
+    limit; every one in OpenAI's error shape, naming the right field, and counted by status."""
+    h = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    before = _metric(server, "quantdeploy_requests_total")
+    r = httpx.post(f"{server}/v1/completions", content=b'{"prompt": "a", "max_tokens": 32', headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] is None
+    assert "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "", "max_tokens": 4}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "empty" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/completions", json={"model": "gpt-4", "prompt": "a", "max_tokens": 4}, headers=h)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "a"}]},
+                   headers=h)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+    def chunks():
+        for _ in range(32):
+            yield b"x" * 65536  # 2 MiB, chunked: no content-length to refuse it by
+
+    r = httpx.post(f"{server}/v1/completions", content=chunks(), headers=h)
+    assert r.status_code == 413 and "error" in r.json() and "detail" not in r.json()
+    r = httpx.post(f"{server}/v1/completions", content=b"x" * 10000, headers=h)
+    assert r.status_code == 413
+    after = _metric(server, "quantdeploy_requests_total")
+    grew = {status: after.get(status, 0) - before.get(status, 0) for status in after}
+    assert grew.get("400") == 2 and grew.get("404") == 2 and grew.get("413") == 2, grew
+
+
+def test_a_burst_to_an_idle_server_fills_the_rows_and_the_queue(tiny_bundle):
+    """4 rows and a queue of 4 take 8 simultaneous requests; only the 9th and 10th get 429 (issue 12,
+    item 10: requests counted as waiting until the engine took them, so the bound was the queue alone)."""
+    import concurrent.futures
+
+    config = ServeConfig(model_name="tiny", max_queue=4, max_new_tokens=120)
+    with serving(lambda: Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=128), config) as url:
+        barrier = threading.Barrier(10)
+
+        def one(i: int) -> int:  # long enough that none finishes while the burst arrives
+            body = {"prompt": f"Number {i}", "max_tokens": 110, "temperature": 0, "ignore_eos": True}
+            with httpx.Client(timeout=60) as client:
+                client.get(f"{url}/health")  # connected before the burst
+                barrier.wait()
+                return client.post(f"{url}/v1/completions", json=body).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            codes = sorted(pool.map(one, range(10)))
+        assert codes == [200] * 8 + [429] * 2, codes

@@ -55,7 +55,7 @@ class Outcome:
 
 
 async def _one(client: Any, cfg: LoadConfig, prompt: str, max_tokens: int) -> Outcome:
-    body = {"model": cfg.model or "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+    body = {"model": cfg.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     start = time.perf_counter()
@@ -104,8 +104,10 @@ async def run(cfg: LoadConfig) -> dict[str, Any]:
     jobs = make_jobs(cfg)
     outcomes: list[Outcome] = []
     connector = aiohttp.TCPConnector(limit=max(cfg.concurrency or 0, 256))
-    start = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=cfg.timeout)) as client:
+        if cfg.model is None:
+            cfg = dataclasses.replace(cfg, model=await served_model(client, cfg))
+        start = time.perf_counter()
         if cfg.rate:
             tasks = []
             for prompt, n in jobs:
@@ -124,6 +126,28 @@ async def run(cfg: LoadConfig) -> dict[str, Any]:
 
             await asyncio.gather(*(worker() for _ in range(cfg.concurrency or 1)))
     return summarize(outcomes, time.perf_counter() - start, cfg)
+
+
+async def served_model(client: Any, cfg: LoadConfig) -> str:
+    """The first model ``GET /v1/models`` lists; a server that cannot be reached or is not ready is a
+    one-line error before any load is sent (a load test of nothing would report zero throughput)."""
+    import aiohttp
+
+    from quantdeploy.errors import ConfigError
+
+    url = cfg.url.rstrip("/") + "/v1/models"
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    try:
+        async with client.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=min(cfg.timeout, 30))) as r:
+            if r.status != 200:
+                detail = (await r.text())[:200].replace("\n", " ")
+                raise ConfigError(f"{url} answered {r.status} ({detail}); is the server ready, and is --api-key right?")
+            models = (await r.json()).get("data") or []
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:
+        raise ConfigError(f"cannot reach {cfg.url} ({type(err).__name__}: {err}); is the server running?") from None
+    if not models or not isinstance(models[0], dict) or "id" not in models[0]:
+        raise ConfigError(f"{url} lists no model; pass --model NAME")
+    return str(models[0]["id"])
 
 
 def _pct(values: list[float], q: float) -> float | None:

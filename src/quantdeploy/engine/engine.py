@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import torch
 
-from quantdeploy.device import default_device
+from quantdeploy.device import resolve_device
 from quantdeploy.engine.kv_cache import StaticKVCache
 from quantdeploy.engine.loading import LoadedModel, from_bundle, load
 from quantdeploy.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs, pack_rows, run_packed
@@ -129,13 +129,13 @@ class Engine:
              backend: str = "auto", **kwargs: Any) -> "Engine":
         """Load a quantdeploy checkpoint, HF folder, GGUF file, hub name or ``bundled`` onto ``device``;
         ``backend`` picks the quantized kernels (``kernels.BACKENDS``), ``kwargs`` go to the constructor."""
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         return cls(load(path, device, dtype, backend=backend), device, **kwargs)
 
     @classmethod
     def from_bundle(cls, bundle: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                     backend: str = "auto", **kwargs: Any) -> "Engine":
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         return cls(from_bundle(bundle, device, dtype, backend), device, **kwargs)
 
     # ------------------------------------------------------------------ the batching API

@@ -34,14 +34,28 @@ def load_text(source: str | Path) -> str:
     path = Path(text).expanduser()
     if not path.is_file():
         raise DataError(f"no such text file: {path}")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; pass a .txt or .jsonl file") from None
+    raw = read_text_file(path)
     if path.suffix.lower() in (".jsonl", ".json"):
         raw = _jsonl_text(path, raw)
     if not raw.strip():
         raise DataError(f"{path} holds no text")
+    return raw
+
+
+def read_text_file(path: Path) -> str:
+    """A file's text, refused when it is not text: bytes that are not UTF-8, NUL bytes, or mostly
+    control characters (a binary file that happens to decode would otherwise be scored or calibrated on)."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; pass a .txt or .jsonl file") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    sample = raw[:65536]
+    control = sum(1 for ch in sample if ord(ch) < 32 and ch not in "\n\r\t\f")
+    if "\x00" in sample or control > 0.01 * len(sample):
+        raise DataError(f"{path} is binary, not text ({'NUL bytes' if chr(0) in sample else 'control characters'}); "
+                        "pass a .txt or .jsonl file")
     return raw
 
 

@@ -64,10 +64,33 @@ class CalibrationData:
                 "seq_len": int(self.tokens.shape[1])}
 
 
-def load_calibration(tokenizer, config: CalibrationConfig) -> CalibrationData:
+def check_source(config: CalibrationConfig, needed_by: str = "this method") -> None:
+    """Check what can be checked without a tokenizer (the source is given, exists, is text, a .jsonl
+    parses), so that bad data fails before a model is loaded; ``load_calibration`` checks the rest."""
+    from quantdeploy.eval.text import iter_jsonl, load_text, read_text_file
+
+    if not config.source:
+        raise DataError(f"{needed_by} needs calibration data; pass --calib FILE (.txt, .jsonl) or hf:NAME")
+    path = Path(config.source).expanduser()
+    if config.source.startswith("hf:") or path.suffix.lower() not in (".jsonl", ".json"):
+        if not config.source.startswith("hf:"):
+            load_text(config.source)
+        return
+    if not path.is_file():
+        raise DataError(f"no such calibration file: {path}")
+    records = 0
+    for where, record in iter_jsonl(path, read_text_file(path)):
+        if not isinstance(record, dict):
+            raise DataError(f"{where} is not a JSON object")
+        records += 1
+    if not records:
+        raise DataError(f"{path} holds no records")
+
+
+def load_calibration(tokenizer, config: CalibrationConfig, needed_by: str = "this method") -> CalibrationData:
     """Token windows for calibration; one-line errors for missing, empty, short or malformed data."""
     if not config.source:
-        raise DataError("this method needs calibration data; pass --calib FILE (.txt, .jsonl) or hf:NAME")
+        raise DataError(f"{needed_by} needs calibration data; pass --calib FILE (.txt, .jsonl) or hf:NAME")
     documents, records = _documents(tokenizer, config.source)
     needed = config.num_samples * config.seq_len
     eos = tokenizer.eos_token_id
@@ -96,14 +119,14 @@ def load_calibration(tokenizer, config: CalibrationConfig) -> CalibrationData:
 def _documents(tokenizer, source: str) -> tuple[list[str], bool]:
     """The source as documents, and whether they are separate records (joined with EOS) rather than
     pieces of one running text (cut at line breaks every ``TEXT_CHUNK`` characters or so)."""
-    from quantdeploy.eval.text import iter_jsonl, load_text
+    from quantdeploy.eval.text import iter_jsonl, load_text, read_text_file
 
     path = Path(source).expanduser()
     if source.startswith("hf:") or path.suffix.lower() not in (".jsonl", ".json"):
         return _chunks(load_text(source)), False
     if not path.is_file():
         raise DataError(f"no such calibration file: {path}")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = read_text_file(path)
     docs = [render_record(tokenizer, record, where) for where, record in iter_jsonl(path, raw)]
     if not docs:
         raise DataError(f"{path} holds no records")

@@ -49,9 +49,15 @@ class ServeConfig:
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, code: str | None = None, counted: bool = False) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+        self.code = code
+        self.counted = counted  # the scheduler already counted this request's end (error, cancelled)
+
+
+#: the endpoints that generate; every answer they give is counted in ``quantdeploy_requests_total``
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
 
 
 class _State:
@@ -61,10 +67,14 @@ class _State:
         self.load_error: str | None = None
 
 
-def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -> FastAPI:
+def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig,
+               on_loaded: Callable[[str | None], None] | None = None) -> FastAPI:
     """An app whose engine comes from ``engine()``, called in a background thread at startup and run in
     a thread of this process, or from an ``EngineSpec``, loaded and run in a process of its own (spawned:
-    a script that builds such an app must start the server under ``if __name__ == "__main__":``)."""
+    a script that builds such an app must start the server under ``if __name__ == "__main__":``).
+    ``on_loaded(error)`` is called from the loading thread when the model is ready (None) or failed to
+    load (the reason): the CLI logs the address, or stops the server, with it. ``app.state.drain()``
+    (a coroutine) drains the scheduler at the shutdown signal, before connections are closed."""
     state, metrics = _State(), Metrics()
 
     def load(scheduler: Scheduler) -> None:
@@ -77,33 +87,56 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -
                 thread = EngineThread(engine(), scheduler.deliver_threadsafe, config.prefill_wait_steps)
                 scheduler.attach(thread)
                 info = thread.info
+            scheduler.rows = info.max_batch
             state.info = info
-        except Exception as err:  # reported by /health; the process stays up to say so
-            state.load_error = f"{type(err).__name__}: {err}"
+        except Exception as err:  # reported by /health, and to on_loaded (the CLI stops the server on it)
+            state.load_error = str(err) if isinstance(err, QuantDeployError) else f"{type(err).__name__}: {err}"
+        if on_loaded is not None:
+            on_loaded(state.load_error)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.scheduler = Scheduler(config.max_queue, metrics)
         threading.Thread(target=load, args=(state.scheduler,), name="quantdeploy-load", daemon=True).start()
         yield
-        if state.info is not None:  # graceful: stop admitting, finish or cancel within the deadline
-            await asyncio.to_thread(state.scheduler.drain, config.shutdown_deadline_s)
+        await drain()  # graceful: stop admitting, finish or cancel within the deadline (once)
 
     app = FastAPI(title="quantdeploy", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes,
+                       on_refused=lambda path: count_answer(path, 413))
+
+    async def drain() -> None:
+        if state.info is not None:
+            await asyncio.to_thread(state.scheduler.drain, config.shutdown_deadline_s)
+
+    app.state.drain = drain
+
+    def count_answer(path: str, status: int) -> None:
+        """Answers that never reached the engine (4xx, 5xx before submission) count by their status."""
+        if path in GENERATION_PATHS:
+            metrics.requests.labels(str(status)).inc()
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(err.message, err.kind, err.param), err.status, headers=err.headers)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        if not err.counted:
+            count_answer(request.url.path, err.status)
+        return JSONResponse(error_body(err.message, err.kind, err.param, err.code), err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        count_answer(request.url.path, 400)
         first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
+        if first.get("type") == "json_invalid":
+            position = next((p for p in first.get("loc", ()) if isinstance(p, int)), None)
+            reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+            where = f" at character {position}" if position is not None else ""
+            return JSONResponse(error_body(f"the request body is not valid JSON ({reason}{where})"), 400)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return JSONResponse(error_body(f"{where}: {first['msg']}" if where else first["msg"], param=where or None), 400)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, err: Exception) -> JSONResponse:
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        count_answer(request.url.path, 500)
         return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), 500)
 
     def ready(request: Request) -> Scheduler:
@@ -119,8 +152,16 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -
             raise ApiError(503, state.scheduler.failed, "server_error")
         return state.scheduler
 
+    def served(model: str | None) -> None:
+        """A request for another model gets 404 ``model_not_found``, as OpenAI and vLLM answer."""
+        if model is not None and model != config.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{config.model_name}' "
+                           "(GET /v1/models)", param="model", code="model_not_found")
+
     def params_for(n_prompt: int, max_tokens: int | None, body: Any) -> SamplingParams:
         engine = state.info
+        if n_prompt == 0:
+            raise ApiError(400, "the prompt is empty; give at least one token", param="prompt")
         limit = config.max_prompt_tokens or engine.max_seq_len - 1
         if n_prompt > limit:
             raise ApiError(400, f"the prompt has {n_prompt} tokens; this server's limit is {limit} (max prompt tokens)",
@@ -158,14 +199,14 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         scheduler.cancel(job)
-                        raise ApiError(499, "client disconnected") from None
+                        raise ApiError(499, "client disconnected", counted=True) from None
                     continue
                 if event["kind"] == "delta":
                     pieces.append(event["text"])
                 elif event["kind"] == "error":
-                    raise ApiError(500, event["message"], "server_error")
+                    raise ApiError(500, event["message"], "server_error", counted=True)
                 elif event["finish_reason"] == "abort":
-                    raise ApiError(503, "the request was cancelled (server shutting down)", "server_error")
+                    raise ApiError(503, "the request was cancelled (server shutting down)", "server_error", counted=True)
                 else:
                     return "".join(pieces), event
         except asyncio.CancelledError:
@@ -216,6 +257,8 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -
                                  "error": state.load_error}, 503)
         if state.scheduler.failed:
             return JSONResponse({"status": "failed", "error": state.scheduler.failed}, 503)
+        if not state.scheduler.admitting:  # draining: a load balancer should send new requests elsewhere
+            return JSONResponse({"status": "draining"}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -231,6 +274,7 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
         scheduler = ready(http)
+        served(body.model)
         if body.unsupported():
             raise ApiError(400, f"'{body.unsupported()}' is not supported by this server", param=body.unsupported())
         ids = state.info.encode(body.prompt)
@@ -251,6 +295,7 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig) -
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Any:
         scheduler = ready(http)
+        served(body.model)
         if body.unsupported():
             raise ApiError(400, f"'{body.unsupported()}' is not supported by this server", param=body.unsupported())
         ids = _chat_ids(state.info, body)
@@ -304,39 +349,46 @@ def _sse(data: dict) -> bytes:
     return f"data: {json.dumps(data)}\n\n".encode()
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` (413), by header or as they stream in."""
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 in OpenAI's error shape, by
+    header or as a chunked body streams in. The body is read here, up to the limit, and handed to the app
+    whole: raising inside the app's own ``receive`` would reach FastAPI's body parser, which turns any
+    error there into its own 400 ``{"detail": ...}``."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, on_refused: Callable[[str], None] | None = None) -> None:
+        self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send)
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
+            return await self._refuse(scope, send)
+        chunks, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] != "http.request":  # the client went away before sending the body
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_bytes:
+                return await self._refuse(scope, send)
+            if not message.get("more_body", False):
+                break
+        body, delivered = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await self._refuse(send)
+        async def replay() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then disconnect notices, as the server sends them
 
-    async def _refuse(self, send: Callable) -> None:
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, send: Callable) -> None:
+        if self.on_refused is not None:
+            self.on_refused(scope.get("path", ""))
         body = json.dumps(error_body(f"request body over the limit of {self.max_bytes} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -16,7 +16,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("quantdeploy_requests", "Finished HTTP generation requests by status", ["status"], registry=r)
+        # status: ok, cancelled (client gone, or shutdown), error (failed in the engine), or the HTTP code of
+        # an answer given before the engine saw the request (400, 401, 404, 413, 429, 503, ...).
+        self.requests = Counter("quantdeploy_requests", "Answered HTTP generation requests by status", ["status"],
+                                registry=r)
         self.ttft = Histogram("quantdeploy_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("quantdeploy_inter_token_latency_seconds", "Time between a request's tokens",
                              buckets=TOKEN_BUCKETS, registry=r)

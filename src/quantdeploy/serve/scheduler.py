@@ -4,13 +4,16 @@ Handlers ``submit`` requests (a full waiting queue raises ``QueueFull``, which t
 429) and read their events from an ``asyncio.Queue``. The scheduler forwards each request to the
 engine loop (``serve/engine_loop.py``, in a thread or a process of its own) and turns the event
 batches that come back, once per engine step, into per-request events and metrics, all on the event
-loop. Waiting means submitted but not yet admitted into a batch row; that count is what the bound
-applies to.
+loop. Waiting means submitted but not yet admitted into a batch row. The bound counts requests in
+flight against the free rows plus ``max_queue``: a burst to an idle server with 4 rows and a queue of 4
+takes 8 requests (the rows are taken one engine step later), and the 9th gets 429.
 
 A failure inside one request (its prefill, or non-finite logits) fails that request alone; a failing
 decode step fails the requests in that batch and the engine loop carries on; an engine process that
 dies fails everything in flight and turns ``/health`` to 503. ``drain`` stops admitting, lets requests
-in flight finish until a deadline, then stops the engine loop, which cancels what is left.
+in flight finish until a deadline, then stops the engine loop, which cancels what is left: a stream
+then ends with a final chunk and ``[DONE]``. It runs once, when the shutdown signal arrives (the CLI's
+server calls it before uvicorn closes connections) or at the app's shutdown, whichever is first.
 """
 
 from __future__ import annotations
@@ -55,13 +58,19 @@ class Scheduler:
         self.loop = asyncio.get_running_loop()
         self.requests: dict[str, Request] = {}
         self.waiting = 0
+        self.rows = 0  # the engine's batch rows, known once it is attached and loaded
         self.engine: Any = None
         self.failed: str | None = None  # why the engine is gone, if it is
         self.stopped = threading.Event()  # the engine loop has ended
         self._admitting = True
+        self._drained = threading.Lock()
 
     def attach(self, engine: Any) -> None:
         self.engine = engine
+
+    @property
+    def admitting(self) -> bool:
+        return self._admitting and not self.failed
 
     def deliver_threadsafe(self, batch: list) -> None:
         """For an engine thread: hand a batch to the event loop."""
@@ -72,7 +81,7 @@ class Scheduler:
         """Queue a request (after the lengths have been checked against the engine's limits)."""
         if not self._admitting or self.failed:
             raise ShuttingDown()
-        if self.waiting >= self.max_queue:
+        if len(self.requests) >= self.rows + self.max_queue:
             raise QueueFull()
         request = Request(prompt_ids, params, asyncio.Queue())
         self.requests[request.id] = request
@@ -161,6 +170,8 @@ class Scheduler:
     def drain(self, deadline_s: float) -> None:
         """Stop admitting; wait up to ``deadline_s`` for requests in flight, then stop the engine loop,
         which cancels the rest."""
+        if not self._drained.acquire(blocking=False):
+            return  # drained already (at the shutdown signal)
         self._admitting = False
         end = time.monotonic() + deadline_s
         while time.monotonic() < end and self.requests and not self.failed:

@@ -18,22 +18,37 @@ from quantdeploy.quant.spec import QuantSpec
 from quantdeploy.quant.targets import TargetConfig
 
 
+def default_group_size(bits: int) -> int | None:
+    """The group size a width gets when none is given: per channel (None) for int8, else 128."""
+    return None if bits == 8 else 128
+
+
 @dataclasses.dataclass(frozen=True)
 class IntGridConfig(Config):
     """The integer-grid settings that RTN and GPTQ share.
 
-    bits in {2, 3, 4, 8}; group_size None is per output channel. pin_group_size: fail when a layer's
-    input size does not divide by ``group_size`` instead of using the largest group that fits (the
-    CLI pins a size the user typed).
+    bits in {2, 3, 4, 8}; group_size None is per output channel, "auto" (the default) is what each width
+    is used with in the field: per channel for int8 (one scale per row costs nothing at 8 bits, and the
+    CPU and GPU int8 kernels want it), groups of 128 below (GPTQ's and AutoAWQ's default). The config
+    stores the resolved size. pin_group_size: fail when a layer's input size does not divide by
+    ``group_size`` instead of using the largest group that fits (the CLI pins a size the user typed).
     """
 
     bits: int = 4
-    group_size: int | None = 128
+    group_size: int | None | str = "auto"
     symmetric: bool = True
     pin_group_size: bool = False
     targets: TargetConfig = TargetConfig()
 
+    def __post_init__(self) -> None:
+        if self.group_size == "auto":
+            object.__setattr__(self, "group_size", default_group_size(self.bits))
+        super().__post_init__()
+
     def validate(self) -> None:
+        if isinstance(self.group_size, str) or isinstance(self.group_size, bool):
+            raise ConfigError(f"{self.TYPE} group_size must be a positive integer, null (per channel) or 'auto', "
+                              f"got {self.group_size!r}")
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"{self.TYPE} supports 2, 3, 4 or 8 bits, got {self.bits}")
         self.base_spec()
