@@ -70,9 +70,11 @@ class Tally:
     def __init__(self) -> None:
         self.sent = 0
         self.outcomes: dict[str, int] = {}
+        self.last = ""
 
     def add(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.last = outcome
 
 
 def _prompt(rng: random.Random) -> str:
@@ -170,6 +172,8 @@ async def drive(url: str, model: str, seconds: float, max_tokens: int, burst: in
                     await asyncio.gather(*(_post(session, url, "/v1/completions", tally,
                                                  json={**body, "max_tokens": 4}) for _ in range(burst)))
                     await asyncio.sleep(3.0)
+                if kind != "burst" and tally.last == "http_429":
+                    await asyncio.sleep(1.0)  # the server's Retry-After, as a well-behaved client waits
 
     await asyncio.gather(*(loop(kind) for kind in ("stream", "stream", "cancel", "slow", "plain", "bad", "burst")))
     return tally
