@@ -80,7 +80,8 @@ def test_user_errors_give_one_line_and_no_output(case, tiny_llama_dir, tmp_path)
         qd.save(qd.quantize(qd.load_model(tiny_llama_dir), qd.RTNConfig(bits=8, group_size=None)), ckpt)
         weights = ckpt / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
-        proc = run("eval", ckpt, "--text", "x.txt")
+        (tmp_path / "x.txt").write_text("some text to score " * 50)
+        proc = run("eval", ckpt, "--text", tmp_path / "x.txt")
         assert "truncated" in error_line(proc)
         return
     elif case == "unknown-method":
@@ -134,7 +135,9 @@ def test_kv_cache_flag(tiny_llama_dir, tmp_path, data):
     proc = run("generate", tmp_path / "kv", "the", "--max-new-tokens", "3")
     assert proc.returncode == 0, proc.stderr
     proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--kv-cache", "int8", "-o", tmp_path / "nokv")
-    assert "needs calibration data" in error_line(proc) and not (tmp_path / "nokv").exists()
+    line = error_line(proc)  # issue 12, item 11: it blamed "this method", which was rtn
+    assert "--kv-cache" in line and "needs calibration data" in line and "this method" not in line
+    assert not (tmp_path / "nokv").exists()
 
 
 def test_method_flags_build_the_same_configs_as_python():
@@ -192,3 +195,16 @@ def test_engine_refuses_an_unsupported_architecture_in_one_line(tmp_path):
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     line = error_line(run("generate", tmp_path / "gpt2", "hi", "--device", "cpu"))
     assert "architecture 'gpt2' is not supported by the engine" in line and "--transformers" in line
+
+
+def test_progress_is_logged_when_stderr_is_not_a_terminal_and_requantizing_is_refused(tiny_llama_dir, tmp_path):
+    """Issue 12: quantize said nothing until the end when piped (item 11); re-quantizing one of our
+    checkpoints gave random weights and exit 0 (item 1); --bits 8 alone meant groups (item 9)."""
+    proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--bits", "8", "-o", tmp_path / "q8")
+    assert proc.returncode == 0, proc.stderr
+    assert "quantizing: " in proc.stderr and "(100%)" in proc.stderr
+    qc = json.loads((tmp_path / "q8" / "quant_config.json").read_text())
+    assert qc["method"]["group_size"] is None
+    assert all(spec["group_size"] is None for spec in qc["modules"].values())
+    proc = run("quantize", tmp_path / "q8", "--method", "rtn", "--bits", "4", "-o", tmp_path / "requant")
+    assert "is a quantdeploy checkpoint" in error_line(proc) and not (tmp_path / "requant").exists()

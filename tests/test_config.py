@@ -38,3 +38,15 @@ def test_bad_values_are_errors():
         qd.RTNConfig.from_dict({"type": "nf4"})
     with pytest.raises(ConfigError, match="symmetric by construction"):
         qd.QuantSpec(dtype="nf4", symmetric=False)
+
+
+def test_group_size_defaults_per_width():
+    """Issue 12, item 9: --bits 8 gave grouped int8 (g96 on SmolLM2) instead of per channel."""
+    from quantdeploy.quant.methods.gptq import GPTQConfig
+
+    assert qd.RTNConfig(bits=8).group_size is None and GPTQConfig(bits=8).group_size is None
+    assert qd.RTNConfig(bits=4).group_size == 128 and qd.RTNConfig(bits=3).group_size == 128
+    assert qd.RTNConfig.from_dict({"bits": 8}).to_dict()["group_size"] is None  # stored resolved
+    assert qd.RTNConfig(bits=8, group_size=64).group_size == 64
+    with pytest.raises(ConfigError, match="group_size"):
+        qd.RTNConfig(bits=4, group_size="big")

@@ -227,7 +227,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quantdeploy.eval.compare import compare
     from quantdeploy.eval.report import rich_table
 
+    from quantdeploy.eval.text import load_text
+
     protocol = _protocol(args)
+    load_text(args.text)  # a bad text fails before the models load
     with err_console.status("loading models"):
         model = qd.load(args.model)
         baseline = qd.load(args.baseline) if args.baseline else None
@@ -283,8 +286,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from quantdeploy.demo import DEMO_METHODS, default_text_path, run_demo
     from quantdeploy.eval.report import rich_table, write_report
 
+    from quantdeploy.eval.text import load_text
+    from quantdeploy.formats.checkpoint import check_output
+
     protocol = _protocol(args)
     text = args.text or default_text_path()
+    load_text(text)  # bad text or an unwritable report folder fail before the five quantizations
+    for name, _ in DEMO_METHODS:
+        check_output(Path(args.out) / "checkpoints" / name, overwrite=True)
     err_console.print(f"demo: {len(DEMO_METHODS)} methods on {args.model}, scored on {text} "
                       f"({protocol.max_tokens} tokens, {protocol.window}-token windows)")
     rows, meta = run_with_progress("quantizing and evaluating", run_demo, args.model, text, protocol, Path(args.out))

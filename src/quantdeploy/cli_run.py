@@ -136,14 +136,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def check_model_source(model: str) -> None:
     """The cheap checks of a model argument (it exists, a checkpoint is complete and unaltered in size), so
     that a command that loads in the background still fails at once, in one line, on a bad path."""
+    from quantdeploy.engine.loading import check_config
     from quantdeploy.formats import checkpoint as ckpt
     from quantdeploy.models.loading import check_source
 
     path = Path(model).expanduser()
     if ckpt.is_checkpoint(path):
         ckpt.read_checkpoint(path, verify_hashes=False)  # the load verifies the hashes
-    else:
-        check_source(model)
+        check_config(path, model)
+        return
+    where = check_source(model)
+    if isinstance(where, Path) and where.is_dir():  # a GGUF file or a hub name is read when it loads
+        check_config(where, model)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:

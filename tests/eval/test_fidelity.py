@@ -92,3 +92,32 @@ def test_tokenize_prefix_matches_full_tokenization(tiny_bundle, train_text):
     text = train_text[:20_000]
     full = tiny_bundle.tokenizer(text, add_special_tokens=False).input_ids
     assert tokenize_prefix(tiny_bundle.tokenizer, text, 500).tolist() == full[:500]
+
+
+def test_binary_files_are_not_text(tmp_path):
+    """Issue 12, item 11: 3,000 NUL bytes were accepted as calibration text and calibrated for 172 s."""
+    from quantdeploy.quant.calibration import CalibrationConfig, check_source
+
+    (tmp_path / "nul.txt").write_bytes(b"\x00" * 3000)
+    (tmp_path / "ctl.txt").write_bytes(bytes(range(1, 9)) * 400)
+    for name in ("nul.txt", "ctl.txt"):
+        with pytest.raises(DataError, match="is binary, not text"):
+            load_text(tmp_path / name)
+        with pytest.raises(DataError, match="is binary, not text"):
+            check_source(CalibrationConfig(source=str(tmp_path / name)))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2 is not a JSON object"):
+        check_source(CalibrationConfig(source=str(tmp_path / "bad.jsonl")))
+    with pytest.raises(DataError, match="a quantized KV cache needs calibration data"):
+        check_source(CalibrationConfig(), "a quantized KV cache")
+
+
+def test_the_demo_text_ships_in_the_package(data):
+    """Issue 12, item 12: the demo needed shared/ beside the repository. The packaged slice starts the
+    test split, so the demo's first 32,768 tokens (what it scores) are the same."""
+    from quantdeploy.demo import default_text_path
+
+    packaged = load_text(default_text_path())
+    assert "shared" not in str(default_text_path())
+    full = (data / "text" / "wiki_en.test.txt").read_text()
+    assert full.startswith(packaged) and len(packaged) > 32768 * 6  # tokenize_prefix's first cut is 6 chars/token

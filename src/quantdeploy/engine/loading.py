@@ -64,16 +64,21 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
             tensors[dropped] = tensors[kept]
         model = build(args, hf_config, tensors, quant_config, dtype, device, backend)
         return LoadedModel(model, tokenizer, hf_config, quant_config, (quant_config.get("kv_cache") or {}).get("dtype"))
-    from transformers import AutoConfig
-
     from quantdeploy.models.loading import load_model, resolve_source
 
     where, _ = resolve_source(path)
-    try:
-        ModelArgs.from_hf(AutoConfig.from_pretrained(where))  # refuse other architectures before loading weights
-    except (OSError, ValueError) as err:
-        raise ModelSourceError(f"cannot read the model config of {path}: {str(err).splitlines()[0]}") from None
+    check_config(where, path)  # refuse other architectures before loading weights
     return from_bundle(load_model(path, adapter=adapter), device, dtype, backend)
+
+
+def check_config(where: Path | str, shown: str | Path) -> None:
+    """Read the model config at ``where`` and refuse, in one line, one the engine cannot build."""
+    from transformers import AutoConfig
+
+    try:
+        ModelArgs.from_hf(AutoConfig.from_pretrained(where))
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"cannot read the model config of {shown}: {str(err).splitlines()[0]}") from None
 
 
 def from_bundle(bundle: ModelBundle, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

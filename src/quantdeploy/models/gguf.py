@@ -31,11 +31,23 @@ def cache_root() -> Path:
     return Path(base) / "quantdeploy"
 
 
+def check_gguf(gguf_path: Path) -> None:
+    """Refuse a file that is not GGUF by its magic bytes, before hashing, converting or logging anything."""
+    try:
+        with open(gguf_path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise ModelSourceError(f"cannot read {gguf_path}: {err.strerror or err}") from None
+    if magic != b"GGUF":
+        raise ModelSourceError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
 def gguf_to_folder(gguf_path: Path) -> tuple[Path, str]:
     """The cached plain checkpoint folder for ``gguf_path`` and the file's sha256; converts once."""
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
             raise ModelSourceError(f"loading a GGUF file needs the '{package}' package; run: pip install gguf accelerate")
+    check_gguf(gguf_path)
     digest = file_sha256(gguf_path)
     folder = cache_root() / "gguf" / digest[:32]
     if (folder / _DONE).is_file():

@@ -18,7 +18,7 @@ import torch
 from quantdeploy.errors import ModelSourceError
 from quantdeploy.models.bundle import ModelBundle, SourceInfo
 from quantdeploy.models.bundled import BUNDLED_NAME, bundled_gguf_path
-from quantdeploy.models.gguf import gguf_to_folder
+from quantdeploy.models.gguf import check_gguf, gguf_to_folder
 from quantdeploy.models.hashing import folder_sha256
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def check_source(path: str | Path) -> Path | str:
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise ModelSourceError(f"{p} is a file but not a .gguf; pass a checkpoint folder or a .gguf file")
+        check_gguf(p)
         return p
     if p.is_dir():
         if any((p / marker).is_file() for marker in CHECKPOINT_MARKERS):
