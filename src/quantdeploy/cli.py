@@ -265,7 +265,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from quantdeploy.formats.checkpoint import folder_size, read_checkpoint
 
     path = Path(args.checkpoint)
-    _, manifest = read_checkpoint(path, verify_hashes=args.verify)
+    _, manifest = read_checkpoint(path)  # every file's sha256 against the manifest, as every load does
     info = qd.describe(qd.load(path))
     table = Table(title=str(path))
     for header in ("module", "spec", "shape", "bits/weight", "bytes"):
@@ -278,7 +278,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                       f"{', '.join(info['ignored']) or 'none'} (+ embeddings and norms unless quantized)")
     out_console.print(f"size on disk: {folder_size(path) / 1e6:.1f} MB; source: {manifest['source'].get('path')} "
                       f"({manifest['source'].get('kind')}); created {manifest.get('created_at')} with quantdeploy "
-                      f"{manifest.get('quantdeploy_version')}" + ("; hashes verified" if args.verify else ""))
+                      f"{manifest.get('quantdeploy_version')}; hashes verified")
     return 0
 
 
@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="per-layer spec, bits per weight and size of a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's sha256 against the manifest (always done now, as on every load; kept for scripts)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="quantize the bundled model several ways and compare with the original")
