@@ -42,3 +42,32 @@ def test_unknown_backend_is_an_error():
     qw = quantize_weight(torch.randn(8, 32), QuantSpec("int8", None))
     with pytest.raises(ConfigError, match="unknown kernel backend 'triton-x'"):
         qlinear(torch.randn(2, 32), qw, backend="triton-x")
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_layers_trace_whole_for_torch_compile(double_quant):
+    """Issue 13: compiling the decode step of an NF4 checkpoint raised `Tensor.tolist() with non-integer
+    tensor` in the double-quantization map (dynamo traced through its lru_cache). fullgraph=True fails on
+    any graph break; the eager backend traces exactly what inductor would get, in a second."""
+    from quantdeploy.quant.primitives import quantize_weight
+
+    torch.manual_seed(0)
+    qw = quantize_weight(torch.randn(64, 128), QuantSpec(dtype="nf4", group_size=64, double_quant=double_quant))
+    layer = QuantLinear.from_quantized(qw, None, torch.float32)
+    layer.prepare()
+    x = torch.randn(3, 128)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))
+
+
+def test_int8_matmul_pads_the_rows_cuda_refuses():
+    """Issue 13: torch._int_mm needs more than 16 rows on CUDA; W8A8 decode has 1-16. The padded product
+    equals the plain one (run here on the CPU with the CUDA row minimum; the GPU test runs it there)."""
+    from quantdeploy.kernels.reference import CUDA_INT_MM_MIN_ROWS, int_mm
+
+    a = torch.randint(-127, 128, (3, 64), dtype=torch.int8)
+    b = torch.randint(-127, 128, (64, 32), dtype=torch.int8)
+    expected = a.int() @ b.int()
+    assert torch.equal(int_mm(a, b, min_rows=CUDA_INT_MM_MIN_ROWS), expected)
+    assert torch.equal(int_mm(a, b), expected)

@@ -28,6 +28,7 @@ from quantdeploy.formats import checkpoint as ckpt
 from quantdeploy.models.bundle import ModelBundle
 from quantdeploy.models.hf_names import convert_state_dict, our_module
 from quantdeploy.models.llama import ModelArgs, Transformer, rope_tables
+from quantdeploy.quant import nf4
 from quantdeploy.quant.primitives import QuantizedWeight
 from quantdeploy.quant.spec import QuantSpec
 
@@ -129,6 +130,8 @@ def build(args: ModelArgs, hf_config: Any, hf_tensors: dict[str, torch.Tensor], 
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare(backend)
+        elif isinstance(module, QuantEmbedding) and module.spec.dtype == "nf4":
+            nf4.tables_on(device)  # the lookup tables on the device before the decode step compiles
     return model.eval()
 
 

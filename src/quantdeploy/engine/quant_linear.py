@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from quantdeploy import kernels
+from quantdeploy.quant import nf4
 from quantdeploy.quant.primitives import QuantizedWeight, tensor_layout
 from quantdeploy.quant.spec import QuantSpec
 
@@ -74,6 +75,8 @@ class QuantLinear(_QuantWeightHolder):
 
     def prepare(self, backend: str = "auto") -> str:
         """Repack the weight for the fastest kernel on its device; returns the backend chosen."""
+        if self.spec.dtype == "nf4":  # its lookup tables on the device before anything compiles or captures
+            nf4.tables_on(self.qweight.device)
         self.prepared = kernels.prepare(self.quantized_weight(), backend)
         return "reference" if self.prepared is None else self.prepared.backend
 

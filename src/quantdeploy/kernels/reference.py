@@ -27,10 +27,25 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> 
     return F.linear(x, dequantize_weight(qw, x.dtype), bias)
 
 
+#: ``torch._int_mm`` on CUDA takes only more than 16 rows (cuBLASLt's int8 GEMM); fewer are padded with
+#: zero rows up to this. The weight is read once either way, so a decode step pays a few rows of compute.
+CUDA_INT_MM_MIN_ROWS = 17
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor, min_rows: int | None = None) -> torch.Tensor:
+    """``a @ b`` of int8 matrices accumulated in int32, for any number of rows of ``a``."""
+    rows = a.shape[0]
+    if min_rows is None:
+        min_rows = CUDA_INT_MM_MIN_ROWS if a.is_cuda else 1
+    if rows < min_rows:
+        a = F.pad(a, (0, 0, 0, min_rows - rows))
+    return torch._int_mm(a, b)[:rows]
+
+
 def _w8a8_int8(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     xq, xs = quantize_activations(x, "int8")  # [..., k] int8, [..., 1] fp32
     wq, ws = int8_weight(qw)  # [n, k] int8, [n] fp32
-    acc = torch._int_mm(xq.reshape(-1, xq.shape[-1]), wq.T.contiguous())  # int32 [m, n]
+    acc = int_mm(xq.reshape(-1, xq.shape[-1]), wq.T.contiguous())  # int32 [m, n]
     y = acc.float() * xs.reshape(-1, 1) * ws.unsqueeze(0)
     if bias is not None:
         y = y + bias.float()

@@ -20,11 +20,7 @@ _NF4_OFFSET = 0.9677083  # QLoRA's outermost quantile: the midpoint of 1-1/(2*15
 
 
 @functools.lru_cache(maxsize=None)
-def nf4_levels(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 NF4 values in ascending order, -1 and 1 included, 0 exact (fp32), one copy per device (a
-    dequantization inside a CUDA-graph capture must not copy from the host)."""
-    if torch.device(device).type != "cpu":
-        return nf4_levels("cpu").to(device)
+def _nf4_levels_cpu() -> torch.Tensor:
     pos = torch.special.ndtri(torch.linspace(_NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1])
     neg = -torch.special.ndtri(torch.linspace(_NF4_OFFSET, 0.5, 8, dtype=torch.float64)[:-1])
     values = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)])
@@ -33,15 +29,7 @@ def nf4_levels(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def dynamic_map(max_exponent_bits: int = 7, device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map: 256 ascending values in [-1, 1], 0 and 1 included.
-
-    For exponent ``e`` in ``0..6`` the map holds ``2^e`` linearly spaced fractions (midpoints of
-    ``linspace(0.1, 1, 2^e + 1)``) times ``10^(e - 6)``, with both signs; then 0 and 1. One copy per
-    device, as ``nf4_levels``.
-    """
-    if torch.device(device).type != "cpu":
-        return dynamic_map(max_exponent_bits, "cpu").to(device)
+def _dynamic_map_cpu(max_exponent_bits: int = 7) -> torch.Tensor:
     values: list[float] = []
     for e in range(max_exponent_bits):
         edges = torch.linspace(0.1, 1.0, 2**e + 1, dtype=torch.float32)
@@ -49,6 +37,42 @@ def dynamic_map(max_exponent_bits: int = 7, device: torch.device | str = "cpu") 
         values += means.tolist() + (-means).tolist()
     values += [0.0, 1.0]
     return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+#: the lookup tables, one copy per (table, device type, device index). A plain dict, not an lru_cache:
+#: torch.compile traces through lru_cache wrappers (and failed on the map's ``tolist``), while a tensor
+#: read from a dict is a constant of the compiled graph; and a dequantization inside a CUDA-graph capture
+#: must not copy from the host. ``tables_on`` fills it before a model is compiled or captured.
+_ON_DEVICE: dict[tuple[str, str, int | None], torch.Tensor] = {}
+
+
+def tables_on(device: torch.device | str) -> None:
+    """Put both tables on ``device`` now (the engine calls it when it prepares an NF4 layer)."""
+    nf4_levels(device)
+    dynamic_map(device=device)
+
+
+def _on(name: str, device: torch.device | str, build) -> torch.Tensor:  # noqa: ANN001
+    device = torch.device(device)
+    key = (name, device.type, device.index)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = build().to(device)
+    return _ON_DEVICE[key]
+
+
+def nf4_levels(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 values in ascending order, -1 and 1 included, 0 exact (fp32), one copy per device."""
+    return _on("nf4", device, _nf4_levels_cpu)
+
+
+def dynamic_map(max_exponent_bits: int = 7, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map: 256 ascending values in [-1, 1], 0 and 1 included.
+
+    For exponent ``e`` in ``0..6`` the map holds ``2^e`` linearly spaced fractions (midpoints of
+    ``linspace(0.1, 1, 2^e + 1)``) times ``10^(e - 6)``, with both signs; then 0 and 1. One copy per
+    device, as ``nf4_levels``.
+    """
+    return _on(f"dynamic{max_exponent_bits}", device, lambda: _dynamic_map_cpu(max_exponent_bits))
 
 
 def nearest_code(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
