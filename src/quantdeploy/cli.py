@@ -295,7 +295,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, _ in DEMO_METHODS:
         check_output(Path(args.out) / "checkpoints" / name, overwrite=True)
     err_console.print(f"demo: {len(DEMO_METHODS)} methods on {args.model}, scored on {text} "
-                      f"({protocol.max_tokens} tokens, {protocol.window}-token windows)")
+                      f"({protocol.max_tokens} tokens, {protocol.window}-token windows)", soft_wrap=True)
     rows, meta = run_with_progress("quantizing and evaluating", run_demo, args.model, text, protocol, Path(args.out))
     out_console.print(rich_table(rows, title=f"{meta['model']} on {Path(str(text)).name}: "
                                              f"{rows[-1]['tokens_scored']} tokens scored"))
