@@ -35,6 +35,14 @@ VARIANTS = {  # name: Engine keyword arguments
 }
 
 
+def quant_configs() -> dict:
+    """Weight formats to compare with bf16 in one run (``--quant``): name -> quantize config (None: bf16)."""
+    import quantdeploy as qd
+
+    return {"bf16": None, "w4g128": qd.RTNConfig(bits=4, group_size=128), "w8": qd.RTNConfig(bits=8),
+            "nf4": qd.NF4Config(group_size=64), "fp8": qd.FP8Config()}
+
+
 def llama31_8b_config():
     from transformers import LlamaConfig
 
@@ -98,6 +106,8 @@ def main() -> None:
     p.add_argument("--hf-tokens", type=int, default=128)
     p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS),
                    help="engine compile settings to compare in this run (fresh engine each)")
+    p.add_argument("--quant", nargs="+", default=["bf16"], choices=["bf16", "w4g128", "w8", "nf4", "fp8"],
+                   help="weight formats, each a fresh engine on the same random weights (RTN; bf16 first for the ratios)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family on the CPU: a smoke test")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -111,19 +121,32 @@ def main() -> None:
     bundle = ModelBundle(model=hf, tokenizer=None, source=SourceInfo(path="random-llama-3.1-8b-shape", kind="memory"))
     cfg = BenchConfig(prompt_len=args.prompt_len, batches=tuple(args.batches), steps=args.steps, warmup=4, repeats=3)
     record, rows = {"bandwidth_gbs": bandwidth}, []
-    for variant in args.variants:
-        engine = Engine.from_bundle(bundle, device, max_batch=max(args.batches),
-                                    max_seq_len=args.prompt_len + cfg.warmup + cfg.steps + 8, **VARIANTS[variant])
-        t = time.perf_counter()
-        record[f"ours[{variant}]"] = ours = bench_engine(engine, cfg, bandwidth)
-        print(f"engine bench {variant} (compiles included) {time.perf_counter() - t:.1f} s", flush=True)
-        total, table = weight_bytes(engine.model)
-        record["weights_gb"] = total / 1e9
-        for b, d in ours["decode"].items():
-            rows.append((f"ours[{variant}] batch {b}", d["tok_s"], d["ms_per_step"], d["gb_s"], d["roofline_frac"]))
-        del engine
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    import quantdeploy as qd
+
+    for fmt in args.quant:
+        config = quant_configs()[fmt]
+        source = bundle if config is None else qd.quantize(bundle, config, device=device)
+        for variant in args.variants:
+            engine = Engine.from_bundle(source, device, max_batch=max(args.batches),
+                                        max_seq_len=args.prompt_len + cfg.warmup + cfg.steps + 8, **VARIANTS[variant])
+            name = variant if fmt == "bf16" else f"{variant},{fmt}"
+            t = time.perf_counter()
+            record[f"ours[{name}]"] = ours = bench_engine(engine, cfg, bandwidth)
+            print(f"engine bench {name} (compiles included) {time.perf_counter() - t:.1f} s", flush=True)
+            total, table = weight_bytes(engine.model)
+            record.setdefault("weights_gb", {})[fmt] = total / 1e9
+            for b, d in ours["decode"].items():
+                rows.append((f"ours[{name}] batch {b}", d["tok_s"], d["ms_per_step"], d["gb_s"], d["roofline_frac"]))
+            if fmt != "bf16" and f"ours[{variant}]" in record:
+                base = record[f"ours[{variant}]"]["decode"]
+                record.setdefault("vs_bf16", {})[fmt] = {b: d["tok_s"] / base[b]["tok_s"] for b, d in ours["decode"].items()}
+            del engine
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if config is not None:
+            del source
+            if device == "cuda":
+                torch.cuda.empty_cache()
     if args.hf:
         t = time.perf_counter()
         record["transformers_static_compile"] = hf_res = hf_static_compile_decode(hf, args.prompt_len, args.hf_tokens, device)
@@ -133,8 +156,8 @@ def main() -> None:
                      hf_res["tok_s"] * (total - table) / 1e9, hf_res["tok_s"] / roof1))
         if 1 in ours["decode"]:
             record["ours_vs_transformers_b1"] = ours["decode"][1]["tok_s"] / hf_res["tok_s"]  # the last variant
-    print(f"\nLlama-3.1-8B shape, bf16, random weights; copy bandwidth {bandwidth:.0f} GB/s; "
-          f"weights {total / 1e9:.2f} GB; prefill {ours['prefill_tok_s']:.0f} tok/s, TTFT {ours['ttft_ms']:.1f} ms "
+    print(f"\nLlama-3.1-8B shape, random weights ({', '.join(args.quant)}); copy bandwidth {bandwidth:.0f} GB/s; "
+          f"weights {total / 1e9:.2f} GB (the last format); prefill {ours['prefill_tok_s']:.0f} tok/s, TTFT {ours['ttft_ms']:.1f} ms "
           f"({args.prompt_len} tokens); peak memory {ours['peak_memory_gb']:.1f} GB")
     print(f"{'run':34s} {'tok/s':>9s} {'ms/step':>9s} {'GB/s':>8s} {'of roofline':>12s}")
     for name, tok_s, ms, gbs, frac in rows:

@@ -208,3 +208,24 @@ def test_progress_is_logged_when_stderr_is_not_a_terminal_and_requantizing_is_re
     assert all(spec["group_size"] is None for spec in qc["modules"].values())
     proc = run("quantize", tmp_path / "q8", "--method", "rtn", "--bits", "4", "-o", tmp_path / "requant")
     assert "is a quantdeploy checkpoint" in error_line(proc) and not (tmp_path / "requant").exists()
+
+
+def test_bad_calibration_data_fails_before_the_model_loads(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Issue 12, item 11: calibration errors came only after the model had loaded (minutes, on a big one)."""
+    from quantdeploy import cli
+
+    def must_not_load(*_, **__):
+        raise AssertionError("the model was loaded before the calibration data was checked")
+
+    monkeypatch.setattr(qd, "load_model", must_not_load)
+    (tmp_path / "nul.txt").write_bytes(b"\x00" * 3000)
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\nnot json\n')
+    for calib, expected in (("nul.txt", "is binary, not text"), ("bad.jsonl", "bad.jsonl:2 is not a JSON object"),
+                            ("missing.txt", "no such text file")):
+        code = cli.main(["quantize", str(tiny_llama_dir), "--method", "gptq", "--calib", str(tmp_path / calib),
+                         "-o", str(tmp_path / "out")])
+        assert code == 2 and expected in capsys.readouterr().err
+    code = cli.main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--kv-cache", "int8", "--calib",
+                     str(tmp_path / "nul.txt"), "-o", str(tmp_path / "out")])
+    assert code == 2 and "is binary, not text" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

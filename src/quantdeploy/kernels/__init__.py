@@ -1,15 +1,17 @@
 """The kernels facade: one entry point per operation, the backend chosen by name or automatically.
 
-Backends: ``reference`` (torch only, every device, the oracle) and ``cpu_packed`` (PyTorch's packed
-int8/int4 weight-only CPU kernels, ``cpu_packed.py``). ``prepare`` repacks a weight once for a fast
-backend on the weight's device; the result is called like ``prepared(x, bias)``. ``auto`` picks the
-fast backend where the weight's device and spec allow and the reference path otherwise (logged at
-debug level); a backend asked for by name that cannot serve the weight is an error, never a silent
-fallback. Triton kernels for the GPU plug in here later.
+Backends: ``reference`` (torch only, every device, the oracle), ``cpu_packed`` (PyTorch's packed
+int8/int4 weight-only CPU kernels, ``cpu_packed.py``) and ``triton`` (int4/int8 weight-only on CUDA,
+dequantized in registers, ``triton_wonly.py``; imported only when a CUDA weight asks for it). ``prepare``
+readies a weight once for a fast backend on the weight's device; the result is called like
+``prepared(x, bias)``. ``auto`` picks the fast backend where the weight's device and spec allow and the
+reference path otherwise (logged at debug level); a backend asked for by name that cannot serve the
+weight is an error, never a silent fallback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Callable, Protocol
 
@@ -21,7 +23,7 @@ from quantdeploy.quant.primitives import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "cpu_packed")
+BACKENDS = ("auto", "reference", "cpu_packed", "triton")
 
 
 class PreparedWeight(Protocol):
@@ -42,12 +44,20 @@ def prepare(qw: QuantizedWeight, backend: str = "auto") -> PreparedWeight | None
         return None
     from quantdeploy.kernels import cpu_packed
 
-    on_cpu = qw.tensors["qweight"].device.type == "cpu"
-    if on_cpu and cpu_packed.supports(qw):
+    device = qw.tensors["qweight"].device
+    if backend in ("auto", "cpu_packed") and device.type == "cpu" and cpu_packed.supports(qw):
         return cpu_packed.pack(qw)
+    if backend in ("auto", "triton") and device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from quantdeploy.kernels import triton_wonly
+
+        if triton_wonly.supports(qw):
+            return triton_wonly.TritonWeightOnly(qw)
     if backend == "cpu_packed":
-        raise ConfigError(f"the cpu_packed backend cannot run {qw.spec.describe()} on "
-                          f"{qw.tensors['qweight'].device} (it takes int8 per-channel or int4 g32-g256 on CPU)")
+        raise ConfigError(f"the cpu_packed backend cannot run {qw.spec.describe()} on {device} "
+                          "(it takes int8 per-channel or int4 g32-g256 on CPU)")
+    if backend == "triton":
+        raise ConfigError(f"the triton backend cannot run {qw.spec.describe()} on {device} (it takes int4/int8 "
+                          "weight-only layers on a CUDA device, with the triton package installed)")
     log.debug("kernels: reference path for %s %s", qw.spec.describe(), tuple(qw.shape))
     return None
 

@@ -1,0 +1,141 @@
+"""Weight-only quantized matmul on CUDA in Triton: int4 and int8 codes (symmetric or with zero points,
+in groups or per channel) dequantized in registers and multiplied on the tensor cores.
+
+Why this shape. A decode step reads every weight once and does two flops per weight and row, so at
+small M its time is the bytes of the weights: int4 codes are a quarter of bf16's, and the kernel is
+only worth having if it streams them at close to the copy bandwidth. The reference path instead
+dequantizes the whole weight to fp32 (4 bytes written and read again per weight) before a dense
+matmul, which is why a quantized model decoded slower than bf16 on a GPU.
+
+One kernel covers every M: a program owns ``BLOCK_M`` rows of ``x`` and ``BLOCK_N`` output channels,
+walks K in ``BLOCK_K`` steps, loads the packed codes of a ``[BLOCK_N, BLOCK_K]`` tile (int4: each byte
+holds two neighbours along K, the even index in the low nibble, as the checkpoint stores them), turns
+them into ``(q - z) * s`` in fp32, rounds that to the compute dtype exactly as the reference does, and
+accumulates ``x_tile @ w_tile.T`` on the tensor cores in fp32. At M <= 16 the rows are padded to 16 for
+``tl.dot`` (the weight tile, not x, is what costs). The canonical layout is read as stored: no repacking,
+so the checkpoint and the kernel share one copy of the weight.
+
+The tile sizes come from a fixed rule of (M, N, K), not from autotuning: autotuning benchmarks at its
+first call, which must not happen inside a CUDA-graph capture. ``benchmarks/kernels_gpu.py`` measures
+the kernel against bf16 ``F.linear``; ``kernels.prepare`` uses it up to the M where it stops paying.
+
+The op is registered (``quantdeploy::wonly_mm``) so torch.compile keeps it whole (a fake implementation
+gives the output shape) and CUDA graphs replay it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _wonly_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride_xm, stride_om,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    row_bytes = K * BITS // 8
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K_TILES):  # a constant: one compiled kernel per layer width, a handful per model
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wmask = mask_n[:, None] & mask_k[None, :]
+        if BITS == 4:
+            byte = tl.load(q_ptr + offs_n[:, None] * row_bytes + offs_k[None, :] // 2, mask=wmask, other=0)
+            q = (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
+        else:
+            q = tl.load(q_ptr + offs_n[:, None] * row_bytes + offs_k[None, :], mask=wmask, other=0)
+        gidx = offs_n[:, None] * n_groups + offs_k[None, :] // GROUP
+        s = tl.load(s_ptr + gidx, mask=wmask, other=0.0).to(tl.float32)
+        if SYMMETRIC:
+            z = 2.0 ** (BITS - 1)
+        else:
+            z = tl.load(z_ptr + gidx, mask=wmask, other=0).to(tl.float32)
+        w = ((q.to(tl.float32) - z) * s).to(x.dtype)  # the reference's rounding: fp32, then the compute dtype
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def tiles(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for a problem: small M streams the weight
+    with enough programs to fill the GPU (narrow N tiles, long K steps); large M is a GEMM tile."""
+    if m <= 16:
+        return 16, 32, 256, 4, 4
+    if m <= 64:
+        return 64 if m > 32 else 32, 64, 128, 4, 4
+    return 128, 128, 64, 8, 3
+
+
+def wonly_mm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bits: int, group: int) -> torch.Tensor:
+    """``x [M, K] @ W.T`` with ``W [N, K]`` stored as ``bits``-bit codes (see the module docstring)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m, block_n, block_k, warps, stages = tiles(m, n, k)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _wonly_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales, out, m, n, k, scales.shape[1],
+                        x.stride(0), out.stride(0), BITS=bits, GROUP=group, SYMMETRIC=zeros is None,
+                        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                        K_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)
+    return out
+
+
+@torch.library.custom_op("quantdeploy::wonly_mm", mutates_args=())
+def wonly_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             bits: int, group: int) -> torch.Tensor:
+    return wonly_mm_impl(x.contiguous(), qweight, scales, zeros, bits, group)
+
+
+@wonly_mm.register_fake
+def _(x, qweight, scales, zeros, bits, group):  # noqa: ANN001, ANN202 - the shapes torch.compile needs
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+#: Up to this many rows the kernel runs; above, the reference path (dequantize, then cuBLAS). Set from
+#: ``benchmarks/kernels_gpu.py`` on an H200 (see the table in ``benchmarks/results/kernels-gpu-*.txt``).
+MAX_ROWS = 64
+
+
+def supports(qw) -> bool:  # noqa: ANN001 - a QuantizedWeight
+    spec = qw.spec
+    return (spec.dtype in ("int4", "int8") and spec.activations is None
+            and qw.tensors["qweight"].device.type == "cuda")
+
+
+class TritonWeightOnly:
+    """A prepared int4/int8 weight-only layer: the Triton kernel up to ``max_rows`` rows, the reference
+    path above (the canonical tensors are used as stored, so nothing is copied)."""
+
+    backend = "triton"
+
+    def __init__(self, qw, max_rows: int = MAX_ROWS) -> None:  # noqa: ANN001
+        self.qw, self.max_rows = qw, max_rows
+        self.bits = qw.spec.bits
+        self.group = qw.spec.group_for(qw.shape[1])
+        self.zeros = None if qw.spec.symmetric else qw.tensors["zeros"]
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > self.max_rows:
+            from quantdeploy.kernels import reference
+
+            return reference.qlinear(x, self.qw, bias)
+        t = self.qw.tensors
+        y = torch.ops.quantdeploy.wonly_mm(rows, t["qweight"], t["scales"], self.zeros, self.bits, self.group)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
