@@ -33,49 +33,84 @@ import triton.language as tl
 @triton.jit
 def _wonly_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride_xm, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     row_bytes = K * BITS // 8
+    PACK: tl.constexpr = 8 // BITS  # codes per byte: 2 for int4, 1 for int8
+    WIDTH: tl.constexpr = BLOCK_K // PACK  # bytes of one row in a tile
+    offs_b = tl.arange(0, WIDTH)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K_TILES):  # a constant: one compiled kernel per layer width, a handful per model
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wmask = mask_n[:, None] & mask_k[None, :]
-        if BITS == 4:
-            byte = tl.load(q_ptr + offs_n[:, None] * row_bytes + offs_k[None, :] // 2, mask=wmask, other=0)
-            q = (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
-        else:
-            q = tl.load(q_ptr + offs_n[:, None] * row_bytes + offs_k[None, :], mask=wmask, other=0)
-        gidx = offs_n[:, None] * n_groups + offs_k[None, :] // GROUP
-        s = tl.load(s_ptr + gidx, mask=wmask, other=0.0).to(tl.float32)
+    for i in range(0, K_TILES // SPLIT_K):  # constant bounds: one compiled kernel per layer width
+        k0 = (pid_k * (K_TILES // SPLIT_K) + i) * BLOCK_K  # SPLIT_K divides K_TILES: each split a run of tiles
+        # one scale (and zero) per row for the whole tile: BLOCK_K divides the group, or the group is the row
+        g = k0 // GROUP
+        s = tl.load(s_ptr + offs_n * n_groups + g, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         if SYMMETRIC:
             z = 2.0 ** (BITS - 1)
         else:
-            z = tl.load(z_ptr + gidx, mask=wmask, other=0).to(tl.float32)
-        w = ((q.to(tl.float32) - z) * s).to(x.dtype)  # the reference's rounding: fp32, then the compute dtype
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            z = tl.load(z_ptr + offs_n * n_groups + g, mask=mask_n, other=0).to(tl.float32)[:, None]
+        bmask = mask_n[:, None] & (k0 // PACK + offs_b < row_bytes)[None, :]
+        packed = tl.load(q_ptr + offs_n[:, None] * row_bytes + k0 // PACK + offs_b[None, :], mask=bmask, other=0)
+        if BITS == 4:  # the even code in the low nibble: multiply the low nibbles by x's even columns
+            k_even = k0 + 2 * offs_b
+            xmask = mask_m[:, None] & (k_even < K)[None, :]
+            x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_even[None, :], mask=xmask, other=0.0)
+            x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_even[None, :] + 1, mask=xmask, other=0.0)
+            w_even = (((packed & 0xF).to(tl.float32) - z) * s).to(x_even.dtype)
+            w_odd = (((packed >> 4).to(tl.float32) - z) * s).to(x_even.dtype)
+            if IEEE:
+                acc += tl.dot(x_even, tl.trans(w_even), input_precision="ieee")
+                acc += tl.dot(x_odd, tl.trans(w_odd), input_precision="ieee")
+            else:
+                acc += tl.dot(x_even, tl.trans(w_even))
+                acc += tl.dot(x_odd, tl.trans(w_odd))
         else:
-            acc += tl.dot(x, tl.trans(w))
+            offs_k = k0 + offs_b
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            w = ((packed.to(tl.float32) - z) * s).to(x.dtype)  # the reference's rounding: fp32, then x's dtype
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(out, acc, mask=omask)
 
 
-def tiles(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for a problem: small M streams the weight
-    with enough programs to fill the GPU (narrow N tiles, long K steps); large M is a GEMM tile."""
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def tiles(m: int, n: int, k: int, group: int, bits: int, sms: int) -> tuple[int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)``. ``BLOCK_K`` divides the group so
+    one scale serves a row of a tile. Small M streams the weight: enough programs to keep every SM busy
+    (a layer with few output tiles splits K, partial sums added atomically); large M is a GEMM tile."""
+    block_k = 256 if bits == 4 else 128  # per channel (group == k): any tile; the tail is masked
+    while group < k and group % block_k:  # in groups: a power of two that divides the group
+        block_k //= 2
     if m <= 16:
-        return 16, 32, 256, 4, 4
-    if m <= 64:
-        return 64 if m > 32 else 32, 64, 128, 4, 4
-    return 128, 128, 64, 8, 3
+        block_m, block_n, warps, stages = 16, 64, 4, 4
+    elif m <= 64:
+        block_m, block_n, warps, stages = (32 if m <= 32 else 64), 64, 4, 4
+    else:
+        block_m, block_n, warps, stages = 128, 128, 8, 3
+    tiles_n = -(-n // block_n) * -(-m // block_m)
+    k_tiles = -(-k // block_k)
+    split = 1
+    while m <= 64 and tiles_n * split < 2 * sms and split * 2 <= k_tiles // 4 and k_tiles % (split * 2) == 0:
+        split *= 2
+    return block_m, block_n, block_k, split, warps, stages
 
 
 def wonly_mm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -83,16 +118,17 @@ def wonly_mm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     """``x [M, K] @ W.T`` with ``W [N, K]`` stored as ``bits``-bit codes (see the module docstring)."""
     m, k = x.shape
     n = qweight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k, split, warps, stages = tiles(m, n, k, group, bits, _sms(x.device))
+    out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32 if split > 1 else x.dtype,
+                                                        device=x.device)
     if m == 0:
-        return out
-    block_m, block_n, block_k, warps, stages = tiles(m, n, k)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+        return out.to(x.dtype)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     _wonly_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales, out, m, n, k, scales.shape[1],
                         x.stride(0), out.stride(0), BITS=bits, GROUP=group, SYMMETRIC=zeros is None,
                         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        K_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)
-    return out
+                        K_TILES=triton.cdiv(k, block_k), SPLIT_K=split, num_warps=warps, num_stages=stages)
+    return out if split == 1 else out.to(x.dtype)
 
 
 @torch.library.custom_op("quantdeploy::wonly_mm", mutates_args=())
