@@ -92,19 +92,21 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def tiles(m: int, n: int, k: int, group: int, bits: int, sms: int) -> tuple[int, int, int, int, int, int]:
+def tiles(m: int, n: int, k: int, group: int, bits: int, sms: int, wide: bool = False) -> tuple[int, int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)``. ``BLOCK_K`` divides the group so
     one scale serves a row of a tile. Small M streams the weight: enough programs to keep every SM busy
     (a layer with few output tiles splits K, partial sums added atomically); large M is a GEMM tile."""
     block_k = 256 if bits == 4 else 128  # per channel (group == k): any tile; the tail is masked
     while group < k and group % block_k:  # in groups: a power of two that divides the group
         block_k //= 2
-    if m <= 16:
-        block_m, block_n, warps, stages = 16, 64, 4, 4
+    if m <= 16:  # int4 moves half the bytes of int8 per tile row: twice the rows keep as many in flight
+        block_m, block_n, warps, stages = 16, 128 if bits == 4 else 64, 4, 4
     elif m <= 64:
         block_m, block_n, warps, stages = (32 if m <= 32 else 64), 64, 4, 4
     else:
         block_m, block_n, warps, stages = 128, 128, 8, 3
+    if wide:  # fp32 inputs take twice the shared memory per stage (228 KiB per SM on Hopper)
+        block_k, stages = min(block_k, 64), 2
     tiles_n = -(-n // block_n) * -(-m // block_m)
     k_tiles = -(-k // block_k)
     split = 1
@@ -118,7 +120,8 @@ def wonly_mm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     """``x [M, K] @ W.T`` with ``W [N, K]`` stored as ``bits``-bit codes (see the module docstring)."""
     m, k = x.shape
     n = qweight.shape[0]
-    block_m, block_n, block_k, split, warps, stages = tiles(m, n, k, group, bits, _sms(x.device))
+    block_m, block_n, block_k, split, warps, stages = tiles(m, n, k, group, bits, _sms(x.device),
+                                                             x.dtype == torch.float32)
     out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32 if split > 1 else x.dtype,
                                                         device=x.device)
     if m == 0:
@@ -142,9 +145,11 @@ def _(x, qweight, scales, zeros, bits, group):  # noqa: ANN001, ANN202 - the sha
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
-#: Up to this many rows the kernel runs; above, the reference path (dequantize, then cuBLAS). Set from
-#: ``benchmarks/kernels_gpu.py`` on an H200 (see the table in ``benchmarks/results/kernels-gpu-*.txt``).
-MAX_ROWS = 64
+#: Up to this many rows the kernel runs; above, the reference path (dequantize, then cuBLAS). From
+#: ``benchmarks/kernels_gpu.py`` on an H200 (``benchmarks/results/kernels-gpu-llama8b-shapes-h200.txt``):
+#: int4 g128 beat the reference on every 8B layer up to M = 128 and lost at 1024 on three of five; int8
+#: beat it everywhere measured (up to 1024).
+MAX_ROWS = {4: 128, 8: 1024}
 
 
 def supports(qw) -> bool:  # noqa: ANN001 - a QuantizedWeight
@@ -159,8 +164,9 @@ class TritonWeightOnly:
 
     backend = "triton"
 
-    def __init__(self, qw, max_rows: int = MAX_ROWS) -> None:  # noqa: ANN001
-        self.qw, self.max_rows = qw, max_rows
+    def __init__(self, qw, max_rows: int | None = None) -> None:  # noqa: ANN001
+        self.qw = qw
+        self.max_rows = MAX_ROWS[qw.spec.bits] if max_rows is None else max_rows
         self.bits = qw.spec.bits
         self.group = qw.spec.group_for(qw.shape[1])
         self.zeros = None if qw.spec.symmetric else qw.tensors["zeros"]
