@@ -137,6 +137,7 @@ def main() -> None:
             record.setdefault("weights_gb", {})[fmt] = total / 1e9
             for b, d in ours["decode"].items():
                 rows.append((f"ours[{name}] batch {b}", d["tok_s"], d["ms_per_step"], d["gb_s"], d["roofline_frac"]))
+                print(f"  {name} batch {b}: {d['tok_s']:.1f} tok/s, {d['ms_per_step']:.2f} ms/step", flush=True)
             if fmt != "bf16" and f"ours[{variant}]" in record:
                 base = record[f"ours[{variant}]"]["decode"]
                 record.setdefault("vs_bf16", {})[fmt] = {b: d["tok_s"] / base[b]["tok_s"] for b, d in ours["decode"].items()}

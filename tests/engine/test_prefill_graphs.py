@@ -116,7 +116,7 @@ def test_a_quantized_prefill_moves_nothing_from_the_host(tiny_bundle, train_text
     calibration = qd.CalibrationConfig(str(calib), 4, 64)
     config = QUANTIZED[method](qd) if QUANTIZED[method] else qd.SmoothQuantConfig(alpha=0.5, calibration=calibration)
     kv = qd.KVCacheConfig(dtype="int8", calibration=calibration) if method == "int4-sym" else None
-    engine = Engine.from_bundle(qd.quantize(tiny_bundle, config, kv_cache=kv), "meta", backend="reference",
+    engine = Engine.from_bundle(qd.quantize(tiny_bundle, config, kv_cache=kv), torch.device("meta"), backend="reference",
                                 max_batch=2, max_seq_len=64)
     data = pack_rows([[5, 6, 7], [8, 9]], [0, 1], 2, 16, engine.scratch_row).to("meta")
     run_packed(engine.model, data)  # the first run may fill per-device caches (the capture warms up first too)

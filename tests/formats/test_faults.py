@@ -129,7 +129,8 @@ def test_the_cli_refuses_a_corrupt_checkpoint_in_one_line(good, tmp_path):
     folder = tmp_path / "q"
     shutil.copytree(good, folder)
     _flip(folder / "model.safetensors")
-    for command in (["generate", str(folder), "hi"], ["eval", str(folder), "--text", str(good / "config.json")],
+    (tmp_path / "text.txt").write_text("some text to score " * 50)
+    for command in (["generate", str(folder), "hi"], ["eval", str(folder), "--text", str(tmp_path / "text.txt")],
                     ["inspect", str(folder)]):
         proc = subprocess.run([sys.executable, "-m", "quantdeploy", *command], capture_output=True, text=True, timeout=120)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
