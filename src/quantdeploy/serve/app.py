@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
@@ -55,6 +56,8 @@ class ApiError(Exception):
         self.code = code
         self.counted = counted  # the scheduler already counted this request's end (error, cancelled)
 
+
+log = logging.getLogger(__name__)
 
 #: the endpoints that generate; every answer they give is counted in ``quantdeploy_requests_total``
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
@@ -106,6 +109,9 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig,
                        on_refused=lambda path: count_answer(path, 413))
 
     async def drain() -> None:
+        if state.info is not None and state.scheduler.admitting:
+            log.info("shutting down: finishing %d request(s) in flight (deadline %g s)", len(state.scheduler.requests),
+                     config.shutdown_deadline_s)
         if state.info is not None:
             await asyncio.to_thread(state.scheduler.drain, config.shutdown_deadline_s)
 

@@ -51,6 +51,7 @@ import torch
 from quantdeploy.engine.engine import Engine, check_lengths, encode_prompt
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.engine.sequence import Sequence
+from quantdeploy.errors import QuantDeployError
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,15 @@ class EngineThread:
 def _process_main(conn: Any, spec: EngineSpec, prefill_wait_steps: int) -> None:
     """The engine process: load, report ready (or why not), then run the loop until stop or EOF."""
     logging.basicConfig(level=logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # this process is ours, as the CLI's is: a load failure is our one line
+    hf_logging.disable_progress_bar()
     try:
         engine = Engine.load(spec.path, spec.device, **spec.options)
         engine.capture_prefill_graphs()
     except Exception as err:
-        conn.send(("failed", f"{type(err).__name__}: {err}"))
+        conn.send(("failed", str(err) if isinstance(err, QuantDeployError) else f"{type(err).__name__}: {err}"))
         return
     conn.send(("ready", EngineInfo.of(engine)))
 
@@ -257,6 +262,10 @@ def _process_main(conn: Any, spec: EngineSpec, prefill_wait_steps: int) -> None:
             pass  # the server process is gone; the next receive sees EOF and stops
 
     EngineLoop(engine, send, prefill_wait_steps).run(receive)
+
+
+class EngineLoadError(QuantDeployError):
+    """The engine process could not load the model; the message is the one the process reported."""
 
 
 class EngineProcess:
@@ -281,7 +290,7 @@ class EngineProcess:
         except EOFError:
             raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode})") from None
         if kind == "failed":
-            raise RuntimeError(payload)
+            raise EngineLoadError(payload)
         self.info = payload
         fd = self._conn.fileno()
 

@@ -64,8 +64,6 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if not self.force_exit:  # a second Ctrl-C skips the drain
-            log.info("shutting down: finishing requests in flight (deadline %.0f s)",
-                     self.config.timeout_graceful_shutdown - 5)
             await self.app.state.drain()
         await super().shutdown(sockets)
 
