@@ -190,7 +190,8 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig,
         try:
             return scheduler.submit(prompt_ids, params)
         except QueueFull:
-            raise ApiError(429, f"the server is at capacity ({config.max_queue} requests waiting); retry later",
+            raise ApiError(429, f"the server is at capacity ({scheduler.rows} rows busy, {config.max_queue} requests "
+                           "waiting); retry later",
                            "rate_limit_error", headers={"Retry-After": str(config.retry_after_s)}) from None
         except ShuttingDown:
             raise ApiError(503, "the server is shutting down", "server_error") from None

@@ -63,7 +63,7 @@ class Scheduler:
         self.failed: str | None = None  # why the engine is gone, if it is
         self.stopped = threading.Event()  # the engine loop has ended
         self._admitting = True
-        self._drained = threading.Lock()
+        self._drained = threading.Lock()  # taken by the first drain: the second returns at once
 
     def attach(self, engine: Any) -> None:
         self.engine = engine
@@ -79,7 +79,7 @@ class Scheduler:
     # ------------------------------------------------------------------ handler side (event loop)
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request (after the lengths have been checked against the engine's limits)."""
-        if not self._admitting or self.failed:
+        if not self.admitting:
             raise ShuttingDown()
         if len(self.requests) >= self.rows + self.max_queue:
             raise QueueFull()
