@@ -73,8 +73,9 @@ def check_output(path: Path, overwrite: bool = False) -> None:
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
-    try:
-        tempfile.TemporaryDirectory(dir=ancestor, prefix=f".{path.name}.probe-").cleanup()
+    try:  # an unnamed file (O_TMPFILE on Linux): a writer killed here leaves nothing behind
+        with tempfile.TemporaryFile(dir=ancestor, prefix=f".{path.name}.probe-"):
+            pass
     except OSError as err:
         raise CheckpointError(f"cannot write under {ancestor} ({err.strerror or err}); choose another output folder") from None
 
