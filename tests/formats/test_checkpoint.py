@@ -239,3 +239,15 @@ def test_missing_file_newer_format_and_wrong_dtype(saved, tmp_path):
     (edited / "quant_config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not a quantdeploy quant config"):
         qd.load(edited)
+
+
+def test_replacing_a_checkpoint_is_one_atomic_swap_here(tmp_path):
+    """On Linux the new folder and the old checkpoint trade places in one step (no instant without one)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "new.txt").write_text("new")
+    (b / "old.txt").write_text("old")
+    if not ckpt.exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this system or file system")
+    assert (b / "new.txt").read_text() == "new" and (a / "old.txt").read_text() == "old"

@@ -13,7 +13,8 @@ A checkpoint folder holds:
   calibration-data hash, source-model hash, and the size and sha256 of every file.
 
 Writes go to a hidden temporary folder beside the target, which is renamed into place only when
-complete, so a crash never leaves a folder that looks valid. ``check_output`` runs before any long work:
+complete (swapped with an old checkpoint in one atomic step where Linux allows), so a crash never
+leaves a folder that looks valid, nor an absent one where a checkpoint was. ``check_output`` runs before any long work:
 the output must be new, or (with overwrite) one of our own checkpoints, and its parent writable; an
 unrelated folder or file is never replaced. Reads check presence, versions, file sizes and every file's
 sha256 against the manifest, then the safetensors header, and fail with one line. Hashing reads each
@@ -25,10 +26,12 @@ unnoticed by generate, eval, bench and serve), so every loader pays it.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -104,11 +107,14 @@ def write_checkpoint(
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_json(tmp / MANIFEST_FILE, {"format_version": FORMAT_VERSION, **manifest, "files": files})
         _fsync_folder(tmp)
-        if path.exists():  # an empty folder, or one of our checkpoints (check_output): set aside, then removed
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+        if path.exists():  # an empty folder, or one of our checkpoints (check_output)
+            if exchange(tmp, path):  # one atomic swap: the path always holds a complete folder
+                shutil.rmtree(tmp)  # which now holds the old one
+            else:  # two renames: a crash between them leaves the old one in a hidden .old- folder
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
         else:
             os.replace(tmp, path)
     except (OSError, SafetensorError) as err:  # safetensors reports its own I/O errors (disk full ...) as SafetensorError
@@ -119,6 +125,24 @@ def write_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder_size(path)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux's ``renameat2`` with ``RENAME_EXCHANGE``); False where the system or
+    the file system cannot, and the caller falls back to two renames."""
+    if sys.platform != "linux":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # not supported here
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def read_checkpoint(path: Path, verify_hashes: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
