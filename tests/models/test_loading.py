@@ -74,6 +74,12 @@ def test_a_folder_whose_weights_do_not_fill_its_config_is_refused(tiny_bundle, t
         qd.load_model(folder)
     with pytest.raises(ModelSourceError, match="holds quantized weights"):
         qd.load(folder)
+    from safetensors.torch import load_file, save_file  # scales alone (no qweight) are named as well
+
+    tensors = {k: v for k, v in load_file(folder / "model.safetensors").items() if not k.endswith(".qweight")}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelSourceError, match=r"holds quantized weights \(e.g. .*\.scales\)"):
+        qd.load_model(folder)
 
 
 def test_missing_and_misshapen_weights_are_refused(tiny_llama_dir, tmp_path):

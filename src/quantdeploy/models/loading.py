@@ -104,17 +104,22 @@ def _check_loaded_exactly(info: dict, where: str) -> None:
     for, with a warning. A model that did not load exactly is never quantized or run: refuse it."""
     missing = sorted(info.get("missing_keys") or ())
     unexpected = sorted(info.get("unexpected_keys") or ())
-    mismatched = sorted(info.get("mismatched_keys") or ())
-    if any(k.endswith((".qweight", ".scales")) for k in unexpected):
-        raise ModelSourceError(f"{where} holds quantized weights (e.g. {next(k for k in unexpected if k.endswith('.qweight'))}) "
-                               "but no quantdeploy quant_config.json; quantize the original model, or restore the "
-                               "checkpoint's quant_config.json and manifest.json")
-    if missing or mismatched or unexpected:
-        what = (f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else
-                f"{len(mismatched)} weights of the wrong shape (e.g. {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]})"
-                if mismatched else f"{len(unexpected)} weights the model has no place for (e.g. {unexpected[0]})")
-        raise ModelSourceError(f"{where} does not match its config.json: {what}; transformers would fill the gaps "
-                               "with random values. Pass a complete checkpoint folder")
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in sorted(info.get("mismatched_keys") or ())]
+    quantized = [k for k in unexpected if k.endswith((".qweight", ".scales", ".zeros"))]
+    if quantized:
+        raise ModelSourceError(f"{where} holds quantized weights (e.g. {quantized[0]}) but no quantdeploy "
+                               "quant_config.json; quantize the original model, or restore the checkpoint's "
+                               "quant_config.json and manifest.json")
+    if missing:
+        what = f"{len(missing)} weights missing (e.g. {missing[0]})"
+    elif mismatched:
+        what = f"{len(mismatched)} weights of the wrong shape (e.g. {mismatched[0]})"
+    elif unexpected:
+        what = f"{len(unexpected)} weights the model has no place for (e.g. {unexpected[0]})"
+    else:
+        return
+    raise ModelSourceError(f"{where} does not match its config.json: {what}; transformers would fill the gaps "
+                           "with random values. Pass a complete checkpoint folder")
 
 
 def merge_lora(model: torch.nn.Module, adapter: Path) -> tuple[torch.nn.Module, dict]:
