@@ -4,6 +4,13 @@ one process on one card.
 
     python benchmarks/engine_gpu.py --batches 1 --hf          # batch 1: ours vs transformers vs roofline
     python benchmarks/engine_gpu.py --batches 4 16 64         # batch scaling (rows at different positions)
+    python benchmarks/engine_gpu.py --layers 8 --batches 64 --prompt-len 192 --max-seq-len 256 8192 32768
+                                                               # decode cost against the cache reserved per row
+    python benchmarks/engine_gpu.py --layers 8 --batches 1 16 --prompt-len 8192 --steps 32 --max-seq-len 8300
+                                                               # long context
+
+The cache holds ``--max-seq-len`` positions per row (default 2,048, what ``serve`` allocates); several
+values run one after the other on the same weights, ratios to the first in the JSON line.
 
 Roofline: decode at batch B must read every weight once (the input-embedding table excepted: B rows)
 plus the KV cache it attends over; ``bytes / measured copy bandwidth`` is the fastest a step can be.
@@ -14,6 +21,7 @@ Prints a table, then one JSON line (machine, card, commit, config).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -32,6 +40,7 @@ VARIANTS = {  # name: Engine keyword arguments
     "cd-sdpa": {"decode_attention": "sdpa"},
     "autotune": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True,
                                      "max_autotune_gemm": True}},
+    "reduce": {"decode_attention": "reduce"},  # attention over the whole static cache under a mask (before split-KV)
 }
 
 
@@ -108,11 +117,15 @@ def main() -> None:
                    help="engine compile settings to compare in this run (fresh engine each)")
     p.add_argument("--quant", nargs="+", default=["bf16"], choices=["bf16", "w4g128", "w8", "nf4", "fp8"],
                    help="weight formats, each a fresh engine on the same random weights (RTN; bf16 first for the ratios)")
+    p.add_argument("--max-seq-len", type=int, nargs="+", default=[2048],
+                   help="cache positions per row, one engine each (default: serve's 2048)")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (fewer: room for long caches)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family on the CPU: a smoke test")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
     bandwidth = measure_bandwidth(torch.device(device))
     config = llama31_8b_config()
+    config.num_hidden_layers = args.layers
     if args.tiny:
         config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size = 2, 256, 512, 1000
     t = time.perf_counter()
@@ -126,10 +139,13 @@ def main() -> None:
     for fmt in args.quant:
         config = quant_configs()[fmt]
         source = bundle if config is None else qd.quantize(bundle, config, device=device)
-        for variant in args.variants:
+        for variant, seq_len in [(v, n) for v in args.variants for n in args.max_seq_len]:
             engine = Engine.from_bundle(source, device, max_batch=max(args.batches),
-                                        max_seq_len=args.prompt_len + cfg.warmup + cfg.steps + 8, **VARIANTS[variant])
+                                        max_seq_len=dataclasses.replace(cfg, max_seq_len=seq_len).seq_len(),
+                                        **VARIANTS[variant])
             name = variant if fmt == "bf16" else f"{variant},{fmt}"
+            if len(args.max_seq_len) > 1:
+                name += f",S={seq_len}"
             t = time.perf_counter()
             record[f"ours[{name}]"] = ours = bench_engine(engine, cfg, bandwidth)
             print(f"engine bench {name} (compiles included) {time.perf_counter() - t:.1f} s", flush=True)
@@ -141,6 +157,10 @@ def main() -> None:
             if fmt != "bf16" and f"ours[{variant}]" in record:
                 base = record[f"ours[{variant}]"]["decode"]
                 record.setdefault("vs_bf16", {})[fmt] = {b: d["tok_s"] / base[b]["tok_s"] for b, d in ours["decode"].items()}
+            if seq_len != args.max_seq_len[0]:  # decode against the first cache length, same format and variant
+                first = record[f"ours[{name.rsplit(',S=', 1)[0]},S={args.max_seq_len[0]}]"]["decode"]
+                record.setdefault("vs_first_seq_len", {})[name] = {
+                    b: d["tok_s"] / first[b]["tok_s"] for b, d in ours["decode"].items()}
             del engine
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -163,7 +183,7 @@ def main() -> None:
     print(f"{'run':34s} {'tok/s':>9s} {'ms/step':>9s} {'GB/s':>8s} {'of roofline':>12s}")
     for name, tok_s, ms, gbs, frac in rows:
         print(f"{name:34s} {tok_s:9.1f} {ms:9.2f} {gbs:8.0f} {100 * frac:11.1f}%")
-    print(json.dumps({**machine_info(), "config": {**vars(args), "shape": "llama-3.1-8b", "dtype": "bfloat16"},
+    print(json.dumps({**machine_info(), "config": {**vars(args), "shape": f"llama-3.1-8b ({args.layers} layers)", "dtype": "bfloat16"},
                       **record}))
 
 

@@ -66,7 +66,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if original is None or (not Path(original).expanduser().exists() and original != "bundled" and "/" not in original):
             raise ConfigError(f"the checkpoint's original model ({original}) is not on this machine; "
                               "pass --original PATH or --no-original")
-    cfg = decode.BenchConfig(prompt_len=args.prompt_len, batches=tuple(args.batches), steps=args.steps)
+    cfg = decode.BenchConfig(prompt_len=args.prompt_len, batches=tuple(args.batches), steps=args.steps,
+                             max_seq_len=args.max_seq_len)
+    cfg.seq_len()  # a cache too short for the runs is refused before anything loads
     console = Console(stderr=True)
     record = decode.run(args.model, original, device, cfg, compile=True if args.compile else None,
                         on_result=lambda name, _: console.print(f"[dim]{name} done[/dim]"))
@@ -209,6 +211,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=count(1), default=128)
     p.add_argument("--steps", type=count(1), default=32, help="timed decode steps per batch size")
     p.add_argument("--threads", type=count(1), help="CPU threads (default: PyTorch's, one per physical core)")
+    p.add_argument("--max-seq-len", type=count(2),
+                   help="cache positions per row, as serve allocates them (default 2048, or what the runs need)")
     _add_engine_flags(p, max_seq_len_flag=False)
     p.add_argument("--json", help="also write the record to this JSON file")
     p.set_defaults(func=cmd_bench)

@@ -124,6 +124,17 @@ def test_context_errors_are_clear(engine):
     assert engine.free_rows == engine.max_batch  # nothing half-admitted
 
 
+def test_decode_attention_is_checked_by_name(tiny_bundle):
+    from quantdeploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="split_kv decode attention needs a CUDA device"):
+        Engine.from_bundle(tiny_bundle, "cpu", decode_attention="split_kv")
+    with pytest.raises(ConfigError, match="unknown decode attention 'flash'; available: split_kv, reduce, sdpa"):
+        Engine.from_bundle(tiny_bundle, "cpu", decode_attention="flash")
+    engine = Engine.from_bundle(tiny_bundle, "cpu", max_seq_len=64)
+    assert engine.model.layers[0].attention.decode_attention == "sdpa"  # eager CPU: the cached prefix only
+
+
 def test_unsupported_architecture_is_refused_before_loading_weights(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

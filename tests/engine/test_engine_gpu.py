@@ -39,7 +39,8 @@ def _run(engine: Engine, params: SamplingParams) -> list[list[int]]:
 
 def test_compiled_decode_matches_eager_tokens_in_fp32():
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    eager = Engine.from_bundle(_bundle(torch.float32), "cuda", max_batch=4, max_seq_len=128, compile=False)
+    eager = Engine.from_bundle(_bundle(torch.float32), "cuda", max_batch=4, max_seq_len=128, compile=False,
+                               decode_attention="sdpa")
     compiled = Engine.from_bundle(_bundle(torch.float32), "cuda", max_batch=4, max_seq_len=128, compile=True)
     assert compiled.compiled and not eager.compiled
     assert _run(eager, params) == _run(compiled, params)

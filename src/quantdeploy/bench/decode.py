@@ -6,8 +6,10 @@ different positions), warms up (on CUDA that compiles and records the graph of t
 then times ``steps`` engine steps. Tokens per second count every generated token of the batch.
 
 Achieved GB/s = bytes one decode step must read / step time: every stored weight byte except the
-input-embedding table (of which only ``B`` rows are read), plus the KV cache the step attends over
-(on CUDA the whole static cache, on CPU the cached prefix). The machine's bandwidth is a large
+input-embedding table (of which only ``B`` rows are read), plus the keys and values the rows hold
+(each row's own length, averaged over the timed steps), never the positions a cache merely reserves:
+an engine that reads more is slower, and the figure shows it. The cache is allocated for
+``max_seq_len`` positions per row (default: the server's, 2,048), as a server would. The machine's bandwidth is a large
 copy, counting bytes read plus written (the workplace's standard), timed the same way in the same
 process. Nothing here is a test: numbers depend on the machine and its load.
 """
@@ -26,6 +28,8 @@ from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.quant_linear import QuantEmbedding, QuantLinear
 from quantdeploy.engine.sampling import SamplingParams
 
+DEFAULT_SEQ_LEN = 2048  # what ``quantdeploy serve`` allocates per row unless told
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -35,6 +39,17 @@ class BenchConfig:
     warmup: int = 4
     repeats: int = 3
     seed: int = 0
+    max_seq_len: int | None = None  # the cache per row; None: the server's default (2,048), or what the runs need
+
+    def seq_len(self) -> int:
+        """The cache length each engine is loaded with."""
+        needed = self.prompt_len + self.warmup + self.steps + 8
+        if self.max_seq_len is not None and self.max_seq_len < needed:
+            from quantdeploy.errors import ConfigError
+
+            raise ConfigError(f"max_seq_len {self.max_seq_len} is shorter than the benchmark's sequences "
+                              f"({needed} positions: prompt + warmup + steps + 8); raise it or shorten them")
+        return self.max_seq_len or max(DEFAULT_SEQ_LEN, needed)
 
 
 def _sync(device: torch.device) -> None:
@@ -104,10 +119,13 @@ def time_to_first_token(engine: Engine, cfg: BenchConfig) -> float:
     return statistics.median(times[1:])  # the first run warms up
 
 
-def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, float]:
-    """(tokens/s over the batch, seconds per step) for ``batch`` sequences at different positions."""
+def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, float, float]:
+    """(tokens/s over the batch, seconds per step, cached positions the rows hold during a timed step,
+    summed over rows) for ``batch`` sequences at different positions."""
     params = SamplingParams(max_tokens=cfg.warmup + cfg.steps + 2, ignore_eos=True)
-    seqs = [engine.add(p, params) for p in _prompts(engine, batch, cfg.prompt_len, cfg.seed)]
+    prompts = _prompts(engine, batch, cfg.prompt_len, cfg.seed)
+    held = sum(len(p) for p in prompts) + batch * (cfg.warmup + 1 + (cfg.steps - 1) / 2)
+    seqs = [engine.add(p, params) for p in prompts]
     for _ in range(cfg.warmup):
         engine.step()
     _sync(engine.device)
@@ -120,7 +138,7 @@ def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, fl
         engine.step()
     if any(len(s.output_ids) != params.max_tokens for s in seqs):
         raise RuntimeError("a benchmark sequence stopped early; the decode timing would be wrong")
-    return batch * cfg.steps / elapsed, elapsed / cfg.steps
+    return batch * cfg.steps / elapsed, elapsed / cfg.steps, held
 
 
 def bench_engine(engine: Engine, cfg: BenchConfig, bandwidth_gbs: float) -> dict[str, Any]:
@@ -134,9 +152,8 @@ def bench_engine(engine: Engine, cfg: BenchConfig, bandwidth_gbs: float) -> dict
     result: dict[str, Any] = {"weights_gb": total / 1e9, "prefill_tok_s": cfg.prompt_len / ttft, "ttft_ms": 1e3 * ttft,
                               "decode": {}}
     for batch in cfg.batches:
-        tok_s, step_s = decode_rate(engine, batch, cfg)
-        positions = engine.max_seq_len if engine.compiled else cfg.prompt_len + cfg.warmup + cfg.steps
-        moved = total - table + batch * positions * kv_pos
+        tok_s, step_s, held = decode_rate(engine, batch, cfg)
+        moved = total - table + held * kv_pos
         gbs = moved / step_s / 1e9
         result["decode"][batch] = {"tok_s": tok_s, "ms_per_step": 1e3 * step_s, "gb_s": gbs,
                                    "roofline_frac": gbs / bandwidth_gbs}
@@ -171,7 +188,7 @@ def run(model: str, original: str | None, device: torch.device, cfg: BenchConfig
 
     bandwidth = measure_bandwidth(device)
     record: dict[str, Any] = {"bandwidth_gbs": bandwidth, "results": {}}
-    max_seq_len = cfg.prompt_len + cfg.warmup + cfg.steps + 8
+    max_seq_len = cfg.seq_len()
     for name, path in (("model", model), ("original", original)):
         if path is None:
             continue

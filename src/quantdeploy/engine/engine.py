@@ -18,8 +18,10 @@ server does continuous batching; ``generate``/``stream`` are the simple loops on
 
 Decode runs over rows ``0..n-1`` (n rounded up to a bucket) with a fixed shape, which is what
 CUDA graphs need: on CUDA the decode step is ``torch.compile``d with ``mode="reduce-overhead"``
-(one graph per batch bucket) and attends over the whole static cache under a mask; on CPU it runs
-eagerly and attends over the cached prefix only. On CUDA a prefill of up to 4096 padded tokens
+(one graph per batch bucket), and its attention kernel reads each row's own positions only, the
+lengths being a device tensor (``kernels/triton_attention.py``), so a step costs what the sequences
+hold, not what the cache reserves; on CPU it runs eagerly and attends over the cached prefix of the
+longest row. On CUDA a prefill of up to 4096 padded tokens
 replays a CUDA graph of its bucketed shape (``engine/prefill_graphs.py``): eagerly, launching its
 kernels took longer than running them.
 """
@@ -27,6 +29,7 @@ kernels took longer than running them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import random
 import time
@@ -46,6 +49,7 @@ from quantdeploy.errors import ConfigError, RequestError
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DECODE_ATTENTION = ("split_kv", "reduce", "sdpa")
 # mode="reduce-overhead" is {"triton.cudagraphs": True}; coordinate-descent tuning of the fused kernels
 # is what gpt-fast turns on (globally) as well.
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
@@ -80,7 +84,9 @@ class Engine:
                  prefill_graph_tokens: int | None = None) -> None:
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
-        "sdpa" or "reduce" (``models.llama.reduce_attention``; default: "reduce" when compiled).
+        "split_kv" (``kernels/triton_attention.py``: each row reads only its own positions; the default on
+        CUDA with triton), "reduce" (``models.llama.reduce_attention`` over ``kv_len`` positions under a
+        mask; the default when compiled elsewhere) or "sdpa" (the default otherwise).
         ``buckets``: the batch sizes a decode step is padded to (default ``BUCKETS``); each is one
         compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,).
         ``max_prefill_tokens``: the most (padded) prompt tokens one prefill forward takes; sequences added
@@ -113,7 +119,8 @@ class Engine:
         self._next_id = 0
         self.compiled = (device.type == "cuda") if compile is None else compile
         self._decode = self.model.decode
-        attention = decode_attention or ("reduce" if self.compiled else "sdpa")
+        attention = _decode_attention(decode_attention, device, self.compiled)
+        log.debug("decode attention: %s", attention)
         for layer in self.model.layers:
             layer.attention.decode_attention = attention
         graph_tokens = (MAX_TOKENS if device.type == "cuda" else 0) if prefill_graph_tokens is None else prefill_graph_tokens
@@ -362,6 +369,21 @@ class Engine:
             self._park(seq.row)
             self.rows[seq.row] = None
             self.sampler.release(seq.row)
+
+
+def _decode_attention(name: str | None, device: torch.device, compiled: bool) -> str:
+    """The decode attention to run: ``name``, checked, or the default for ``device``."""
+    fast = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if name is None:
+        name = "split_kv" if fast else ("reduce" if compiled else "sdpa")
+    if name not in DECODE_ATTENTION:
+        raise ConfigError(f"unknown decode attention '{name}'; available: {', '.join(DECODE_ATTENTION)}")
+    if name == "split_kv":
+        if not fast:
+            raise ConfigError(f"split_kv decode attention needs a CUDA device and the triton package (device: "
+                              f"{device}); use 'sdpa' or 'reduce'")
+        import quantdeploy.kernels.triton_attention  # noqa: F401 - registers quantdeploy::decode_attention
+    return name
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:

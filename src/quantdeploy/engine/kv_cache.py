@@ -57,6 +57,12 @@ class StaticKVCache(nn.Module):
         self.k_cache[idx, :, positions] = k.transpose(1, 2).to(self.k_cache.dtype)
         self.v_cache[idx, :, positions] = v.transpose(1, 2).to(self.v_cache.dtype)
 
+    def attend(self, q: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Decode attention of ``q [B, H, D]`` (one query per row, rows ``0..B-1``) over each row's first
+        ``lengths [B]`` cached positions, reading no others (``kernels/triton_attention.py``; CUDA)."""
+        scales = (self.k_scale, self.v_scale) if self.quant else (None, None)
+        return torch.ops.quantdeploy.decode_attention(q, self.k_cache, self.v_cache, lengths, *scales)
+
     def read(self, rows: slice | torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[rows, Hkv, length, D]`` in ``dtype``: a view for a slice of rows (unless the
         cache is quantized), a gathered copy for a tensor of row indices."""

@@ -12,7 +12,9 @@ Three ways to run it:
 - ``prefill(tokens, rows, start, lengths)``: a chunk of one or several (right-padded) sequences, written
   into their cache rows at positions ``start..``, each attending to everything its row cached before;
 - ``decode(tokens, positions, kv_len)``: one new token for each of the cache rows ``0..n-1``, each at
-  its own position; attention reads the first ``kv_len`` cached positions under a per-row mask.
+  its own position; attention reads the first ``kv_len`` cached positions under a per-row mask, or
+  (``decode_attention = "split_kv"``, the engine's choice on CUDA) each row exactly its own positions
+  through the cache's ``attend`` kernel, whatever ``kv_len``.
 
 The KV cache is owned by the engine: it attaches one cache module per layer (``attach_cache``) with
 ``write(rows, positions, k, v)`` and ``read(row_slice, length, dtype)``; the model only calls those.
@@ -168,7 +170,7 @@ class Attention(nn.Module):
                                  _linear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)])
         self.wo = _linear(a.n_heads * a.head_dim, a.dim, a.o_bias)
         self.kv_cache: nn.Module | None = None
-        self.decode_attention = "sdpa"  # or "reduce": see reduce_attention
+        self.decode_attention = "sdpa"  # or "reduce" (see reduce_attention) or "split_kv" (the cache's own kernel)
         self.k_scale: torch.Tensor | None = None  # static KV-cache scales [n_kv_heads], when quantized
         self.v_scale: torch.Tensor | None = None
 
@@ -176,7 +178,8 @@ class Attention(nn.Module):
                 cache_at: tuple | None) -> torch.Tensor:
         """``x [B, T, dim]``; ``mask [B, 1, rep*T, S]`` bool (True = attend; rows per query group, built once in ``_run``). ``cache_at`` = (rows [B], positions [B, T],
         kv_rows: a slice or [B] tensor, kv_len) writes K/V into the cache and attends over the cached rows' first ``kv_len``
-        positions; None attends over this chunk only."""
+        positions (``kv_len`` None: a decode step of rows 0..B-1 through the cache's ``attend``, each row its own
+        positions); None attends over this chunk only."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -186,6 +189,9 @@ class Attention(nn.Module):
         if cache_at is not None:
             rows, positions, kv_rows, kv_len = cache_at
             self.kv_cache.write(rows, positions, k, v)
+            if kv_len is None:  # a split-KV decode step: rows 0..B-1, each reading its own length
+                y = self.kv_cache.attend(q[:, :, 0], positions[:, 0] + 1)  # [B, H, D]
+                return self.wo(y.reshape(b, 1, -1))
             k, v = self.kv_cache.read(kv_rows, kv_len, q.dtype)  # [B, Hkv, S, D]
         rep = self.n_heads // self.n_kv_heads
         # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep*T, D].
@@ -250,7 +256,8 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
         sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
         rep = self.args.n_heads // self.args.n_kv_heads
-        mask = mask[:, None].repeat(1, 1, rep, 1)  # [B, T, S] → [B, 1, rep*T, S]: the grouped query rows
+        if mask is not None:  # None: a split-KV decode step, whose kernel bounds each row by its length
+            mask = mask[:, None].repeat(1, 1, rep, 1)  # [B, T, S] → [B, 1, rep*T, S]: the grouped query rows
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_at)
         if last is not None:
@@ -291,6 +298,9 @@ class Transformer(nn.Module):
         """One step for cache rows ``0..n-1``: ``tokens [n]`` at ``positions [n]`` → logits ``[n, vocab]``."""
         n = tokens.shape[0]
         rows = torch.arange(n, device=tokens.device)
-        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None]  # [n, 1, S]
-        logits = self._run(tokens[:, None], positions[:, None], mask, (rows, positions[:, None], slice(0, n), kv_len), None)
+        mask, span = None, None  # split-KV: no mask, no span; the kernel reads each row's length
+        if self.layers[0].attention.decode_attention != "split_kv":
+            mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None]  # [n, 1, S]
+            span = kv_len
+        logits = self._run(tokens[:, None], positions[:, None], mask, (rows, positions[:, None], slice(0, n), span), None)
         return logits[:, 0]

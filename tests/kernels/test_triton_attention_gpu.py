@@ -1,0 +1,138 @@
+"""The split-KV decode attention kernel against the reference (``reduce_attention`` over the cache rows
+read as the engine reads them) on CUDA: every compute dtype, int8 and FP8 cache codes, grouped heads
+(1, 3, 4 and 8 query heads per KV head), a head size that is not a power of two, lengths from 1 to the
+whole cache, one split and many; and the engine with it, compiled, against the masked attention it
+replaces, at a short and a long cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantdeploy.engine.engine import Engine
+from quantdeploy.engine.sampling import SamplingParams
+from quantdeploy.models.llama import reduce_attention
+from quantdeploy.quant.kv_cache import dequantize_kv, quantize_kv
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _reference(q, k_cache, v_cache, lengths, k_scale, v_scale):  # noqa: ANN001, ANN202
+    b, h, d = q.shape
+    kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+    k, v = k_cache[:b], v_cache[:b]
+    if k_scale is not None:
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
+    rep = h // kv_heads
+    mask = (torch.arange(s, device=q.device)[None, :] < lengths[:, None])[:, None, None, :].expand(b, 1, rep, s)
+    return reduce_attention(q.reshape(b, kv_heads, rep, d), k, v, mask).reshape(b, h, d)
+
+
+CASES = [  # batch, heads, kv heads, head dim, cache positions
+    (1, 32, 8, 128, 8192),  # the 8B shape at batch 1: many splits
+    (64, 32, 8, 128, 512),  # the 8B shape at batch 64: one split
+    (5, 9, 3, 64, 700),  # SmolLM2's grouping, lengths not a multiple of a tile
+    (3, 8, 8, 80, 300),  # no grouping; a head size that is not a power of two
+    (2, 16, 2, 64, 4096),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("kv", [None, "int8", "fp8_e4m3"])
+def test_kernel_matches_the_reference(case, kv):
+    from quantdeploy.kernels.triton_attention import decode_attention
+
+    batch, heads, kv_heads, dim, positions = case
+    g = torch.Generator(device="cuda").manual_seed(batch * positions)
+    for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-5)):
+        q = torch.randn(batch, heads, 2 * dim, device="cuda", generator=g).to(dtype)[..., ::2]  # non-contiguous
+        k = torch.randn(batch + 1, kv_heads, positions, dim, device="cuda", generator=g).to(dtype)
+        v = torch.randn(batch + 1, kv_heads, positions, dim, device="cuda", generator=g).to(dtype)
+        k_scale = v_scale = None
+        if kv is not None:
+            k_scale = torch.rand(kv_heads, device="cuda", generator=g) * 0.02 + 0.01
+            v_scale = torch.rand(kv_heads, device="cuda", generator=g) * 0.02 + 0.01
+            k, v = quantize_kv(k, k_scale, kv), quantize_kv(v, v_scale, kv)
+        lengths = torch.randint(1, positions + 1, (batch,), device="cuda", generator=g)
+        lengths[0] = 1
+        lengths[-1] = positions
+        expected = _reference(q.float(), k if kv else k.float(), v if kv else v.float(), lengths, k_scale, v_scale)
+        got = decode_attention(q, k, v, lengths, k_scale, v_scale)
+        assert got.dtype == dtype and got.shape == q.shape
+        error = ((got.float() - expected).norm() / expected.norm()).item()
+        assert error < tolerance, (dtype, error)
+
+
+def test_positions_past_a_rows_length_are_never_read():
+    from quantdeploy.kernels.triton_attention import decode_attention
+
+    q = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(5, 2, 2048, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lengths = torch.tensor([1, 100, 777, 2048], device="cuda")
+    before = decode_attention(q, k, v, lengths, None, None)
+    for row, n in enumerate(lengths.tolist()):
+        k[row, :, n:] = float("nan")  # what lies past the length (stale or poisoned) must not matter
+        v[row, :, n:] = float("nan")
+    after = decode_attention(q, k, v, lengths, None, None)
+    assert torch.equal(before, after)
+
+
+def test_splits_cover_the_card_only_when_the_batch_does_not():
+    from quantdeploy.kernels.triton_attention import MAX_SPLITS, splits_for
+
+    assert splits_for(64, 8, 32768, 132) == 1  # 512 programs already
+    assert splits_for(1, 8, 32768, 132) == MAX_SPLITS
+    assert splits_for(1, 8, 256, 132) == 1  # a full row is one split of four tiles
+    assert splits_for(4, 8, 8192, 132) == 16
+
+
+def _bundle(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantdeploy.models.bundle import ModelBundle, SourceInfo
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    return ModelBundle(model=model, tokenizer=None, source=SourceInfo(path="memory", kind="memory"))
+
+
+def _run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    seqs = []
+    for prompt in prompts:  # join one by one, a step apart: rows at different positions
+        seqs.append(engine.add(prompt, params))
+        engine.step()
+    while engine.running:
+        engine.step()
+    return [s.output_ids for s in seqs]
+
+
+def test_engine_tokens_with_split_kv_equal_the_masked_attention_at_any_cache_length():
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 300, 1, 1200, 77)]
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    bundle = _bundle(torch.float32)
+    runs = {}
+    for attention, seq_len in (("sdpa", 1300), ("split_kv", 1300), ("split_kv", 8192)):
+        engine = Engine.from_bundle(bundle, "cuda", max_batch=8, max_seq_len=seq_len, compile=attention == "split_kv",
+                                    decode_attention=attention)
+        assert engine.model.layers[0].attention.decode_attention == attention
+        runs[attention, seq_len] = _run(engine, prompts, params)
+    assert runs["split_kv", 1300] == runs["sdpa", 1300]
+    assert runs["split_kv", 8192] == runs["sdpa", 1300]
+
+
+def test_engine_default_on_cuda_is_split_kv_and_bf16_logits_match_the_masked_path():
+    bundle = _bundle(torch.bfloat16)
+    logits = []
+    for attention in (None, "reduce"):
+        engine = Engine.from_bundle(bundle, "cuda", max_batch=4, max_seq_len=2048, decode_attention=attention)
+        assert engine.model.layers[0].attention.decode_attention == (attention or "split_kv")
+        for n in (3, 600, 40, 1):
+            engine.add([1 + i % 500 for i in range(n)], SamplingParams(max_tokens=8, ignore_eos=True))
+        engine._prefill_added()
+        torch.compiler.cudagraph_mark_step_begin()
+        logits.append(engine._decode(engine.next_token.clone(), engine.positions.clone(), engine.max_seq_len).float().clone())
+    assert (logits[1] - logits[0]).norm() / logits[0].norm() < 2e-2
