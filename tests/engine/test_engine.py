@@ -135,6 +135,22 @@ def test_decode_attention_is_checked_by_name(tiny_bundle):
     assert engine.model.layers[0].attention.decode_attention == "sdpa"  # eager CPU: the cached prefix only
 
 
+def test_every_decode_bucket_compiles_past_dynamos_default_recompile_limit(tiny_bundle):
+    # nine buckets (1..256) are nine graphs of one function; dynamo's default limit of 8 failed the ninth
+    engine = Engine.from_bundle(tiny_bundle, "cpu", max_batch=256, max_seq_len=16, compile=False)
+    assert len(engine.buckets) == 9 and not any(p.requires_grad for p in engine.model.parameters())
+    engine.compiled = True  # traced by dynamo only: the kernels inductor would write are beside the point here
+    engine._decode = torch.compile(engine.model.decode, fullgraph=True, dynamic=False, backend="eager")
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for bucket in engine.buckets:
+        seqs = [engine.add([5, 6, 7], params) for _ in range(bucket)]  # rows 0..bucket-1
+        while engine.running:
+            engine.step()
+        assert all(len(s.output_ids) == 2 for s in seqs)
+    assert engine._compiled_buckets == set(engine.buckets)
+    assert torch._dynamo.config.recompile_limit == 8  # raised only while a bucket compiled
+
+
 def test_unsupported_architecture_is_refused_before_loading_weights(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -24,7 +24,7 @@ def _on_gpu(qw: QuantizedWeight) -> QuantizedWeight:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
-@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 64])  # 1-4: the few-row kernel (GEMV_ROWS), then tensor cores
 def test_kernel_matches_the_reference(spec, rows):
     torch.manual_seed(rows)
     n, k = 320, 640  # every group divides it; no tile of 256 does

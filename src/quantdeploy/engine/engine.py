@@ -29,7 +29,6 @@ kernels took longer than running them.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import random
 import time
@@ -39,7 +38,7 @@ from typing import Any, Iterator
 import torch
 
 from quantdeploy.device import resolve_device
-from quantdeploy.engine.kv_cache import StaticKVCache
+from quantdeploy.engine.kv_cache import StaticKVCache, choose_decode_attention
 from quantdeploy.engine.loading import LoadedModel, from_bundle, load
 from quantdeploy.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs, pack_rows, run_packed
 from quantdeploy.engine.sampling import BatchSampler, SamplingParams
@@ -49,7 +48,7 @@ from quantdeploy.errors import ConfigError, RequestError
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DECODE_ATTENTION = ("split_kv", "reduce", "sdpa")
+RECOMPILE_LIMIT = 1024  # graphs of the decode step a process may compile (see Engine._run_decode)
 # mode="reduce-overhead" is {"triton.cudagraphs": True}; coordinate-descent tuning of the fused kernels
 # is what gpt-fast turns on (globally) as well.
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
@@ -118,8 +117,9 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self._next_id = 0
         self.compiled = (device.type == "cuda") if compile is None else compile
+        self._compiled_buckets: set[int] = set()
         self._decode = self.model.decode
-        attention = _decode_attention(decode_attention, device, self.compiled)
+        attention = choose_decode_attention(decode_attention, device, self.compiled)
         log.debug("decode attention: %s", attention)
         for layer in self.model.layers:
             layer.attention.decode_attention = attention
@@ -207,9 +207,7 @@ class Engine:
         if launch:
             n = next(b for b in self.buckets if b > launch[-1][0])
             kv_len = self.max_seq_len if self.compiled else self._kv_len(launch)
-            if self.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = self._decode(self.next_token[:n].clone(), self.positions[:n].clone(), kv_len)
+            logits = self._run_decode(n, kv_len)
             tokens = self.sampler.sample(logits, slice(0, n))
             self.next_token[:n] = tokens.clamp(min=0)  # -1 marks a row with non-finite logits
             self.positions[:n] += self.growing[:n]
@@ -322,6 +320,24 @@ class Engine:
         position = len(seq.prompt_ids) + seq.launched - 1  # where the pending token will be written
         return not seq.finished and seq.launched < seq.params.max_tokens and position < self.max_seq_len
 
+    def _run_decode(self, n: int, kv_len: int) -> torch.Tensor:
+        """The decode step over rows ``0..n-1``. Compiled, each bucket is a graph of its own, compiled at the
+        bucket's first call. Dynamo counts the graphs of one function against a recompile limit (8 by
+        default, fewer than ``BUCKETS``; on some torch versions counted over every engine of the process),
+        and a full-graph compile past it fails: the calls that are meant to compile a new graph run under
+        a high limit, every other call under the process's own."""
+        tokens, positions = self.next_token[:n].clone(), self.positions[:n].clone()
+        if not self.compiled:
+            return self._decode(tokens, positions, kv_len)
+        torch.compiler.cudagraph_mark_step_begin()
+        if n in self._compiled_buckets:
+            return self._decode(tokens, positions, kv_len)
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            logits = self._decode(tokens, positions, kv_len)
+        self._compiled_buckets.add(n)
+        return logits
+
     def _kv_len(self, launch: list[tuple[int, Sequence]]) -> int:
         longest = max(len(s.prompt_ids) + s.launched for _, s in launch)
         return min(self.max_seq_len, -(-longest // 64) * 64)
@@ -369,21 +385,6 @@ class Engine:
             self._park(seq.row)
             self.rows[seq.row] = None
             self.sampler.release(seq.row)
-
-
-def _decode_attention(name: str | None, device: torch.device, compiled: bool) -> str:
-    """The decode attention to run: ``name``, checked, or the default for ``device``."""
-    fast = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    if name is None:
-        name = "split_kv" if fast else ("reduce" if compiled else "sdpa")
-    if name not in DECODE_ATTENTION:
-        raise ConfigError(f"unknown decode attention '{name}'; available: {', '.join(DECODE_ATTENTION)}")
-    if name == "split_kv":
-        if not fast:
-            raise ConfigError(f"split_kv decode attention needs a CUDA device and the triton package (device: "
-                              f"{device}); use 'sdpa' or 'reduce'")
-        import quantdeploy.kernels.triton_attention  # noqa: F401 - registers quantdeploy::decode_attention
-    return name
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:

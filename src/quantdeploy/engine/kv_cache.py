@@ -19,12 +19,16 @@ bytes of bf16 (a quarter of fp32), dequantized as they are read.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 
+from quantdeploy.errors import ConfigError
 from quantdeploy.quant.kv_cache import dequantize_kv, quantize_kv
 
 CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+DECODE_ATTENTION = ("split_kv", "reduce", "sdpa")  # see models.llama.Attention and StaticKVCache.attend
 
 
 class StaticKVCache(nn.Module):
@@ -70,3 +74,18 @@ class StaticKVCache(nn.Module):
         if self.quant:
             return dequantize_kv(k, self.k_scale, dtype), dequantize_kv(v, self.v_scale, dtype)
         return k, v
+
+
+def choose_decode_attention(name: str | None, device: torch.device, compiled: bool) -> str:
+    """The decode attention to run: ``name``, checked, or the default for ``device``."""
+    fast = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if name is None:
+        name = "split_kv" if fast else ("reduce" if compiled else "sdpa")
+    if name not in DECODE_ATTENTION:
+        raise ConfigError(f"unknown decode attention '{name}'; available: {', '.join(DECODE_ATTENTION)}")
+    if name == "split_kv":
+        if not fast:
+            raise ConfigError(f"split_kv decode attention needs a CUDA device and the triton package (device: "
+                              f"{device}); use 'sdpa' or 'reduce'")
+        import quantdeploy.kernels.triton_attention  # noqa: F401 - registers quantdeploy::decode_attention
+    return name

@@ -132,7 +132,9 @@ def build(args: ModelArgs, hf_config: Any, hf_tensors: dict[str, torch.Tensor], 
             module.prepare(backend)
         elif isinstance(module, QuantEmbedding) and module.spec.dtype == "nf4":
             nf4.tables_on(device)  # the lookup tables on the device before the decode step compiles
-    return model.eval()
+    # inference only: nothing asks for gradients, so compiling a step never traces a backward (our
+    # registered kernels have none)
+    return model.eval().requires_grad_(False)
 
 
 def _swap_quantized(model: Transformer, hf_name: str, spec: QuantSpec, dtype: torch.dtype) -> None:
