@@ -204,7 +204,7 @@ def test_progress_is_logged_when_stderr_is_not_a_terminal_and_requantizing_is_re
     assert proc.returncode == 0, proc.stderr
     assert "quantizing: " in proc.stderr and "(100%)" in proc.stderr
     qc = json.loads((tmp_path / "q8" / "quant_config.json").read_text())
-    assert qc["method"]["group_size"] is None
+    assert qc["method"]["group_size"] is None and qc["method"]["clip_search"] is True
     assert all(spec["group_size"] is None for spec in qc["modules"].values())
     proc = run("quantize", tmp_path / "q8", "--method", "rtn", "--bits", "4", "-o", tmp_path / "requant")
     assert "is a quantdeploy checkpoint" in error_line(proc) and not (tmp_path / "requant").exists()
@@ -229,3 +229,11 @@ def test_bad_calibration_data_fails_before_the_model_loads(tiny_llama_dir, tmp_p
                      str(tmp_path / "nul.txt"), "-o", str(tmp_path / "out")])
     assert code == 2 and "is binary, not text" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_no_clip_search_flag_reaches_the_grid_and_is_refused_where_it_does_not_apply(tiny_llama_dir, tmp_path):
+    proc = run("quantize", tiny_llama_dir, "--method", "rtn", "--no-clip-search", "-o", tmp_path / "q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "q" / "quant_config.json").read_text())["method"]["clip_search"] is False
+    proc = run("quantize", tiny_llama_dir, "--method", "nf4", "--no-clip-search", "-o", tmp_path / "n")
+    assert "--no-clip-search does not apply to method 'nf4'" in error_line(proc)

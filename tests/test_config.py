@@ -50,3 +50,14 @@ def test_group_size_defaults_per_width():
     assert qd.RTNConfig(bits=8, group_size=64).group_size == 64
     with pytest.raises(ConfigError, match="group_size"):
         qd.RTNConfig(bits=4, group_size="big")
+
+
+def test_a_version_1_grid_config_reads_without_the_clip_search():
+    from quantdeploy.quant.methods.gptq import GPTQConfig
+
+    assert qd.RTNConfig().clip_search and qd.RTNConfig.from_dict({"bits": 4}).clip_search  # format 2: on
+    assert qd.RTNConfig.from_dict({"version": 1, "bits": 4}).clip_search is False
+    assert GPTQConfig.from_dict({"type": "gptq", "version": 1}).clip_search is False
+    awq = config_from_dict({"type": "awq", "version": 1, "quantizer": {"type": "rtn", "version": 1, "bits": 4}})
+    assert awq.quantizer.clip_search is False
+    assert qd.RTNConfig.from_dict({"version": 1, "clip_search": True}).clip_search  # written by hand: kept

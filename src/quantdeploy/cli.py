@@ -144,7 +144,7 @@ def _apply_grid_flags(args: argparse.Namespace, values: dict[str, Any], config_c
     """--bits, --group-size, --sym/--asym and the target flags into ``values`` (a quantizer's dict)."""
     fields = set(config_cls.__dataclass_fields__)
     flags = {"bits": args.bits, "symmetric": args.symmetric, "alpha": args.alpha,
-             "activations": True if args.w8a8 else None}
+             "activations": True if args.w8a8 else None, "clip_search": False if args.no_clip_search else None}
     if args.group_size is not None:  # 0 means per-channel, stored as None: set here, past the None filter
         if "group_size" not in fields:
             raise ConfigError(f"--group-size does not apply to method '{name}'")
@@ -154,7 +154,8 @@ def _apply_grid_flags(args: argparse.Namespace, values: dict[str, Any], config_c
         if value is None:
             continue
         if key not in fields:
-            flag = {"bits": "--bits", "symmetric": "--sym/--asym", "alpha": "--alpha", "activations": "--w8a8"}[key]
+            flag = {"bits": "--bits", "symmetric": "--sym/--asym", "alpha": "--alpha", "activations": "--w8a8",
+                    "clip_search": "--no-clip-search"}[key]
             raise ConfigError(f"{flag} does not apply to method '{name}'")
         values[key] = value
     targets = dict(values.get("targets", {}))
@@ -333,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric grid")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric grid")
+    p.add_argument("--no-clip-search", action="store_true",
+                   help="rtn/gptq: span each group's whole range instead of searching the clip with the least error")
     p.add_argument("--include", nargs="+", help="module names or re:REGEX to quantize (default: all Linear)")
     p.add_argument("--exclude", nargs="+", help="module names or re:REGEX to leave out")
     p.add_argument("--lm-head", action="store_true", help="also quantize the output head")

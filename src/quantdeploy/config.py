@@ -58,6 +58,8 @@ class Config:
                 f"{cls.TYPE} config version {version} is newer than this quantdeploy understands "
                 f"({cls.VERSION}); upgrade quantdeploy"
             )
+        if version < cls.VERSION:
+            data = cls.upgrade(data, version)
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -70,6 +72,11 @@ class Config:
             return cls(**kwargs)
         except TypeError as err:  # a missing required field
             raise ConfigError(f"{cls.TYPE} config: {err}") from None
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """The fields of a dict written at an older ``version``, as this version reads them (default: as is)."""
+        return data
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)

@@ -60,6 +60,43 @@ def test_codes_are_a_projection_for_fixed_qparams(bits, symmetric, seed):
     assert torch.equal(quantize_affine(dequantize_affine(q, scale, zero), scale, zero, bits), q)
 
 
+def _group_errors(w: torch.Tensor, qw) -> torch.Tensor:
+    """The clip search's objective per group: rounding errors weighted by w²."""
+    out, n = w.shape
+    return (w.pow(2) * (w - dequantize_weight(qw)).pow(2)).reshape(out, -1, qw.spec.group_for(n)).sum(-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from(INT_BITS), symmetric=st.booleans(), group=st.sampled_from([8, 32, None]),
+       seed=st.integers(0, 2**16), outliers=st.booleans())
+def test_clip_search_never_rounds_a_group_worse_than_its_whole_range(bits, symmetric, group, seed, outliers):
+    w = weights(seed, 4, 64, 0.1, outliers)
+    spec = QuantSpec(dtype=f"int{bits}", group_size=group, symmetric=symmetric)
+    whole, searched = quantize_weight(w, spec), quantize_weight(w, spec, clip_search=True)
+    assert (_group_errors(w, searched) <= _group_errors(w, whole) * (1 + 1e-6)).all()
+    assert torch.equal(dequantize_weight(searched), dequantize_weight(quantize_weight(w, spec, True)))  # deterministic
+
+
+def test_clip_search_pays_on_gaussian_groups():
+    w = weights(0, 64, 256, 0.02, outliers=False)
+    for bits, most in ((3, 0.9), (4, 0.95)):  # measured 0.84 and 0.91 of the whole range's
+        spec = QuantSpec(dtype=f"int{bits}", group_size=64)
+        whole, searched = _group_errors(w, quantize_weight(w, spec)), _group_errors(w, quantize_weight(w, spec, True))
+        assert searched.sum() < most * whole.sum()
+
+
+def test_the_symmetric_grid_uses_every_code():
+    from quantdeploy.quant.packing import unpack_bits
+
+    w = torch.tensor([[-8.0, -1.0, 0.0, 3.0, 7.0, 2.0, -4.0, 5.0]])  # 16 levels of one step: -8 .. 7
+    qw = quantize_weight(w, QuantSpec(dtype="int4", group_size=8))
+    codes = unpack_bits(qw.tensors["qweight"], 4, 8)
+    assert qw.tensors["scales"].item() == 1.0 and codes.min() == 0 and codes.max() == 15
+    assert torch.equal(dequantize_weight(qw), w)
+    mirrored = quantize_weight(-w, QuantSpec(dtype="int4", group_size=8))  # +8 is the longer side now: step 8/7
+    assert mirrored.tensors["scales"].item() == pytest.approx(8 / 7, rel=1e-3)
+
+
 @pytest.mark.parametrize("dtype", ["int2", "int3", "int4", "int8", "nf4", "fp8_e4m3"])
 @pytest.mark.parametrize("fill", [0.0, 0.7, -3.0])
 def test_zero_and_constant_rows_have_positive_scales_and_no_nan(dtype, fill):

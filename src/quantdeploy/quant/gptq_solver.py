@@ -80,6 +80,7 @@ def gptq_quantize(
     act_order: bool = True,
     block_size: int = 128,
     damp: float = 0.01,
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``W [out, in]`` given ``H [in, in]`` (or its :func:`prepare_hessian`, which then fixes
     act-order and dampening); returns codes (uint8 ``[out, in]``), scales (fp16 ``[out, n_groups]``)
@@ -96,7 +97,7 @@ def gptq_quantize(
     scales = torch.empty(out_features, n_groups, dtype=torch.float16, device=W.device)
     zeros = torch.empty(out_features, n_groups, dtype=torch.int64, device=W.device)
     if act_order:  # static groups, from the original weights
-        s, z = choose_qparams(W.reshape(out_features, n_groups, group_size), bits, symmetric)
+        s, z = choose_qparams(W.reshape(out_features, n_groups, group_size), bits, symmetric, clip_search)
         scales.copy_(s.squeeze(-1))
         zeros.copy_(z.squeeze(-1))
         W = W[:, perm]
@@ -118,7 +119,8 @@ def gptq_quantize(
             a1, b1 = a - i1, b - i1
             if not act_order and a % group_size == 0:
                 g = a // group_size
-                s, z = choose_qparams(torch.cat([W1[:, a1:], W[:, i2:]], dim=1)[:, :group_size], bits, symmetric)
+                s, z = choose_qparams(torch.cat([W1[:, a1:], W[:, i2:]], dim=1)[:, :group_size], bits, symmetric,
+                                      clip_search)
                 scales[:, g], zeros[:, g] = s.squeeze(-1), z.squeeze(-1)
                 S[:, a:a + group_size], Z[:, a:a + group_size] = s.float(), z.float()
             codes[:, a:b], Err1[:, a1:b1] = columns(W1[:, a1:b1], S[:, a:b], Z[:, a:b], Hinv1[a1:b1, a1:b1], maxq)

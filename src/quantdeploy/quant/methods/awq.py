@@ -126,4 +126,4 @@ def quantize_block(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict
 
     if isinstance(config.quantizer, GPTQConfig):
         return gptq.quantize_block(config.quantizer, linears, specs, runner)
-    return round_block_to_nearest(linears, specs, runner)
+    return round_block_to_nearest(linears, specs, runner, config.quantizer.clip_search)

@@ -33,7 +33,7 @@ class GPTQConfig(IntGridConfig):
     damp_percent is λ / mean diag(H); block_size is the lazy-batch width."""
 
     TYPE = "gptq"
-    VERSION = 1
+    VERSION = 2
 
     act_order: bool = True
     true_sequential: bool = True
@@ -56,7 +56,7 @@ def solve(config: GPTQConfig, weights: list[torch.Tensor], H: torch.Tensor | Pre
     W = torch.cat(weights) if len(weights) > 1 else weights[0]
     codes, scales, zeros = gptq_quantize(W, H, spec.bits, spec.group_for(W.shape[1]), spec.symmetric,
                                          act_order=config.act_order, block_size=config.block_size,
-                                         damp=config.damp_percent)
+                                         damp=config.damp_percent, clip_search=config.clip_search)
     return [pack_affine(c, s, z, spec) for c, s, z in zip(codes.split(rows), scales.split(rows), zeros.split(rows))]
 
 

@@ -32,13 +32,21 @@ class IntGridConfig(Config):
     CPU and GPU int8 kernels want it), groups of 128 below (GPTQ's and AutoAWQ's default). The config
     stores the resolved size. pin_group_size: fail when a layer's input size does not divide by
     ``group_size`` instead of using the largest group that fits (the CLI pins a size the user typed).
+    clip_search: each group's range is the shrink with the least rounding error weighted by w²
+    (``primitives.choose_qparams``) rather than its whole span. Format 2 added it (on by default) and
+    the full symmetric grid; a version-1 config reads as ``clip_search=False``.
     """
 
     bits: int = 4
     group_size: int | None | str = "auto"
     symmetric: bool = True
     pin_group_size: bool = False
+    clip_search: bool = True
     targets: TargetConfig = TargetConfig()
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        return {"clip_search": False, **data} if version < 2 else data
 
     def __post_init__(self) -> None:
         if self.group_size == "auto":
@@ -62,21 +70,21 @@ class RTNConfig(IntGridConfig):
     """Round-to-nearest onto the integer grid (the fields of :class:`IntGridConfig`)."""
 
     TYPE = "rtn"
-    VERSION = 1
+    VERSION = 2
 
 
 @register("rtn", RTNConfig, "round-to-nearest integer grid (int8/int4/int3/int2)")
 def round_to_nearest(config: Config, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Each weight to the nearest point of the grid ``spec`` names (no data, no error feedback)."""
-    return quantize_weight(weight, spec)
+    return quantize_weight(weight, spec, getattr(config, "clip_search", False))
 
 
-def round_block_to_nearest(linears: dict, specs: dict[str, QuantSpec], runner) -> dict[str, QuantizedWeight]:
+def round_block_to_nearest(linears: dict, specs: dict[str, QuantSpec], runner, clip_search: bool = False) -> dict[str, QuantizedWeight]:
     """Round a calibrated block's (already transformed) Linear weights to nearest, and put the
     fake-quantized weights in place so the next blocks are calibrated on the quantized model."""
     out = {}
     for name, linear in linears.items():
-        qw = quantize_weight(linear.weight.data, specs[name])
+        qw = quantize_weight(linear.weight.data, specs[name], clip_search)
         runner.set_weight(linear, dequantize_weight(qw))
         out[name] = qw
     return out

@@ -1,0 +1,68 @@
+"""Calibration-free integer grids on the bundled model: each range spanned whole against the clip search
+(``primitives.choose_qparams``), at the widths and groups users pick, in one pass over the same text.
+
+    HF_HUB_OFFLINE=1 python benchmarks/fidelity_grids.py --text ../shared/data/text/wiki_en.test.txt \
+        --tokens 32768 [--calibrated --calib ../shared/data/text/wiki_en.train.txt]
+
+Rows: RTN at int8 per channel, int4 g64/g128 symmetric, int4 g64 asymmetric and int3 g64, each with
+``clip_search`` off and on; ``--calibrated`` adds GPTQ and AWQ(+RTN) at int4 g64 symmetric with the
+search on (16 x 512 calibration tokens unless told). All are scored against the original (mean KL
+divergence per token, PPL, top-1 agreement) with 1,024-token windows. A table, then a JSON line
+(machine, commit, config, every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    import quantdeploy as qd
+    from quantdeploy.eval.fidelity import EvalProtocol, evaluate
+    from quantdeploy.eval.report import machine_info
+    from quantdeploy.eval.text import load_text, tokenize_prefix
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="bundled")
+    p.add_argument("--text", required=True)
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--calibrated", action="store_true", help="also GPTQ and AWQ at int4 g64 with the search")
+    p.add_argument("--calib", help="calibration text for --calibrated")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    args = p.parse_args()
+    if args.calibrated and not args.calib:
+        p.error("--calibrated needs --calib")
+
+    grids = {"w8 per-channel": dict(bits=8, group_size=None), "w4 sym g64": dict(bits=4, group_size=64),
+             "w4 sym g128": dict(bits=4, group_size=128), "w4 asym g64": dict(bits=4, group_size=64, symmetric=False),
+             "w3 sym g64": dict(bits=3, group_size=64)}
+    configs = {f"rtn {name}{' +clip' if search else ''}": qd.RTNConfig(**grid, clip_search=search)
+               for name, grid in grids.items() for search in (False, True)}
+    if args.calibrated:
+        calib = qd.CalibrationConfig(source=args.calib, num_samples=args.samples, seq_len=args.seq_len)
+        configs["gptq w4 sym g64 +clip"] = qd.GPTQConfig(bits=4, group_size=64, calibration=calib)
+        configs["awq w4 sym g64 +clip"] = qd.AWQConfig(quantizer=qd.RTNConfig(bits=4, group_size=64), calibration=calib)
+    base = qd.load_model(args.model)
+    models, seconds = {}, {}
+    for name, config in configs.items():
+        t0 = time.perf_counter()
+        models[name] = qd.quantize(base, config).model
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        print(f"quantized {name} in {seconds[name]} s", flush=True)
+    tokens = tokenize_prefix(base.tokenizer, load_text(args.text), args.tokens)
+    res = evaluate(models, base.model, tokens, EvalProtocol(max_tokens=args.tokens, window=1024))
+    width = max(len(n) for n in models)
+    print(f"{'model':<{width}} {'quantize s':>10} {'PPL':>9} {'mean KLD':>9} {'top-1':>7}")
+    print(f"{'original':<{width}} {'-':>10} {res['original']['ppl']:>9.3f}")
+    for name in models:
+        r = res[name]
+        print(f"{name:<{width}} {seconds[name]:>10} {r['ppl']:>9.3f} {r['kld_mean']:>9.4f} {r['top1_agreement']:>7.2%}")
+    print(json.dumps({"benchmark": "fidelity_grids", **machine_info(), "config": vars(args),
+                      "quantize_seconds": seconds, "results": res}))
+
+
+if __name__ == "__main__":
+    main()
