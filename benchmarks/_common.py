@@ -17,3 +17,16 @@ def fidelity_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--group-size", type=int, default=64)
     return p
+
+
+def print_fidelity_table(res: dict, seconds: dict, extra: dict[str, str] | None = None, extra_name: str = "") -> None:
+    """The table every fidelity benchmark prints: quantize seconds, PPL, mean KLD, top-1 agreement per model
+    (``res`` from ``eval.fidelity.evaluate``), and an optional extra column by model name."""
+    width = max(len(n) for n in [*seconds, "original"])
+    column = f" {extra_name:>8}" if extra is not None else ""
+    print(f"{'model':<{width}} {'quantize s':>10} {'PPL':>9} {'mean KLD':>9}{column} {'top-1':>7}")
+    print(f"{'original':<{width}} {'-':>10} {res['original']['ppl']:>9.3f}")
+    for name in seconds:
+        r = res[name]
+        cell = f" {extra.get(name, '-'):>8}" if extra is not None else ""
+        print(f"{name:<{width}} {seconds[name]:>10} {r['ppl']:>9.3f} {r['kld_mean']:>9.4f}{cell} {r['top1_agreement']:>7.2%}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 
-from _common import fidelity_parser  # benchmarks/ is on sys.path when run as a script
+from _common import fidelity_parser, print_fidelity_table  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -48,17 +48,9 @@ def main() -> None:
             seconds[name] = round(time.perf_counter() - t0, 1)
     tokens = tokenize_prefix(base.tokenizer, load_text(args.text), args.tokens)
     res = evaluate(models, base.model, tokens, EvalProtocol(max_tokens=args.tokens, window=1024))
-    width = max(len(n) for n in models)
-    print(f"{'model':<{width}} {'quantize s':>10} {'PPL':>9} {'mean KLD':>9} {'vs RTN':>8} {'top-1':>7}")
-    print(f"{'original':<{width}} {'-':>10} {res['original']['ppl']:>9.3f}")
-    for name in models:
-        r = res[name]
-        cut = "-"
-        if args.suite == "weights" and not name.startswith("rtn"):
-            bits = name.split("-w")[1]
-            cut = f"{1 - r['kld_mean'] / res['rtn-w' + bits]['kld_mean']:+.0%}"
-        print(f"{name:<{width}} {seconds[name]:>10} {r['ppl']:>9.3f} {r['kld_mean']:>9.4f} {cut:>8} "
-              f"{r['top1_agreement']:>7.2%}")
+    cuts = {name: f"{1 - res[name]['kld_mean'] / res['rtn-w' + name.split('-w')[1]]['kld_mean']:+.0%}"
+            for name in models if args.suite == "weights" and not name.startswith("rtn")}
+    print_fidelity_table(res, seconds, cuts, "vs RTN")
     print(json.dumps({"benchmark": "fidelity_calibrated", **machine_info(), "config": vars(args),
                       "quantize_seconds": seconds, "results": res}))
 

@@ -17,6 +17,8 @@ import argparse
 import json
 import time
 
+from _common import print_fidelity_table  # benchmarks/ is on sys.path when run as a script
+
 
 def main() -> None:
     import quantdeploy as qd
@@ -54,12 +56,7 @@ def main() -> None:
         print(f"quantized {name} in {seconds[name]} s", flush=True)
     tokens = tokenize_prefix(base.tokenizer, load_text(args.text), args.tokens)
     res = evaluate(models, base.model, tokens, EvalProtocol(max_tokens=args.tokens, window=1024))
-    width = max(len(n) for n in models)
-    print(f"{'model':<{width}} {'quantize s':>10} {'PPL':>9} {'mean KLD':>9} {'top-1':>7}")
-    print(f"{'original':<{width}} {'-':>10} {res['original']['ppl']:>9.3f}")
-    for name in models:
-        r = res[name]
-        print(f"{name:<{width}} {seconds[name]:>10} {r['ppl']:>9.3f} {r['kld_mean']:>9.4f} {r['top1_agreement']:>7.2%}")
+    print_fidelity_table(res, seconds)
     print(json.dumps({"benchmark": "fidelity_grids", **machine_info(), "config": vars(args),
                       "quantize_seconds": seconds, "results": res}))
 

@@ -204,7 +204,7 @@ def test_progress_is_logged_when_stderr_is_not_a_terminal_and_requantizing_is_re
     assert proc.returncode == 0, proc.stderr
     assert "quantizing: " in proc.stderr and "(100%)" in proc.stderr
     qc = json.loads((tmp_path / "q8" / "quant_config.json").read_text())
-    assert qc["method"]["group_size"] is None and qc["method"]["clip_search"] is True
+    assert qc["method"]["group_size"] is None and qc["method"]["clip_search"] is False  # "auto": off at 8 bits
     assert all(spec["group_size"] is None for spec in qc["modules"].values())
     proc = run("quantize", tmp_path / "q8", "--method", "rtn", "--bits", "4", "-o", tmp_path / "requant")
     assert "is a quantdeploy checkpoint" in error_line(proc) and not (tmp_path / "requant").exists()

@@ -55,7 +55,11 @@ def test_group_size_defaults_per_width():
 def test_a_version_1_grid_config_reads_without_the_clip_search():
     from quantdeploy.quant.methods.gptq import GPTQConfig
 
-    assert qd.RTNConfig().clip_search and qd.RTNConfig.from_dict({"bits": 4}).clip_search  # format 2: on
+    assert qd.RTNConfig().clip_search and qd.RTNConfig.from_dict({"bits": 4}).clip_search  # format 2: on below 8 bits
+    assert qd.RTNConfig(bits=8).clip_search is False and qd.RTNConfig(bits=8, clip_search=True).clip_search
+    assert qd.RTNConfig.from_dict({"bits": 8}).to_dict()["clip_search"] is False  # stored resolved
+    with pytest.raises(ConfigError, match="clip_search must be true, false or 'auto'"):
+        qd.RTNConfig(clip_search="yes")
     assert qd.RTNConfig.from_dict({"version": 1, "bits": 4}).clip_search is False
     assert GPTQConfig.from_dict({"type": "gptq", "version": 1}).clip_search is False
     awq = config_from_dict({"type": "awq", "version": 1, "quantizer": {"type": "rtn", "version": 1, "bits": 4}})

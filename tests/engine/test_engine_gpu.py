@@ -14,12 +14,13 @@ from quantdeploy.models.bundle import ModelBundle, SourceInfo
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def _bundle(dtype):
+def _bundle(dtype, **shape):
+    """A random 2-layer Llama (vocabulary 512, grouped heads); ``shape`` overrides its config fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(**{**dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256), **shape})
     model = LlamaForCausalLM(config).to(dtype).eval()
     return ModelBundle(model=model, tokenizer=None, source=SourceInfo(path="memory", kind="memory"))
 
@@ -27,9 +28,9 @@ def _bundle(dtype):
 PROMPTS = [[5, 17, 99, 3, 250, 7], [1, 2, 3], list(range(40, 80)), [300]]
 
 
-def _run(engine: Engine, params: SamplingParams) -> list[list[int]]:
+def _run(engine: Engine, params: SamplingParams, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
     seqs = []
-    for prompt in PROMPTS:  # join one by one, a step apart
+    for prompt in prompts:  # join one by one, a step apart: rows at different positions
         seqs.append(engine.add(prompt, params))
         engine.step()
     while engine.running:

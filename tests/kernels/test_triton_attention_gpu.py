@@ -13,6 +13,8 @@ from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.models.llama import reduce_attention
 from quantdeploy.quant.kv_cache import dequantize_kv, quantize_kv
+from tests.engine.test_engine_gpu import _bundle as engine_bundle
+from tests.engine.test_engine_gpu import _run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -88,25 +90,8 @@ def test_splits_cover_the_card_only_when_the_batch_does_not():
 
 
 def _bundle(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from quantdeploy.models.bundle import ModelBundle, SourceInfo
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
-    model = LlamaForCausalLM(config).to(dtype).eval()
-    return ModelBundle(model=model, tokenizer=None, source=SourceInfo(path="memory", kind="memory"))
-
-
-def _run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    seqs = []
-    for prompt in prompts:  # join one by one, a step apart: rows at different positions
-        seqs.append(engine.add(prompt, params))
-        engine.step()
-    while engine.running:
-        engine.step()
-    return [s.output_ids for s in seqs]
+    return engine_bundle(dtype, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         max_position_embeddings=8192)
 
 
 def test_engine_tokens_with_split_kv_equal_the_masked_attention_at_any_cache_length():
@@ -119,7 +104,7 @@ def test_engine_tokens_with_split_kv_equal_the_masked_attention_at_any_cache_len
         engine = Engine.from_bundle(bundle, "cuda", max_batch=8, max_seq_len=seq_len, compile=attention == "split_kv",
                                     decode_attention=attention)
         assert engine.model.layers[0].attention.decode_attention == attention
-        runs[attention, seq_len] = _run(engine, prompts, params)
+        runs[attention, seq_len] = _run(engine, params, prompts)
     assert runs["split_kv", 1300] == runs["sdpa", 1300]
     assert runs["split_kv", 8192] == runs["sdpa", 1300]
 
