@@ -1,9 +1,10 @@
 """The engine's KV cache: static, preallocated, one row per running sequence.
 
 Why static rows rather than paged blocks: every row holds ``max_seq_len`` positions of one sequence,
-allocated once when the engine starts. Decoding the rows ``0..n-1`` then reads ``cache[:n, :, :L]``
-as a plain view: no block tables, no gather, fixed shapes, which is what ``torch.compile`` and CUDA
-graphs need for the decode step and what a readable engine wants. The price is memory: a row is
+allocated once when the engine starts. Decoding the rows ``0..n-1`` then reads row ``i`` at its own
+first ``length[i]`` positions (``attend``, the split-KV kernel on CUDA) or ``cache[:n, :, :L]`` as a
+plain view under a mask (CPU): no block tables, no gather, fixed shapes, which is what ``torch.compile``
+and CUDA graphs need for the decode step and what a readable engine wants. The price is memory: a row is
 reserved for the longest sequence even when its sequence is short, so the number of concurrent
 sequences is ``memory / (max_seq_len × per-token bytes)`` rather than ``memory / tokens in use``.
 At the sizes this engine targets (a few dozen sequences, contexts of a few thousand tokens) that
