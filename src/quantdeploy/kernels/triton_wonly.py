@@ -15,6 +15,19 @@ accumulates ``x_tile @ w_tile.T`` on the tensor cores in fp32. At M <= 16 the ro
 ``tl.dot`` (the weight tile, not x, is what costs). The canonical layout is read as stored: no repacking,
 so the checkpoint and the kernel share one copy of the weight.
 
+int4 at one row (a batch-1 decode step) takes a second kernel (``_gemv4_kernel``) without tensor cores:
+there the tile kernel's time is its per-code arithmetic (an int-to-float conversion per code, and every
+dequantized tile's trip through shared memory to the tensor cores), not the bytes it reads. The row
+kernel reads the codes as int32 words (eight per word: the canonical layout viewed whole), makes
+``q - z`` of each nibble by setting the exponent bits of a float (``2^23 + q``, minus ``2^23 + z``: no
+conversion instruction), reads x once per tile as rows of eight and splits them in registers, and
+multiplies in fp32 with the scale applied once per word. Its weights are therefore exact, not first
+rounded to x's dtype as the reference's are: its error against the fp32 oracle is smaller, and it is
+not bitwise the reference's. On an H200, replayed from a CUDA graph, one row of the 8B shapes took
+64.8 µs on gate/up, 30.0 on down, 13.2 on o, where the tile kernel took 73.1, 34.8, 15.7 at four rows
+(the same work as one: it pads to 16) in the same run (``benchmarks/results/kernels-gpu-llama8b-shapes-
+h200.txt``); at two rows the row kernel lost on every shape, so it takes one.
+
 The tile sizes come from a fixed rule of (M, N, K), not from autotuning: autotuning benchmarks at its
 first call, which must not happen inside a CUDA-graph capture. ``benchmarks/kernels_gpu.py`` measures
 the kernel against bf16 ``F.linear``; ``kernels.prepare`` uses it up to the M where it stops paying.
@@ -88,6 +101,66 @@ def _wonly_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride
         tl.atomic_add(out, acc, mask=omask)
 
 
+@triton.jit
+def _eight(x):
+    """``x [..., 8]`` as its eight slices ``x[..., j]`` (splits of the last axis, inside each thread)."""
+    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [4, 2]))  # j even, j odd
+    a0, a1 = tl.split(tl.reshape(a, a.shape[:-1] + [2, 2]))
+    b0, b1 = tl.split(tl.reshape(b, b.shape[:-1] + [2, 2]))
+    a00, a01 = tl.split(a0)
+    a10, a11 = tl.split(a1)
+    b00, b01 = tl.split(b0)
+    b10, b11 = tl.split(b1)
+    return a00, b00, a10, b10, a01, b01, a11, b11
+
+
+@triton.jit
+def _nibble(words, shift: tl.constexpr, z):
+    """``q - z`` in fp32 for the nibble at ``shift``: the code under a float exponent of 2^23, exactly."""
+    return ((words >> shift) & 0xF | 0x4B000000).to(tl.float32, bitcast=True) - z
+
+
+@triton.jit
+def _gemv4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, tiles_per_split, row_words, stride_xm,
+                  stride_os, stride_om, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WORDS)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)  # summed over words once, at the end
+    for i in range(0, tiles_per_split):
+        word = (pid_k * tiles_per_split + i) * WORDS + offs_w
+        wmask = mask_n[:, None] & (word < row_words)[None, :]
+        words = tl.load(q_ptr + offs_n[:, None] * row_words + word[None, :], mask=wmask, other=0)
+        meta = offs_n[:, None] * n_groups + (word * 8 // GROUP)[None, :]  # a word never straddles groups
+        s = tl.load(s_ptr + meta, mask=wmask, other=0.0).to(tl.float32)
+        if SYMMETRIC:
+            z = 8388608.0 + 8.0
+        else:
+            z = 8388608.0 + tl.load(z_ptr + meta, mask=wmask, other=0).to(tl.float32)
+        k8 = word[:, None] * 8 + tl.arange(0, 8)[None, :]
+        x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k8[None, :, :],
+                    mask=mask_m[:, None, None] & (k8 < K)[None, :, :], other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)  # [BLOCK_M, WORDS] each: x at k = 8 * word + j
+        part = _nibble(words, 0, z)[None, :, :] * x0[:, None, :]
+        part += _nibble(words, 4, z)[None, :, :] * x1[:, None, :]
+        part += _nibble(words, 8, z)[None, :, :] * x2[:, None, :]
+        part += _nibble(words, 12, z)[None, :, :] * x3[:, None, :]
+        part += _nibble(words, 16, z)[None, :, :] * x4[:, None, :]
+        part += _nibble(words, 20, z)[None, :, :] * x5[:, None, :]
+        part += _nibble(words, 24, z)[None, :, :] * x6[:, None, :]
+        part += _nibble(words, 28, z)[None, :, :] * x7[:, None, :]
+        acc += part * s[None, :, :]
+    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
@@ -134,9 +207,40 @@ def wonly_mm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return out if split == 1 else out.to(x.dtype)
 
 
+#: int4 layers at up to this many rows run ``_gemv4_kernel`` (one program per 16 channels and 512 codes
+#: of K, one warp, three stages: the fastest of a sweep on the 8B shapes at M = 1; at M = 2 the tile
+#: kernel was faster on every shape).
+GEMV_ROWS = 1
+
+
+def gemv4_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               group: int) -> torch.Tensor:
+    """``x [M <= GEMV_ROWS, K] @ W.T`` for int4 codes, ``K`` a multiple of 8 (see the module docstring)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_n, block_k = 16, 512
+    k_tiles = triton.cdiv(k, block_k)
+    programs = triton.cdiv(n, block_n)
+    split = 1  # at least four programs per SM: a layer with few outputs splits K, partial sums added after
+    while programs * split < 4 * _sms(x.device) and split * 2 <= k_tiles // 2:
+        split *= 2
+    per_split = triton.cdiv(k_tiles, split)
+    out = (torch.empty((m, n), dtype=x.dtype, device=x.device) if split == 1
+           else torch.empty((split, m, n), dtype=torch.float32, device=x.device))
+    _gemv4_kernel[(programs, 1, split)](x, qweight.view(torch.int32), scales, zeros if zeros is not None else scales,
+                                       out, m, n, k, scales.shape[1], per_split, k // 8, x.stride(0),
+                                       m * n if split > 1 else 0, n, GROUP=group, SYMMETRIC=zeros is None,
+                                       BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+                                       num_warps=1, num_stages=3)
+    return out if split == 1 else out.sum(0).to(x.dtype)
+
+
 @torch.library.custom_op("quantdeploy::wonly_mm", mutates_args=())
 def wonly_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              bits: int, group: int) -> torch.Tensor:
+    if bits == 4 and 0 < x.shape[0] <= GEMV_ROWS:
+        return gemv4_impl(x, qweight, scales, zeros, group)
     return wonly_mm_impl(x.contiguous(), qweight, scales, zeros, bits, group)
 
 
@@ -154,8 +258,10 @@ MAX_ROWS = {4: 128, 8: 1024}
 
 def supports(qw) -> bool:  # noqa: ANN001 - a QuantizedWeight
     spec = qw.spec
-    return (spec.dtype in ("int4", "int8") and spec.activations is None
-            and qw.tensors["qweight"].device.type == "cuda")
+    q = qw.tensors["qweight"]
+    # the few-row int4 kernel reads the codes as whole int32 words
+    return (spec.dtype in ("int4", "int8") and spec.activations is None and q.device.type == "cuda"
+            and (spec.bits == 8 or (qw.shape[1] % 8 == 0 and q.data_ptr() % 4 == 0)))
 
 
 class TritonWeightOnly:
