@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from quantdeploy.errors import CheckpointError, ConfigError, DataError, ModelSourceError, QuantDeployError  # noqa: E402
 from quantdeploy.engine import Completion, Engine, SamplingParams  # noqa: E402
+from quantdeploy.formats import export  # noqa: E402
 from quantdeploy.models import ModelBundle, load_model  # noqa: E402
 from quantdeploy.pipeline import describe, generate, load, quantize, quantize_kv_cache, save  # noqa: E402
 from quantdeploy.quant.calibration import CalibrationConfig  # noqa: E402
@@ -30,7 +31,7 @@ from quantdeploy.quant.spec import QuantSpec  # noqa: E402
 from quantdeploy.quant.targets import TargetConfig  # noqa: E402
 
 __all__ = [
-    "__version__", "Engine", "SamplingParams", "Completion", "load_model", "quantize", "quantize_kv_cache", "save", "load", "generate", "describe", "ModelBundle",
+    "__version__", "Engine", "SamplingParams", "Completion", "load_model", "quantize", "quantize_kv_cache", "save", "load", "export", "generate", "describe", "ModelBundle",
     "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "AWQConfig", "SmoothQuantConfig", "CalibrationConfig", "KVCacheConfig", "QuantSpec", "TargetConfig",
     "QuantDeployError", "ConfigError", "ModelSourceError", "CheckpointError", "DataError",
 ]

@@ -9,7 +9,8 @@ reserved for the longest sequence even when its sequence is short, so the number
 sequences is ``memory / (max_seq_len × per-token bytes)`` rather than ``memory / tokens in use``.
 At the sizes this engine targets (a few dozen sequences, contexts of a few thousand tokens) that
 fits comfortably (Llama-3.1-8B, 64 rows × 2,048 positions, bf16: 16 GiB); paged blocks are what a
-vLLM-scale server needs, and users who outgrow one machine move to vLLM (the export path).
+vLLM-scale server needs, and users who outgrow one machine move to vLLM (``quantdeploy export
+--format compressed-tensors``, ``formats/compressed_tensors.py``).
 The engine keeps the running sequences in the lowest free rows, so a decode step over rows
 ``0..n-1`` wastes little on holes.
 

@@ -59,20 +59,20 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_dir() and ((path / QUANT_CONFIG_FILE).is_file() or (path / MANIFEST_FILE).is_file())
 
 
-def check_output(path: Path, overwrite: bool = False) -> None:
-    """Raise CheckpointError unless a checkpoint can be written at ``path``: it must not exist, or be an
-    empty folder, or (with ``overwrite``) be one of our checkpoints; its parent must be writable.
-    Cheap: call it before quantizing, so a bad output path fails before the long work."""
+def check_output(path: Path, overwrite: bool = False, ours: Callable[[Path], bool] = is_checkpoint,
+                 what: str = f"quantdeploy checkpoint (no {QUANT_CONFIG_FILE} or {MANIFEST_FILE})") -> None:
+    """Raise CheckpointError unless a folder can be written at ``path``: it must not exist, or be an
+    empty folder, or (with ``overwrite``) be one that ``ours`` recognizes (by default one of our
+    checkpoints; ``what`` names it); its parent must be writable. Cheap: call it before the long work."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise CheckpointError(f"{path} exists and is not a folder; --overwrite only replaces a quantdeploy "
-                              "checkpoint folder: choose another output path")
+        raise CheckpointError(f"{path} exists and is not a folder; --overwrite only replaces a {what.split(' (')[0]} "
+                              "folder: choose another output path")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise CheckpointError(f"{path} already exists; choose another output folder or pass --overwrite")
-        if not is_checkpoint(path):
-            raise CheckpointError(f"{path} is not a quantdeploy checkpoint (no {QUANT_CONFIG_FILE} or {MANIFEST_FILE}); "
-                                  "--overwrite only replaces one: choose another output folder")
+        if not ours(path):
+            raise CheckpointError(f"{path} is not a {what}; --overwrite only replaces one: choose another output folder")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -95,19 +95,30 @@ def write_checkpoint(
 
     ``write_extra(folder)`` writes the model config and tokenizer files into the temporary folder.
     """
-    path = Path(path)
-    check_output(path, overwrite)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+
+    def write(tmp: Path) -> None:
         write_extra(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         _write_json(tmp / QUANT_CONFIG_FILE, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **quant_config})
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_json(tmp / MANIFEST_FILE, {"format_version": FORMAT_VERSION, **manifest, "files": files})
+
+    return write_folder(Path(path), write, overwrite)
+
+
+def write_folder(path: Path, write: Callable[[Path], None], overwrite: bool = False,
+                 ours: Callable[[Path], bool] = is_checkpoint, what: str | None = None) -> int:
+    """Write a folder atomically: ``write(tmp)`` fills a hidden temporary folder beside ``path``, which
+    then replaces ``path`` in one step (``check_output`` with ``ours``/``what`` decides what may be
+    replaced). Returns the folder's size in bytes."""
+    check_output(path, overwrite, ours, *([what] if what else []))
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        write(tmp)
         _fsync_folder(tmp)
-        if path.exists():  # an empty folder, or one of our checkpoints (check_output)
+        if path.exists():  # an empty folder, or one of ours (check_output)
             if exchange(tmp, path):  # one atomic swap: the path always holds a complete folder
                 shutil.rmtree(tmp)  # which now holds the old one
             else:  # two renames: a crash between them leaves the old one in a hidden .old- folder
@@ -120,7 +131,7 @@ def write_checkpoint(
     except (OSError, SafetensorError) as err:  # safetensors reports its own I/O errors (disk full ...) as SafetensorError
         full = getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in str(err)
         reason = "the disk is full" if full else (getattr(err, "strerror", None) or str(err).split(": ")[-1])
-        raise CheckpointError(f"cannot write the checkpoint to {path}: {reason}; nothing was written there "
+        raise CheckpointError(f"cannot write {path}: {reason}; nothing was written there "
                               "(free space or choose another output folder)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

