@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quantdeploy import cli_run
+from quantdeploy import cli_deploy, cli_run
 from quantdeploy.cli_types import Parser, count, number
 from quantdeploy.errors import ConfigError, QuantDeployError
 
@@ -283,14 +283,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    import quantdeploy as qd
-
-    size = qd.export(args.checkpoint, args.out, args.format, args.overwrite)  # seconds: no progress bar
-    out_console.print(f"wrote {args.out} ({args.format}, {size / 1e6:.1f} MB)")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from quantdeploy.demo import DEMO_METHODS, default_text_path, run_demo
     from quantdeploy.eval.report import rich_table, write_report
@@ -374,14 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every file's sha256 against the manifest (always done now, as on every load; kept for scripts)")
     p.set_defaults(func=cmd_inspect)
 
-    from quantdeploy.formats import EXPORTERS
-
-    p = sub.add_parser("export", help="write a checkpoint in a format other engines load (vLLM, transformers)")
-    p.add_argument("checkpoint", help="a quantdeploy checkpoint folder")
-    p.add_argument("--format", default="compressed-tensors", choices=sorted(EXPORTERS))
-    p.add_argument("-o", "--out", required=True, help="output folder (new, or an earlier export with --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export of this format at --out")
-    p.set_defaults(func=cmd_export)
+    cli_deploy.add_commands(sub)
 
     p = sub.add_parser("demo", help="quantize the bundled model several ways and compare with the original")
     p.add_argument("--model", default="bundled", help="model to demo (default: the bundled SmolLM2-135M)")
