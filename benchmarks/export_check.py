@@ -16,7 +16,8 @@ to the largest logit, top-1 agreement, and mean KL(ours ‖ theirs). A table, th
 ``peers/vllm_worker.py``), generate 32 greedy tokens for 8 prompts (token ids, ``ignore_eos``) in bf16
 (its CPU int4 kernel has no fp32), and compare with our engine's tokens from the checkpoint, also in
 bf16: prompts in full agreement, and at each first divergence the gap between the two tokens' logits
-under our checkpoint in fp32 (a near-tie when small). A scheme
+under our checkpoint in fp32 (a near-tie when small); and, as the noise floor of that dtype, how many
+prompts our own engine in that dtype agrees on with our engine in fp32. A scheme
 vLLM's CPU backend refuses is recorded with its error line.
 """
 
@@ -90,10 +91,11 @@ def vllm_agreement(python: Path, folder: Path, ckpt: Path, tmp: Path, dtype: str
     if not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
     res = json.loads(lines[-1])
-    if "error" in res:  # the engine process's own error line says why, where there is one
-        causes = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines()
-                  if "Error: " in line and "initialization failed" not in line]
-        return {"error": causes[-1][:400] if causes else res["error"]}
+    if "error" in res:  # vLLM logs the engine process's own reason (to stdout); keep it, and its kernel notes
+        log = [line.split("] ", 1)[-1].strip() for line in (proc.stdout + proc.stderr).splitlines()]
+        causes = [line for line in log if "Error: " in line and "initialization failed" not in line
+                  and "EngineDeadError" not in line] + [line for line in log if "cannot implement due to" in line]
+        return {"error": " | ".join(dict.fromkeys(causes))[:600] if causes else res["error"]}
     fp32 = None  # our checkpoint in fp32, loaded at the first divergence
     agree, gaps = 0, []
     for prompt, a, b in zip(ids, ours, res["tokens"]):
@@ -105,7 +107,11 @@ def vllm_agreement(python: Path, folder: Path, ckpt: Path, tmp: Path, dtype: str
         with torch.no_grad():
             logits = fp32(torch.tensor([prompt + a[:i]])).logits[0, -1]
         gaps.append({"position": i, "gap": (logits[a[i]] - logits[b[i]]).item()})
+    # the noise floor: our own engine in fp32 against ours in the same dtype as vLLM, same prompts
+    exact = qd.Engine.load(ckpt, "cpu", dtype=torch.float32, max_batch=8, max_seq_len=128)
+    fp32_tokens = [c.token_ids for c in exact.generate(ids, qd.SamplingParams(max_tokens=max_tokens, ignore_eos=True))]
     return {"prompts_agree": agree, "prompts": len(ids), "divergences": gaps,
+            "ours_vs_ours_fp32_agree": sum(a == b for a, b in zip(ours, fp32_tokens)),
             **{k: res[k] for k in ("vllm", "quantization", "load_s", "generate_s")}}
 
 
@@ -183,8 +189,9 @@ def main() -> None:
                 rows[name]["vllm"] = v = vllm_agreement(vllm_python, tmp / f"{name}-ct", tmp / name, tmp,
                                                              args.vllm_dtype)
                 print(f"{name:<22} {'vllm':>8} " + (f"refused: {v['error']}" if "error" in v else
-                      f"{v['prompts_agree']}/{v['prompts']} prompts agree on 32 greedy tokens; divergences "
-                      f"{v['divergences']}"), flush=True)
+                      f"{v['prompts_agree']}/{v['prompts']} prompts agree on 32 greedy tokens (ours {args.vllm_dtype} "
+                      f"vs ours fp32: {v['ours_vs_ours_fp32_agree']}/{v['prompts']}); divergences {v['divergences']}"),
+                      flush=True)
             for dtype in () if args.skip_transformers else ("float32", "bfloat16"):
                 out = tmp / f"{name}-{dtype}.safetensors"
                 proc = subprocess.run([str(python), str(HERE / "peers" / "compressed_tensors_worker.py"), "--model",

@@ -97,6 +97,31 @@ def process_tree_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def wait_healthy(url: str, server: subprocess.Popen, seconds: float, output) -> None:  # noqa: ANN001 - () -> str
+    """Until ``url``/health answers 200; a server that exits first (``output()``: its last words) or a
+    deadline passed ends the benchmark."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"server exited: {output()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url}/health did not answer 200 within {seconds:.0f} s")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGINT (the server drains), then a kill after a minute."""
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict:
     port = _free_port()
     cmd = [sys.executable, "-m", "quantdeploy", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
@@ -111,16 +136,7 @@ def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, server, 600, lambda: server.stderr.read()[-2000:])
         if args.warmup:
             asyncio.run(loadtest.run(loadtest.LoadConfig(url=url, requests=args.warmup, concurrency=max_batch,
                                                          prompt_len=args.prompt_len, output_len=args.output_len)))
@@ -134,11 +150,7 @@ def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict
         return {**result, "engine": {k: after[k] - before.get(k, 0) for k in after},
                 "cpu_seconds": {**cpu, "load generator": round(client_cpu, 3)}}
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
 
 def main() -> None:
