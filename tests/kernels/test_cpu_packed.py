@@ -15,7 +15,9 @@ from quantdeploy.quant.primitives import quantize_weight
 from quantdeploy.quant.spec import QuantSpec
 
 PACKED = [QuantSpec("int8", None), QuantSpec("int4", 32), QuantSpec("int4", 64, symmetric=False),
-          QuantSpec("int4", 128), QuantSpec("int4", 256, symmetric=False)]
+          QuantSpec("int4", 128), QuantSpec("int4", 256, symmetric=False),
+          # groups the kernel does not take, split into sub-groups it does (96 = 3 x 32, 384 = 3 x 128)
+          QuantSpec("int4", 96), QuantSpec("int4", 384, symmetric=False), QuantSpec("int4", None)]
 
 
 BF16_TOL = 6e-3  # three bf16 roundings (input, scale, output) of 2^-9 relative each
@@ -30,7 +32,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
        seed=st.integers(0, 2**16), bias=st.booleans())
 def test_packed_kernels_match_the_reference(spec, n, m, seed, bias):
     g = torch.Generator().manual_seed(seed)
-    k = 512
+    k = 768  # divides by every group above
     w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     qw = quantize_weight(w, spec)
@@ -54,9 +56,10 @@ def test_quant_linear_prepare_uses_the_packed_kernel_and_keeps_its_state_dict():
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8", 64), QuantSpec("nf4", 64), QuantSpec("int4", 16),
+                                  QuantSpec("int4", 48),
                                   QuantSpec("int8", None, activations="int8")])
 def test_auto_falls_back_to_the_reference_and_a_named_backend_refuses(spec):
-    qw = quantize_weight(torch.randn(32, 256), spec)
+    qw = quantize_weight(torch.randn(32, 384), spec)
     assert not cpu_packed.supports(qw)
     assert kernels.prepare(qw) is None
     with pytest.raises(ConfigError, match="cpu_packed backend cannot run"):
