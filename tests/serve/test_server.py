@@ -118,20 +118,24 @@ def test_limits_and_validation_answer_in_openai_shape(server):
     assert r.status_code == 413
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
-    with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"prompt": "The", "max_tokens": 60, "stream": True, "stop": ["zzzz"]}) as r:
-        for _ in r.iter_lines():
-            break  # read one event, then hang up
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        running = [line for line in httpx.get(f"{server}/metrics").text.splitlines()
-                   if line.startswith("quantdeploy_num_requests_running ")]
-        if running and float(running[0].split()[1]) == 0:
-            break
-        time.sleep(0.05)
-    assert float(running[0].split()[1]) == 0
-    assert 'quantdeploy_requests_total{status="cancelled"}' in httpx.get(f"{server}/metrics").text
+def test_a_client_that_disconnects_mid_stream_frees_its_row(tiny_bundle):
+    # 480 tokens (the tiny model's 512 positions): far more than it generates before the hang-up is seen
+    # (with 60 the request sometimes finished first, and was counted "ok")
+    config = ServeConfig(model_name="tiny", max_new_tokens=480)
+    with serving(lambda: Engine.from_bundle(tiny_bundle, "cpu", max_batch=2, max_seq_len=512), config) as server:
+        with httpx.stream("POST", f"{server}/v1/completions",
+                          json={"prompt": "The", "max_tokens": 480, "stream": True, "stop": ["zzzz"]}) as r:
+            for _ in r.iter_lines():
+                break  # read one event, then hang up
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            running = [line for line in httpx.get(f"{server}/metrics").text.splitlines()
+                       if line.startswith("quantdeploy_num_requests_running ")]
+            if running and float(running[0].split()[1]) == 0:
+                break
+            time.sleep(0.05)
+        assert float(running[0].split()[1]) == 0
+        assert 'quantdeploy_requests_total{status="cancelled"}' in httpx.get(f"{server}/metrics").text
 
 
 def test_a_full_queue_answers_429_and_nothing_is_lost(tiny_bundle):
