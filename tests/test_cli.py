@@ -237,3 +237,27 @@ def test_no_clip_search_flag_reaches_the_grid_and_is_refused_where_it_does_not_a
     assert json.loads((tmp_path / "q" / "quant_config.json").read_text())["method"]["clip_search"] is False
     proc = run("quantize", tiny_llama_dir, "--method", "nf4", "--no-clip-search", "-o", tmp_path / "n")
     assert "--no-clip-search does not apply to method 'nf4'" in error_line(proc)
+
+
+def test_eval_tasks_against_a_baseline(tiny_llama_dir, tmp_path):
+    examples = [{"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}}
+                for i in range(6)]
+    task = tmp_path / "even" / "task.json"
+    task.parent.mkdir()
+    task.write_text(json.dumps({"name": "even", "examples": examples}))
+    q8 = tmp_path / "q8"
+    assert run("quantize", tiny_llama_dir, "--method", "rtn", "--bits", "8", "-o", q8).returncode == 0
+    proc = run("eval", q8, "--task", task.parent, "--baseline", tiny_llama_dir, "--json", tmp_path / "t.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "even" in proc.stdout and "McNemar" in proc.stdout
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [r["metric"] for r in result["rows"]] == ["acc", "acc_norm"]
+    assert all(r["n"] == 6 and "flips" in r for r in result["rows"])
+    assert len(result["results"][0]["model"]["outcomes"]["acc"]) == 6
+
+
+def test_eval_task_errors_are_one_line(tiny_llama_dir, tmp_path, data):
+    assert "neither a built-in task" in error_line(run("eval", tiny_llama_dir, "--task", tmp_path / "nope.json"))
+    both = run("eval", tiny_llama_dir, "--task", "humaneval", "--text", data / "text" / "wiki_en.test.txt")
+    assert "not both" in error_line(both)
+    assert "needs --text" in error_line(run("eval", tiny_llama_dir))

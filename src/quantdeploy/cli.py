@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quantdeploy import cli_deploy, cli_run
+from quantdeploy import cli_deploy, cli_run, cli_tasks
 from quantdeploy.cli_types import Parser, count, number
 from quantdeploy.errors import ConfigError, QuantDeployError
 
@@ -230,6 +230,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from quantdeploy.eval.text import load_text
 
+    if args.task and args.text:
+        raise ConfigError("eval takes --text (perplexity, KL divergence) or --task (task accuracy), not both; "
+                          "run it once for each")
+    if args.task:
+        return cli_tasks.cmd_eval_tasks(args, out_console, err_console, write_json)
+    if not args.text:
+        raise ConfigError("eval needs --text FILE (perplexity and KL divergence) or --task NAME_OR_FILE (task accuracy)")
     protocol = _protocol(args)
     load_text(args.text)  # a bad text fails before the models load
     with err_console.status("loading models"):
@@ -351,10 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_quantize, symmetric=None)
 
-    p = sub.add_parser("eval", help="perplexity and KL divergence against the original")
+    p = sub.add_parser("eval", help="perplexity, KL divergence or task accuracy, against the original")
     p.add_argument("model", help="quantdeploy checkpoint or any model source")
-    p.add_argument("--baseline", help="the original model, for KL divergence and side-by-side numbers")
-    _add_protocol_flags(p, text_required=True)
+    p.add_argument("--baseline", help="the original model, for KL divergence, paired task comparisons and side-by-side numbers")
+    _add_protocol_flags(p, text_required=False)
+    cli_tasks.add_task_flags(p)
     p.add_argument("--json", help="also write the results to this JSON file ('-': print them as JSON instead of the table)")
     p.set_defaults(func=cmd_eval)
 
