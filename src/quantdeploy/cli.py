@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quantdeploy import cli_deploy, cli_run, cli_tasks
+from quantdeploy import cli_deploy, cli_experiment, cli_run, cli_tasks
 from quantdeploy.cli_types import Parser, count, number
 from quantdeploy.errors import ConfigError, QuantDeployError
 
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     cli_run.add_commands(sub)
+    cli_experiment.add_commands(sub)
 
     p = sub.add_parser("inspect", help="per-layer spec, bits per weight and size of a checkpoint")
     p.add_argument("checkpoint")
