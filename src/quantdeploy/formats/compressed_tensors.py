@@ -59,7 +59,7 @@ def _format_of(spec: QuantSpec) -> str:
     return "pack-quantized"
 
 
-def check_exportable(quant_config: dict[str, Any], model_config: dict[str, Any]) -> None:
+def check_exportable(quant_config: dict[str, Any]) -> None:
     """Raise CheckpointError (one line: the module and what to do) for the first module or setting that
     compressed-tensors cannot hold exactly. Cheap: runs before anything is read or written."""
     if quant_config.get("kv_cache"):
@@ -164,7 +164,7 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> int:
         raise CheckpointError(f"{source} is not a quantdeploy checkpoint; run quantize first, then export it")
     quant_config, _ = ckpt.read_checkpoint(source)
     model_config = json.loads((source / "config.json").read_text())
-    check_exportable(quant_config, model_config)
+    check_exportable(quant_config)
     ckpt.check_output(out, overwrite, is_export, WHAT)
     tensors = ckpt.load_tensors(source)
     modules = quant_config.get("modules", {})
