@@ -63,8 +63,44 @@ class TaskModel:
 
     def loglikelihoods(self, context: str, continuations: list[str]) -> list[tuple[float, int, bool]]:
         """``(sum of log p, tokens, greedy)`` of each continuation after ``context``: ``greedy`` when every
-        continuation token is the model's argmax."""
-        return self.token_loglikelihoods([self.encode_pair(context, c) for c in continuations])
+        continuation token is the model's argmax. Choices that share their context tokens (the usual case)
+        run the context once and the continuations on its keys and values: a multiple-choice query costs
+        its context plus its choices, not its context once per choice."""
+        pairs = [self.encode_pair(context, c) for c in continuations]
+        ctx = pairs[0][0]
+        conts = [cont for _, cont in pairs]
+        if (1 < len(pairs) <= self.max_batch and all(c == ctx for c, _ in pairs)
+                and len(ctx) + max(map(len, conts)) <= self.max_len):
+            return self._shared_context(ctx, conts)
+        return self.token_loglikelihoods(pairs)
+
+    @torch.inference_mode()
+    def _shared_context(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, int, bool]]:
+        model = self.bundle.model
+        out = model(torch.tensor([ctx], device=self.device), use_cache=True)
+        first = F.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()  # predicts every continuation's first token
+        width = max(map(len, conts)) - 1
+        logp = None
+        if width:  # the rest of each continuation, right-padded, after the context's cached keys and values
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(conts))
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            inputs = torch.full((len(conts), width), pad, dtype=torch.long)
+            mask = torch.ones((len(conts), len(ctx) + width), dtype=torch.long)
+            for row, cont in enumerate(conts):
+                inputs[row, :len(cont) - 1] = torch.tensor(cont[:-1])
+                mask[row, len(ctx) + len(cont) - 1:] = 0
+            positions = torch.arange(len(ctx), len(ctx) + width)[None].expand(len(conts), -1)
+            logits = model(inputs.to(self.device), attention_mask=mask.to(self.device), past_key_values=cache,
+                           position_ids=positions.to(self.device)).logits
+            logp = F.log_softmax(logits.float(), dim=-1).cpu()
+        out_rows = []
+        for row, cont in enumerate(conts):
+            steps = [first] + ([logp[row, j] for j in range(len(cont) - 1)] if logp is not None else [])
+            total = sum(float(step[token]) for step, token in zip(steps, cont))
+            greedy = all(int(step.argmax()) == token for step, token in zip(steps, cont))
+            out_rows.append((total, len(cont), greedy))
+        return out_rows
 
     @torch.inference_mode()
     def token_loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, int, bool]]:
