@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="first N items of each BIG-bench task")
     p.add_argument("--arith-limit", type=int, default=None, help="first N items of the arithmetic task")
     p.add_argument("--humaneval-limit", type=int, default=None)
+    p.add_argument("--code-max-tokens", type=int, default=384, help="HumanEval: tokens per completion")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--models", nargs="+", default=["original", "rtn-int8", "nf4-g64", "gptq-w4g64", "awq-w4g64"])
@@ -55,9 +56,13 @@ def main() -> None:
         results[name] = {}
         for spec in specs:
             limit = {"humaneval": args.humaneval_limit, arith: args.arith_limit}.get(spec, args.limit)
-            results[name][spec] = run_task(spec, model, TaskOptions(limit=limit))
+            results[name][spec] = run_task(spec, model, TaskOptions(limit=limit, code_max_tokens=args.code_max_tokens))
         seconds[name] = round(time.perf_counter() - t0, 1)
-        print(f"{name}: {seconds[name]} s", flush=True)
+        print(f"{name}: {seconds[name]} s (generation: {model.generator})", flush=True)
+        for spec in specs:  # as each model finishes, so a cut run keeps what it measured
+            base_result = results["original"][spec] if name != "original" and "original" in results else None
+            for row in summarize(results[name][spec], base_result):
+                print(json.dumps({"model": name, **row}), flush=True)
     rows = []
     for name in args.models:
         for spec in specs:
