@@ -64,10 +64,11 @@ def test_a_model_that_cannot_load_stops_the_server_with_one_line(checkpoint, tmp
     assert re.search(r"listening on http://127\.0\.0\.1:\d+", err)  # --port 0: the real port is printed
 
 
-@pytest.mark.parametrize("deadline", [0, 30])
+@pytest.mark.parametrize("deadline", [0, 180])
 def test_sigint_ends_streams_cleanly_within_the_deadline(checkpoint, deadline):
     """Issue 12, item 6: tokens streamed past the deadline, then the stream broke without [DONE]. With a
-    deadline of 0 the stream in flight is ended at once, cleanly; with 30 s it runs to its end."""
+    deadline of 0 the stream in flight is ended at once, cleanly; with 180 s it runs to its end (400 tokens
+    of the tiny model take seconds on a quiet machine; 30 s was too short on a loaded one)."""
     proc = start(checkpoint, "--shutdown-deadline", str(deadline), "--max-batch", "2")
     try:
         url = wait_ready(proc)
@@ -85,7 +86,7 @@ def test_sigint_ends_streams_cleanly_within_the_deadline(checkpoint, deadline):
         events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
         finish = [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")]
         assert finish == ["length"]
-        proc.wait(30)
+        proc.wait(deadline + 30)
         generated = events[-1]["usage"]["completion_tokens"]
         if deadline == 0:
             assert generated < 400 and time.monotonic() - signalled < 10
