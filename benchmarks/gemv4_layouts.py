@@ -1,22 +1,21 @@
-"""Where the int4 one-row kernel's time goes, and a tile shape that removes most of it: a diagnostic.
+"""The int4 row kernel's tile shape, swept on the GPU: what ``gemv4_config`` chooses is read from here.
 
-    python benchmarks/gemv4_layouts.py [--shapes gate_up down o qkv] [--check]
+    python benchmarks/gemv4_layouts.py [--shapes gate_up down o qkv] [--m 1 2 4 8] [--check]
 
-Times, replayed from CUDA graphs on the Llama-3.1-8B shapes at M = 1 (int4 g128 symmetric), against bf16
-``F.linear`` in the same run:
+For each Llama-3.1-8B shape, int4 g128 symmetric and asymmetric, and each M, it times, replayed from CUDA
+graphs (median): bf16 ``F.linear``; the tensor-core tile kernel (``wonly_mm_impl``); the row kernel
+(``gemv4_impl``) at the configuration ``gemv4_config`` picks; and the row kernel over a sweep of channels
+per program, words per tile and warps.
+It prints the chosen configuration's time and the best three of the sweep, with their ratio to bf16 and
+the achieved GB/s as a fraction of the copy bandwidth measured in the same process. With ``--check`` it
+only compares the row kernel with the reference on small shapes (any device; ``TRITON_INTERPRET=1`` on a
+CPU). The last line is JSON (machine, card, commit, rows).
 
-- ``current``: the row kernel the product dispatches to (``kernels/triton_wonly.py:_gemv4_kernel``);
-- ``long_k``: a candidate. Few output rows per program (2-16) and a long stretch of K per tile (one to
-  several groups, as ``[rows, groups, words of a group]``), x loaded and converted once per tile with no
-  row dimension, so each thread reuses its x over the rows it holds, and one scale per row and group.
-  The current kernel holds many rows and a short K stretch, so x is converted per code and passes
-  through shared memory in the loop (its PTX: 128 barriers, 267 conversions per iteration);
-- ``loads_only``: the candidate's loads with one conversion per word and no nibble arithmetic: the
-  floor of this access pattern (not a result: its output is wrong by design).
-
-For each kernel it sweeps rows per program, words per tile and warps, and prints the best three. With
-``--check`` it runs on any device (``TRITON_INTERPRET=1`` on a CPU) and only compares outputs with the
-fp32 reference. The last line is JSON (machine, card, commit, rows).
+History: the first row kernel held many channels and a short stretch of K, so x was converted per code
+and went through shared memory in the loop (its PTX: 128 barriers, 267 conversions per iteration; 64.8 µs
+on gate/up against bf16's 55.8 on an H200, ``results/gemv4-layouts-h200.txt``). The long-K tile that
+replaced it holds few channels, converts x once per tile and issues the next tile's loads before this
+tile's arithmetic.
 """
 
 from __future__ import annotations
@@ -30,19 +29,21 @@ import triton
 import triton.language as tl
 
 from quantdeploy.eval.report import machine_info
-from quantdeploy.kernels.triton_wonly import _eight, _nibble, gemv4_impl
-from quantdeploy.quant.primitives import dequantize_weight, quantize_weight
+from quantdeploy.kernels import reference
+from quantdeploy.kernels.triton_wonly import _eight, _nibble, gemv4_config, gemv4_impl, wonly_mm_impl
+from quantdeploy.quant.primitives import quantize_weight
 from quantdeploy.quant.spec import QuantSpec
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 
 
 @triton.jit
-def _long_k_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, n_groups, tiles_per_split, row_words, stride_os,
-                   LOADS_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP_WORDS: tl.constexpr):
+def _control_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, n_groups, tiles_per_split, row_words, stride_os,
+                    BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP_WORDS: tl.constexpr):
+    """The last session's long-K experiment (symmetric only, no masks along K): 37.5 µs on gate/up."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    GPT: tl.constexpr = WORDS // GROUP_WORDS  # groups per tile
+    GPT: tl.constexpr = WORDS // GROUP_WORDS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, GPT)
     offs_w = tl.arange(0, GROUP_WORDS)
@@ -54,95 +55,109 @@ def _long_k_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, n_groups, tiles_per_split, r
         words = tl.load(q_ptr + offs_n[:, None, None] * row_words + word[None, :, :], mask=mask_n[:, None, None],
                         other=0)
         s = tl.load(s_ptr + offs_n[:, None] * n_groups + gidx[None, :], mask=mask_n[:, None], other=0.0)
-        if LOADS_ONLY:
-            x = tl.load(x_ptr + word * 8).to(tl.float32)
-            acc += words.to(tl.float32) * x[None] * s.to(tl.float32)[:, :, None]
-        else:
-            z = 8388608.0 + 8.0  # symmetric int4: codes around 8, under the 2^23 exponent (see _nibble)
-            x = tl.load(x_ptr + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]).to(tl.float32)
-            x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)
-            part = _nibble(words, 0, z) * x0[None]
-            part += _nibble(words, 4, z) * x1[None]
-            part += _nibble(words, 8, z) * x2[None]
-            part += _nibble(words, 12, z) * x3[None]
-            part += _nibble(words, 16, z) * x4[None]
-            part += _nibble(words, 20, z) * x5[None]
-            part += _nibble(words, 24, z) * x6[None]
-            part += _nibble(words, 28, z) * x7[None]
-            acc += part * s.to(tl.float32)[:, :, None]
+        z = 8388608.0 + 8.0
+        x = tl.load(x_ptr + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)
+        part = _nibble(words, 0, z) * x0[None]
+        part += _nibble(words, 4, z) * x1[None]
+        part += _nibble(words, 8, z) * x2[None]
+        part += _nibble(words, 12, z) * x3[None]
+        part += _nibble(words, 16, z) * x4[None]
+        part += _nibble(words, 20, z) * x5[None]
+        part += _nibble(words, 24, z) * x6[None]
+        part += _nibble(words, 28, z) * x7[None]
+        acc += part * s.to(tl.float32)[:, :, None]
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + pid_k * stride_os + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-def long_k(x, qweight, scales, group, block_n, words, warps, min_programs, loads_only=False):
-    """``x [1, K] @ W.T`` for symmetric int4 codes in groups of ``group`` (K a multiple of ``8 * words``)."""
+def _control(x, qweight, scales, block_n, words, warps, min_programs):  # noqa: ANN001, ANN202 - g128, M = 1
     n, k = qweight.shape[0], x.shape[1]
-    row_words = k // 8
-    tiles = row_words // words
+    tiles = k // 8 // words
     programs = triton.cdiv(n, block_n)
-    split = 1  # split K until the grid has min_programs programs, partial sums added after
+    split = 1
     while programs * split < min_programs and tiles % (split * 2) == 0 and split * 2 <= tiles // 2:
         split *= 2
     out = torch.empty((split, n), dtype=torch.float32, device=x.device)
-    _long_k_kernel[(programs, split)](x, qweight.view(torch.int32), scales, out, n, scales.shape[1], tiles // split,
-                                      row_words, n, LOADS_ONLY=loads_only, BLOCK_N=block_n, WORDS=words,
-                                      GROUP_WORDS=group // 8, num_warps=warps, num_stages=2)
+    _control_kernel[(programs, split)](x, qweight.view(torch.int32), scales, out, n, scales.shape[1], tiles // split,
+                                       k // 8, n, BLOCK_N=block_n, WORDS=words, GROUP_WORDS=16, num_warps=warps,
+                                       num_stages=2)
     return out.sum(0, keepdim=True).to(x.dtype)
 
 
 def check() -> None:
-    """The candidate against the fp32 reference on small shapes (any device; the interpreter on a CPU)."""
+    """The row kernel against the fp32 reference on small shapes, at its own and at forced configurations."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for k, n, group in ((256, 40, 32), (512, 16, 64), (1024, 24, 128)):
+    for n, k, group, symmetric, m in ((40, 256, 32, True, 1), (24, 640, 128, False, 3), (20, 200, None, False, 2),
+                                      (16, 4104, 8, True, 1), (18, 384, 96, False, 1)):
         torch.manual_seed(0)
-        qw = quantize_weight(torch.randn(n, k, device=device) * 0.02, QuantSpec(dtype="int4", group_size=group))
-        x = torch.randn(1, k, device=device)
-        ref = x @ dequantize_weight(qw).T
-        for block_n, words in ((4, group // 8), (16, 2 * group // 8)):
-            y = long_k(x, qw.tensors["qweight"], qw.tensors["scales"], group, block_n, words, 1, 4)
-            err = ((y - ref).abs().max() / ref.abs().max()).item()
-            print(f"k={k} n={n} g={group} rows/program={block_n} words/tile={words}: max rel err {err:.2e}")
+        qw = quantize_weight(torch.randn(n, k, device=device) * 0.05,
+                             QuantSpec(dtype="int4", group_size=group, symmetric=symmetric))
+        t, g = qw.tensors, qw.spec.group_for(k)
+        x = torch.randn(m, k, device=device)
+        expected = reference.qlinear(x, qw, None)
+        chunk = gemv4_config(n, k, g, 8)[1]
+        for config in (None, (4, chunk, 2, 1, 64), (8, chunk, 1, 1, 4)):
+            y = gemv4_impl(x, t["qweight"], t["scales"], t.get("zeros"), g, config)
+            err = ((y - expected).norm() / expected.norm()).item()
+            print(f"n={n} k={k} group={g} symmetric={symmetric} m={m} config={config}: relative error {err:.1e}")
             assert err < 1e-5, err
 
 
 def main() -> None:
+    from quantdeploy.bench.decode import measure_bandwidth
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--check", action="store_true", help="only compare the candidate with the reference")
+    p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--check", action="store_true", help="only compare the row kernel with the reference")
+    p.add_argument("--no-sweep", action="store_true", help="only the configuration gemv4_config picks")
     args = p.parse_args()
     if args.check:
         return check()
     device = torch.device("cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    bandwidth = measure_bandwidth(device)
     bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3  # noqa: E731 - µs
     rows = []
-    print(f"int4 g128 symmetric, M = 1, on {torch.cuda.get_device_name()}; µs replayed from CUDA graphs (median)")
-    for shape in args.shapes:
+    print(f"int4 g128, on {torch.cuda.get_device_name()}, copy bandwidth {bandwidth:.0f} GB/s; µs replayed from "
+          "CUDA graphs (median)", flush=True)
+    for shape, symmetric, m in itertools.product(args.shapes, (True, False), args.m):
         k, n = SHAPES[shape]
         torch.manual_seed(0)
         w = torch.randn(n, k, device=device) * 0.02
-        qw = quantize_weight(w, QuantSpec(dtype="int4", group_size=128))
-        q, s = qw.tensors["qweight"], qw.tensors["scales"]
-        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        qw = quantize_weight(w, QuantSpec(dtype="int4", group_size=128, symmetric=symmetric))
+        q, s, z = qw.tensors["qweight"], qw.tensors["scales"], qw.tensors.get("zeros")
+        moved = sum(v.numel() * v.element_size() for v in qw.tensors.values()) + 2 * m * (k + n)
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         w16 = w.to(torch.bfloat16)
         base = bench(lambda: torch.nn.functional.linear(x, w16))
-        current = bench(lambda: gemv4_impl(x, q, s, None, 128))
-        print(f"{shape:8s} bf16 {base:6.1f} | current {current:6.1f} ({base / current:.2f}x bf16)", flush=True)
-        rows.append({"shape": shape, "kernel": "current", "us": current, "bf16_us": base})
-        for loads_only in (False, True):
-            found = []
-            for block_n, words, warps in itertools.product((2, 4, 8, 16), (16, 32, 64, 128), (1, 2, 4)):
-                run = lambda: long_k(x, q, s, 128, block_n, words, warps, 4 * sms, loads_only)  # noqa: E731
-                found.append((bench(run), block_n, words, warps))
-            found.sort()
-            name = "loads_only" if loads_only else "long_k"
-            for us, block_n, words, warps in found[:3]:
-                print(f"  {name:10s} {us:6.1f} us ({base / us:.2f}x bf16)  rows/program={block_n} words/tile={words} "
-                      f"warps={warps}", flush=True)
-            us, block_n, words, warps = found[0]
-            rows.append({"shape": shape, "kernel": name, "us": us, "bf16_us": base, "rows_per_program": block_n,
-                         "words_per_tile": words, "warps": warps})
-    print(json.dumps({**machine_info(), "benchmark": "gemv4_layouts", "config": vars(args), "rows": rows}))
+        tile = bench(lambda: wonly_mm_impl(x, q, s, z, 4, 128))
+        chosen = gemv4_config(n, k, 128, sms)
+        ours = bench(lambda: gemv4_impl(x, q, s, z, 128))
+        print(f"{shape:8s} sym={symmetric!s:5s} M={m}: bf16 {base:6.1f} | tile kernel {tile:6.1f} ({base / tile:.2f}x) "
+              f"| row kernel {ours:6.1f} ({base / ours:.2f}x, {moved / ours / 1e3 / bandwidth:.0%} of copy) "
+              f"at {chosen}", flush=True)
+        found = [(ours, chosen)]
+        blocks = (8, 16, 32) if m == 1 else (4, 8, 16)
+        words_options = (32, 64, 128) if m == 1 else (32, 64)
+        warps_options = (2, 4, 8) if m == 1 else (4,)
+        for block_n, words, warps in itertools.product(blocks, words_options, warps_options) if not args.no_sweep else ():
+            config = (block_n, chosen[1], words // chosen[1], warps, chosen[4])
+            found.append((bench(lambda: gemv4_impl(x, q, s, z, 128, config)), config))
+        if m == 1 and symmetric and not args.no_sweep:  # the experiment's kernel (results/gemv4-layouts-h200.txt) as a control
+            for block_n, words, warps in itertools.product((8, 16), (32, 64), (2, 4)):
+                us = bench(lambda: _control(x, q, s, block_n, words, warps, chosen[4]))
+                found.append((us, ("control", block_n, words, warps)))
+        found.sort()
+        for us, config in found[:3]:
+            print(f"    {us:6.1f} us ({base / us:.2f}x bf16, {moved / us / 1e3 / bandwidth:.0%} of copy)  "
+                  f"(channels/program, chunk, chunks, warps, programs aimed at) = {config}", flush=True)
+        rows.append({"shape": shape, "symmetric": symmetric, "m": m, "bf16_us": base, "tile_us": tile,
+                     "row_us": ours, "row_config": chosen, "best_us": found[0][0], "best_config": found[0][1],
+                     "of_copy_best": moved / found[0][0] / 1e3 / bandwidth})
+    print(json.dumps({**machine_info(), "benchmark": "gemv4_layouts", "bandwidth_gbs": bandwidth,
+                      "config": vars(args), "rows": rows}))
 
 
 if __name__ == "__main__":

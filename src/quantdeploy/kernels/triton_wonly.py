@@ -20,13 +20,17 @@ there the tile kernel's time is its per-code arithmetic (an int-to-float convers
 dequantized tile's trip through shared memory to the tensor cores), not the bytes it reads. The row
 kernel reads the codes as int32 words (eight per word: the canonical layout viewed whole), makes
 ``q - z`` of each nibble by setting the exponent bits of a float (``2^23 + q``, minus ``2^23 + z``: no
-conversion instruction), reads x once per tile as rows of eight and splits them in registers, and
-multiplies in fp32 with the scale applied once per word. Its weights are therefore exact, not first
-rounded to x's dtype as the reference's are: its error against the fp32 oracle is smaller, and it is
-not bitwise the reference's. On an H200, replayed from a CUDA graph, one row of the 8B shapes took
-64.8 µs on gate/up, 30.0 on down, 13.2 on o, where the tile kernel took 73.1, 34.8, 15.7 at four rows
-(the same work as one: it pads to 16) in the same run (``benchmarks/results/kernels-gpu-llama8b-shapes-
-h200.txt``); at two rows the row kernel lost on every shape, so it takes one.
+conversion instruction) and multiplies in fp32. A program holds few output channels and a long stretch
+of K (a tile of 64 words as ``[channels, chunks, words of a chunk]``, a chunk never straddling a group),
+so x is loaded and converted once per tile and shared by every channel the program holds, and the scale
+is applied once per chunk. Its weights are exact, not first rounded to x's dtype as the reference's are:
+its error against the fp32 oracle is smaller, and it is not bitwise the reference's. On an H200,
+replayed from a CUDA graph at one row, it beats bf16 ``F.linear`` on every 8B layer: gate/up 35.2 µs
+(bf16 55.1: 1.57x; 42% of the copy bandwidth), down 20.7 (1.53x), qkv 9.8 (1.53x), o 9.8 (1.08x),
+asymmetric 3-12% slower (``benchmarks/results/gemv4-row-kernel-h200.txt``). Its first version held many
+channels and a short stretch of K, converted x per code through shared memory, and lost to bf16 on
+three of the four layers. At two rows the tile kernel takes over (each row would be a pass over the
+weight).
 
 The tile sizes come from a fixed rule of (M, N, K), not from autotuning: autotuning benchmarks at its
 first call, which must not happen inside a CUDA-graph capture. ``benchmarks/kernels_gpu.py`` measures
@@ -121,44 +125,63 @@ def _nibble(words, shift: tl.constexpr, z):
 
 
 @triton.jit
-def _gemv4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, tiles_per_split, row_words, stride_xm,
-                  stride_os, stride_om, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, n_groups, tiles_per_split, row_words, stride_os,
+                  GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """One row of x. A program owns ``BLOCK_N`` output channels and a run of K tiles; a tile is ``CHUNKS``
+    chunks of ``CHUNK`` int32 words (8 codes each), a chunk never straddling a group, so the codes of a
+    tile are ``[BLOCK_N, CHUNKS, CHUNK]``, their scales ``[BLOCK_N, CHUNKS]`` and x ``[CHUNKS, CHUNK, 8]``
+    (converted once, shared by every channel). ``EVEN``: the splits' tiles cover the row exactly, so
+    nothing along K is masked (a mask that varies along a row stops its loads from being vectorized)."""
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    WORDS: tl.constexpr = BLOCK_K // 8
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, WORDS)
-    mask_m = offs_m < M
+    offs_w = tl.arange(0, CHUNK)
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)  # summed over words once, at the end
-    for i in range(0, tiles_per_split):
-        word = (pid_k * tiles_per_split + i) * WORDS + offs_w
-        wmask = mask_n[:, None] & (word < row_words)[None, :]
-        words = tl.load(q_ptr + offs_n[:, None] * row_words + word[None, :], mask=wmask, other=0)
-        meta = offs_n[:, None] * n_groups + (word * 8 // GROUP)[None, :]  # a word never straddles groups
-        s = tl.load(s_ptr + meta, mask=wmask, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            z = 8388608.0 + 8.0
+    chunk = pid_k * tiles_per_split * CHUNKS + tl.arange(0, CHUNKS)
+    last = tl.minimum((pid_k + 1) * tiles_per_split * CHUNKS, tl.cdiv(row_words, CHUNK))  # past this split
+    z = 8388608.0 + 8.0  # 2^23 + z for _nibble; symmetric codes are centred on 8
+    if PER_CHANNEL:  # one scale (and zero) per channel: the scale applied once, after the sum over K
+        s_row = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if not SYMMETRIC:
+            z = 8388608.0 + tl.load(z_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None, None]
+    acc = tl.zeros((BLOCK_N, CHUNKS, CHUNK), dtype=tl.float32)  # summed over K once, at the end
+    for _ in range(0, tiles_per_split):
+        word = chunk[:, None] * CHUNK + offs_w[None, :]
+        k8 = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        rows = q_ptr + offs_n[:, None, None] * row_words + word[None]
+        if EVEN:
+            words = tl.load(rows, mask=mask_n[:, None, None], other=0)
+            x = tl.load(x_ptr + k8).to(tl.float32)
         else:
-            z = 8388608.0 + tl.load(z_ptr + meta, mask=wmask, other=0).to(tl.float32)
-        k8 = word[:, None] * 8 + tl.arange(0, 8)[None, :]
-        x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k8[None, :, :],
-                    mask=mask_m[:, None, None] & (k8 < K)[None, :, :], other=0.0).to(tl.float32)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)  # [BLOCK_M, WORDS] each: x at k = 8 * word + j
-        part = _nibble(words, 0, z)[None, :, :] * x0[:, None, :]
-        part += _nibble(words, 4, z)[None, :, :] * x1[:, None, :]
-        part += _nibble(words, 8, z)[None, :, :] * x2[:, None, :]
-        part += _nibble(words, 12, z)[None, :, :] * x3[:, None, :]
-        part += _nibble(words, 16, z)[None, :, :] * x4[:, None, :]
-        part += _nibble(words, 20, z)[None, :, :] * x5[:, None, :]
-        part += _nibble(words, 24, z)[None, :, :] * x6[:, None, :]
-        part += _nibble(words, 28, z)[None, :, :] * x7[:, None, :]
-        acc += part * s[None, :, :]
-    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            in_k = (chunk[:, None] < last) & (word < row_words)
+            words = tl.load(rows, mask=mask_n[:, None, None] & in_k[None], other=0)
+            x = tl.load(x_ptr + k8, mask=in_k[:, :, None], other=0.0).to(tl.float32)
+        zt = z
+        if not PER_CHANNEL:
+            meta = offs_n[:, None] * n_groups + (chunk * (CHUNK * 8) // GROUP)[None, :]
+            mmask = mask_n[:, None] if EVEN else mask_n[:, None] & (chunk < last)[None, :]
+            s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+            if not SYMMETRIC:
+                zt = 8388608.0 + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)[:, :, None]
+        x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)  # [CHUNKS, CHUNK] each: x at k = 8 * word + j
+        part = _nibble(words, 0, zt) * x0[None]
+        part += _nibble(words, 4, zt) * x1[None]
+        part += _nibble(words, 8, zt) * x2[None]
+        part += _nibble(words, 12, zt) * x3[None]
+        part += _nibble(words, 16, zt) * x4[None]
+        part += _nibble(words, 20, zt) * x5[None]
+        part += _nibble(words, 24, zt) * x6[None]
+        part += _nibble(words, 28, zt) * x7[None]
+        if PER_CHANNEL:
+            acc += part
+        else:
+            acc += part * s[:, :, None]
+        chunk += CHUNKS
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if PER_CHANNEL:
+        total = total * s_row
+    tl.store(out_ptr + pid_k * stride_os + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 def _sms(device: torch.device) -> int:
@@ -207,39 +230,55 @@ def wonly_mm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return out if split == 1 else out.to(x.dtype)
 
 
-#: int4 layers at up to this many rows run ``_gemv4_kernel`` (one program per 16 channels and 512 codes
-#: of K, one warp, three stages: the fastest of a sweep on the 8B shapes at M = 1; at M = 2 the tile
-#: kernel was faster on every shape).
+#: int4 layers at one row run ``_gemv4_kernel``; at more, the tile kernel on the tensor cores.
 GEMV_ROWS = 1
 
 
+def gemv4_config(n: int, k: int, group: int, sms: int) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_N, CHUNK, CHUNKS, warps, min_programs)`` for the row kernel. Chunks of up to 16 words that
+    divide the group; K split until the grid has four programs per SM. Channels per program, words per
+    tile and warps by N, the fastest of ``benchmarks/gemv4_layouts.py`` on an H200 at the 8B shapes
+    (``results/gemv4-row-kernel-h200.txt``): up to 4,096 outputs 32 channels x 32 words on 2 warps (o,
+    down), up to 16,384 8 x 64 on 2 (qkv), wider 16 x 64 on 4 (gate/up)."""
+    if group >= k:  # per channel: any chunk, the tail masked
+        chunk = 16
+    else:
+        chunk = 1
+        while chunk < 16 and (group // 8) % (2 * chunk) == 0:
+            chunk *= 2
+    block_n, words, warps = (32, 32, 2) if n <= 4096 else (8, 64, 2) if n <= 16384 else (16, 64, 4)
+    return block_n, chunk, max(1, words // chunk), warps, 4 * sms
+
+
 def gemv4_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-               group: int) -> torch.Tensor:
-    """``x [M <= GEMV_ROWS, K] @ W.T`` for int4 codes, ``K`` a multiple of 8 (see the module docstring)."""
-    x = x.contiguous()
+               group: int, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """``x [M, K] @ W.T`` for int4 codes, ``K`` and ``group`` multiples of 8, one pass over the weight per
+    row of x (see the module docstring). ``config`` overrides ``gemv4_config`` (the benchmarks' sweep)."""
     m, k = x.shape
     n = qweight.shape[0]
-    block_n, block_k = 16, 512
-    k_tiles = triton.cdiv(k, block_k)
+    block_n, chunk, chunks, warps, min_programs = config or gemv4_config(n, k, group, _sms(x.device))
+    row_words = k // 8
+    tiles = triton.cdiv(triton.cdiv(row_words, chunk), chunks)
     programs = triton.cdiv(n, block_n)
-    split = 1  # at least four programs per SM: a layer with few outputs splits K, partial sums added after
-    while programs * split < 4 * _sms(x.device) and split * 2 <= k_tiles // 2:
+    split = 1  # a layer with few outputs splits K until the grid fills the card; partial sums added after
+    while programs * split < min_programs and split * 2 <= tiles // 2:
         split *= 2
-    per_split = triton.cdiv(k_tiles, split)
-    out = (torch.empty((m, n), dtype=x.dtype, device=x.device) if split == 1
-           else torch.empty((split, m, n), dtype=torch.float32, device=x.device))
-    _gemv4_kernel[(programs, 1, split)](x, qweight.view(torch.int32), scales, zeros if zeros is not None else scales,
-                                       out, m, n, k, scales.shape[1], per_split, k // 8, x.stride(0),
-                                       m * n if split > 1 else 0, n, GROUP=group, SYMMETRIC=zeros is None,
-                                       BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-                                       num_warps=1, num_stages=3)
-    return out if split == 1 else out.sum(0).to(x.dtype)
+    per_split = triton.cdiv(tiles, split)
+    even = row_words == per_split * split * chunks * chunk  # every split's tiles inside the row, whole
+    out = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    for row in range(m):
+        _gemv4_kernel[(programs, split)](x[row].contiguous(), qweight.view(torch.int32), scales,
+                                         zeros if zeros is not None else scales, out[:, row], n, scales.shape[1],
+                                         per_split, row_words, m * n, GROUP=group, PER_CHANNEL=group >= k,
+                                         SYMMETRIC=zeros is None, EVEN=even, BLOCK_N=block_n, CHUNK=chunk,
+                                         CHUNKS=chunks, num_warps=warps, num_stages=2)
+    return out[0] if split == 1 else out.sum(0).to(x.dtype)
 
 
 @torch.library.custom_op("quantdeploy::wonly_mm", mutates_args=())
 def wonly_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              bits: int, group: int) -> torch.Tensor:
-    if bits == 4 and 0 < x.shape[0] <= GEMV_ROWS:
+    if bits == 4 and 0 < x.shape[0] <= GEMV_ROWS and group % 8 == 0:
         return gemv4_impl(x, qweight, scales, zeros, group)
     return wonly_mm_impl(x.contiguous(), qweight, scales, zeros, bits, group)
 
