@@ -43,6 +43,30 @@ grid:
     assert awq.method["calibration"]["source"] == "c.txt"
 
 
+def test_ablation_axes_reach_the_config_that_has_them(tmp_path):
+    """act_order is GPTQ's (inside AWQ too), alpha SmoothQuant's: other methods drop them, so their
+    cells are not repeated."""
+    spec = read_grid(write_grid(tmp_path / "g.yaml", """model: m
+text: t.txt
+calibration: {source: c.txt}
+grid:
+  method: [rtn, gptq, awq+gptq, smoothquant]
+  bits: [8]
+  group_size: [null]
+  act_order: [true, false]
+  alpha: [0.5, 0.8]
+"""))
+    got = cells(spec)
+    by_method = {}
+    for c in got:
+        by_method.setdefault(c.axes["method"], []).append(c)
+    assert {m: len(v) for m, v in by_method.items()} == {"rtn": 1, "gptq": 2, "awq+gptq": 2, "smoothquant": 2}
+    assert {c.method["act_order"] for c in by_method["gptq"]} == {True, False}
+    assert {c.method["quantizer"]["act_order"] for c in by_method["awq+gptq"]} == {True, False}
+    assert {c.method["alpha"] for c in by_method["smoothquant"]} == {0.5, 0.8}
+    assert "alpha" not in by_method["rtn"][0].axes and "act_order" not in by_method["rtn"][0].axes
+
+
 @pytest.mark.parametrize("body, message", [
     ("model: m\ntext: t\ngrid: {method: [rtn]}\nspeed: 1\n", "unknown key 'speed'"),
     ("model: m\ntext: t\ngrid: {method: [rtn], bitz: [4]}\n", "unknown axis 'bitz'"),
@@ -110,8 +134,10 @@ def test_six_cells_resume_after_a_kill_and_the_report_loads_in_a_browser(tiny_ll
     task = tmp_path / "task.json"
     task.write_text(json.dumps({"name": "even", "examples": [
         {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}} for i in range(10)]}))
+    text = tmp_path / "text.txt"  # the test text without its first document, a long one: 2,048 tokens span several
+    text.write_text((data / "text" / "wiki_en.test.txt").read_text().split("\n\n\n", 1)[1])
     grid = write_grid(tmp_path / "grid.yaml", f"""model: {tiny_llama_dir}
-text: {data / "text" / "wiki_en.test.txt"}
+text: {text}
 tokens: 2048
 tasks: [{task}]
 bench: {{batches: [1], steps: 4, prompt_len: 16, max_seq_len: 64}}
@@ -136,8 +162,12 @@ grid:
     assert len(results) == 7  # the original and six cells
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished cells were not recomputed
     cell = json.loads(next(p for p in results if p.parent.name != "original").read_text())
-    assert {"size", "fidelity", "tasks", "speed", "layer_error", "attention_similarity"} <= set(cell)
+    assert {"size", "fidelity", "tasks", "speed", "layer_error", "attention_similarity", "kld_buckets"} <= set(cell)
     assert len(cell["layer_error"]) == 2 and len(cell["attention_similarity"][0]) == 4  # 2 layers, 4 heads
+    buckets = cell["kld_buckets"]  # every scored token in exactly one bucket of each cut
+    scored = cell["fidelity"]["tokens_scored"]
+    assert all(sum(r["tokens"] for r in buckets[cut] or []) == scored for cut in ("frequency", "position", "documents"))
+    assert len(buckets["documents"]) > 1
 
     proc = quantdeploy("report", run)
     out, err = proc.communicate(timeout=300)
@@ -145,7 +175,9 @@ grid:
     page = run / "report" / "report.html"
     images = browser_images(chromium, page)
     names = {img["alt"] for img in images}
-    assert {"accuracy_vs_bits", "kld_vs_speed", "speed_memory", "layer_error"} <= names and len(images) == 10
+    assert {"accuracy_vs_bits", "kld_vs_speed", "speed_memory", "layer_error", "kld_buckets"} <= names
+    assert len(images) == 11  # the five above and one attention map per cell
+    assert "mean KLD by bucket" in page.read_text()
     assert all(img.get("data-loaded") == "1" and "data-failed" not in img for img in images), images
     broken = tmp_path / "broken.html"  # the check can fail: a corrupt image is reported as failed
     broken.write_text(page.read_text().replace("base64,iVBOR", "base64,XXXX", 1))

@@ -15,6 +15,8 @@ The grid file names the model, the measurements and the axes; every combination 
       bits: [4, 8]
       group_size: [64, null]            # null: per channel
       symmetric: [true]
+      act_order: [true, false]          # GPTQ's column order
+      alpha: [0.5, 0.8]                 # SmoothQuant's smoothing strength (method smoothquant)
       calib_samples: [16]               # calibration size (calibrated methods)
       kv_cache: [null, int8]            # KV-cache spec
 
@@ -42,7 +44,9 @@ from quantdeploy.errors import ConfigError
 log = logging.getLogger(__name__)
 
 TOP_KEYS = {"model", "text", "tokens", "calibration", "tasks", "task_limit", "bench", "grid", "device", "seed"}
-AXES = ("method", "bits", "group_size", "symmetric", "calib_samples", "kv_cache")
+AXES = ("method", "bits", "group_size", "symmetric", "act_order", "alpha", "calib_samples", "kv_cache")
+QUANTIZER_AXES = ("bits", "group_size", "symmetric", "act_order")  # fields of the (inner) quantizer's config
+METHOD_AXES = ("alpha",)  # fields of the outer method's config (SmoothQuant's smoothing strength)
 WRAPPERS = ("awq", "smoothquant")
 
 
@@ -114,13 +118,16 @@ def _method_dict(axes: dict[str, Any], calibration: dict[str, Any]) -> tuple[dic
     outer_cls = get_method(outer).config_cls
     quantizer_name = (inner or "rtn") if outer in WRAPPERS else outer
     quantizer_cls = get_method(quantizer_name).config_cls
-    grid_values = {k: axes[k] for k in ("bits", "group_size", "symmetric") if k in axes}
+    grid_values = {k: axes[k] for k in QUANTIZER_AXES if k in axes}
     fields = set(quantizer_cls.__dataclass_fields__)
     quantizer = {"type": quantizer_name, **{k: v for k, v in grid_values.items() if k in fields}}
     if "group_size" in quantizer and "pin_group_size" in fields:
         quantizer["pin_group_size"] = True
     applied = {"method": name, **{k: v for k, v in grid_values.items() if k in fields}}
     method = {"type": outer, "quantizer": quantizer} if outer in WRAPPERS else dict(quantizer)
+    for k in METHOD_AXES:
+        if k in axes and k in outer_cls.__dataclass_fields__:
+            method[k] = applied[k] = axes[k]
     if "calibration" in outer_cls.__dataclass_fields__:
         calib = dict(calibration)
         if "calib_samples" in axes:
@@ -143,6 +150,7 @@ def run(spec: dict[str, Any], out: str | Path, progress: Callable[[int, int, str
     """Run every cell not yet complete under ``out``; returns the result files of all cells."""
     import quantdeploy as qd
     from quantdeploy.bench.measure import measure_cell
+    from quantdeploy.config import config_from_dict
 
     out = Path(out)
     todo = cells(spec)
@@ -162,8 +170,6 @@ def run(spec: dict[str, Any], out: str | Path, progress: Callable[[int, int, str
             progress(i, len(todo), cell.label)
         if path.exists():
             continue
-        from quantdeploy.config import config_from_dict
-
         t0 = time.perf_counter()
         bundle = qd.quantize(base, config_from_dict(cell.method), seed=int(spec.get("seed", 0)))
         if cell.kv_cache:

@@ -8,10 +8,12 @@ URIs, no scripts, no external files), so it can be mailed or attached to a ticke
 - mean KL divergence against decode tok/s, Pareto front marked (needs the grid's ``bench``);
 - decode speed and weight memory of each cell against the original;
 - per-layer error (relative error of each decoder layer's output) as a heatmap, cells × layers;
-- attention similarity to the original per layer and head, one heatmap per cell.
+- attention similarity to the original per layer and head, one heatmap per cell;
+- mean KLD by token frequency, by position in the window and by document, one line per cell.
 
 Tables: every cell's numbers; ablations (each grid axis's values, averaged over the other axes); the
-error analysis (the task items each cell got wrong that the original got right).
+error analysis: KLD by bucket (``eval/buckets.py``) and the task items each cell got wrong that the
+original got right.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def figures(original: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out: dict[str, bytes] = {}
     labels = [c["cell"]["label"] for c in cells]
@@ -141,6 +144,27 @@ def figures(original: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, 
         fig.colorbar(im, ax=ax, label="1 - total variation")
         ax.set_title(f"attention similarity: {labels[i]}", fontsize=9)
         save(f"attention_{c['cell']['id']}", fig)
+
+    buckets = [c.get("kld_buckets") for c in cells]
+    if buckets and all(buckets):
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+        for label, b in zip(labels, buckets):
+            for ax, cut in zip(axes, ("frequency", "position")):
+                rows = [r for r in b[cut] if r["tokens"]]
+                ax.plot([r["bucket"] for r in rows], [r["kld_mean"] for r in rows], marker="o", label=label)
+            if b["documents"]:
+                axes[2].plot([r["document"] for r in b["documents"]], [r["kld_mean"] for r in b["documents"]],
+                             marker=".", lw=0.8, label=label)
+        for ax, title in zip(axes, ("by the predicted token's count in the text", "by position in the window",
+                                    "by document")):
+            ax.set_yscale("log")
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel("mean KL divergence")
+        axes[2].set_xlabel("document")
+        axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].legend(fontsize=7)
+        fig.suptitle("where the KL divergence is")
+        save("kld_buckets", fig)
     return out
 
 
@@ -181,13 +205,33 @@ def tables(original: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, l
             group = [c for c in having if json.dumps(c["cell"]["axes"][axis]) == v]
             ablation.append([axis, v, str(len(group)), f"{sum(c['fidelity']['kld_mean'] for c in group) / len(group):.4f}",
                              f"{sum(c['fidelity']['top1_agreement'] for c in group) / len(group):.3f}"])
+    by_bucket = []
+    for c in cells:
+        b = c.get("kld_buckets")
+        if not b:
+            continue
+        if not by_bucket:
+            by_bucket.append(["cell"] + [f"count {r['bucket']}" for r in b["frequency"]]
+                             + [f"position {r['bucket']}" for r in b["position"]] + ["documents", "worst", "best"])
+        docs = sorted(b["documents"] or [], key=lambda r: r["kld_mean"])
+        by_bucket.append([c["cell"]["label"]] + [_kld(r) for r in b["frequency"] + b["position"]]
+                         + ([str(len(docs)), f"#{docs[-1]['document']}: {docs[-1]['kld_mean']:.4f}",
+                             f"#{docs[0]['document']}: {docs[0]['kld_mean']:.4f}"] if docs else ["-"] * 3))
     errors = [["cell", "task", "lost (right in the original, wrong here)", "gained", "first lost item (end of prompt)"]]
     for c in cells:
         for t in (c.get("tasks") or {}).values():
             row = t["rows"][0]
             first = (row.get("lost_prompts") or ["-"])[0].replace("\n", " ⏎ ")[-160:]
             errors.append([c["cell"]["label"], row["task"], str(len(row.get("lost", []))), str(len(row.get("gained", []))), first])
-    return {"Cells": rows, "Ablations (each axis, averaged over the others)": ablation, "Error analysis": errors}
+    out = {"Cells": rows, "Ablations (each axis, averaged over the others)": ablation}
+    if by_bucket:
+        out["Error analysis: mean KLD by bucket (tokens in each)"] = by_bucket
+    out["Error analysis: task items"] = errors
+    return out
+
+
+def _kld(row: dict[str, Any]) -> str:
+    return "-" if row["kld_mean"] is None else f"{row['kld_mean']:.4f} ({row['tokens']})"
 
 
 def write_report(run: str | Path) -> list[Path]:

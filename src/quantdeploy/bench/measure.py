@@ -2,7 +2,8 @@
 
 - **size**: bytes of every stored weight and bits per quantized weight (scales and zeros counted);
 - **fidelity**: perplexity, mean KL divergence and top-1 agreement against the original on the grid's
-  text (``eval/fidelity.py``, windows of 1,024 tokens);
+  text (``eval/fidelity.py``, windows of 1,024 tokens), and the KLD cut by token frequency, position in
+  the window and document (``eval/buckets.py``);
 - **tasks**: per-item outcomes (``eval/tasks``), summarized against the original cell's outcomes on
   the same items, with the flipped items' prompts kept for the error analysis;
 - **speed**: engine prefill and decode tok/s at the grid's batch sizes (``bench/decode.py``) on the grid's
@@ -32,6 +33,7 @@ def measure_cell(context: Any, cell: Any, bundle: Any, seconds: float) -> dict[s
     import dataclasses
 
     import quantdeploy as qd
+    from quantdeploy.eval.buckets import document_ids, kld_buckets
     from quantdeploy.eval.fidelity import EvalProtocol, evaluate
     from quantdeploy.eval.text import load_text, tokenize_prefix
 
@@ -42,11 +44,16 @@ def measure_cell(context: Any, cell: Any, bundle: Any, seconds: float) -> dict[s
     info = qd.describe(bundle) if not original else None
     result["size"] = {"weight_bytes": _weight_bytes(bundle.model),
                       "bits_per_weight": info["bits_per_weight"] if info else _dense_bits(bundle.model)}
-    tokens = tokenize_prefix(bundle.tokenizer, load_text(spec["text"]), int(spec.get("tokens", 8192)))
+    text = load_text(spec["text"])
+    tokens = tokenize_prefix(bundle.tokenizer, text, int(spec.get("tokens", 8192)))
     protocol = EvalProtocol(max_tokens=int(spec.get("tokens", 8192)), window=1024)
     models = {"model": bundle.model}
-    fid = evaluate(models, None if original else context.base.model, tokens, protocol)
+    fid = evaluate(models, None if original else context.base.model, tokens, protocol, keep_tokens=True)
     result["fidelity"] = {k: v for k, v in fid["model"].items() if isinstance(v, (int, float))}
+    if not original:
+        t = fid["model"]["per_token"]
+        result["kld_buckets"] = kld_buckets(t["kld"], t["index"], t["position"], tokens,
+                                            document_ids(bundle.tokenizer, text, tokens))
     if spec.get("tasks"):
         result["tasks"] = _tasks(spec, bundle, cell.label, None if original else context.original)
     if spec.get("bench"):

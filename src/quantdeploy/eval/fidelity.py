@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,9 @@ class _Stats:
         self.kld: list[torch.Tensor] = []
         self.top1: list[torch.Tensor] = []
 
+    def per_token(self, index: list[torch.Tensor], position: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"kld": torch.cat(self.kld), "index": torch.cat(index), "position": torch.cat(position)}
+
     def summary(self, base_nll: torch.Tensor | None) -> dict[str, float]:
         nll = torch.cat(self.nll).double()
         out = {"tokens_scored": int(nll.numel()), "ppl": math.exp(float(nll.mean()))}
@@ -119,11 +122,14 @@ def evaluate(
     protocol: EvalProtocol,
     bos_id: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, dict[str, float]]:
+    keep_tokens: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Perplexity of each model (and the baseline, as ``"original"``) and KL divergence to the baseline.
 
     ``tokens`` is the 1-D text stream (see :func:`~quantdeploy.eval.text.tokenize_prefix`). The
-    baseline runs once per window and every model is compared with it on the same window.
+    baseline runs once per window and every model is compared with it on the same window. With
+    ``keep_tokens`` (and a baseline) each model's result also holds ``per_token``: the KLD of every scored
+    token, its index in the stream and its position in its window (``eval/buckets.py`` cuts them).
     """
     n = min(protocol.max_tokens or tokens.numel(), tokens.numel())
     if n < 2:
@@ -134,6 +140,8 @@ def evaluate(
     windows = make_windows(n, protocol, bos_id is not None)
     stats = {name: _Stats() for name in models}
     base_stats = _Stats()
+    index: list[torch.Tensor] = []
+    position: list[torch.Tensor] = []
     for i, w in enumerate(windows):
         ids = tokens[w.start:w.end]
         if bos_id is not None:
@@ -142,6 +150,8 @@ def evaluate(
         # Logit at input position j predicts input j+1; stream token t sits at input t - start + offset.
         pos = torch.arange(w.first_scored, w.end) - w.start + offset
         targets = ids[pos]
+        index.append(torch.arange(w.first_scored, w.end))
+        position.append(pos)
         base_logp = _logprobs(baseline, ids, pos) if baseline is not None else None
         if base_logp is not None:
             base_stats.nll.append(-base_logp.gather(-1, targets[:, None]).squeeze(-1))
@@ -160,6 +170,8 @@ def evaluate(
         results["original"] = base_stats.summary(None)
     for name, s in stats.items():
         results[name] = s.summary(base_nll)
+        if keep_tokens and baseline is not None:
+            results[name]["per_token"] = s.per_token(index, position)
     return results
 
 

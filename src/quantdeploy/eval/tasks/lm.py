@@ -146,7 +146,7 @@ class TaskModel:
                 self._engine = Engine.from_bundle(self.bundle, self.device, max_batch=self.max_batch,
                                                   max_seq_len=self.max_len)
                 self.generator = "engine"
-            except (CheckpointError, ModelSourceError, KeyError) as err:
+            except (CheckpointError, ModelSourceError) as err:  # another architecture: ModelArgs.from_hf refuses
                 log.warning("%s: our engine does not serve this model (%s); generating with transformers",
                             self.name, err)
                 self.generator = "transformers"
