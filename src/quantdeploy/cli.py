@@ -291,6 +291,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from quantdeploy.bench.experiment_report import write_report as write_experiment_report
     from quantdeploy.demo import DEMO_METHODS, default_text_path, run_demo
     from quantdeploy.eval.report import rich_table, write_report
 
@@ -309,6 +310,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                              f"{rows[-1]['tokens_scored']} tokens scored"))
     written = write_report(Path(args.out), rows, meta)
     out_console.print(f"report: {', '.join(str(p) for p in written)}; checkpoints in {Path(args.out) / 'checkpoints'}")
+    page = write_experiment_report(Path(args.out) / "experiment")[1]
+    out_console.print(f"the experiment page (fidelity, a multiple-choice task, size, speed, per-layer error): {page}")
     return 0
 
 

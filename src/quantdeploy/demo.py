@@ -1,12 +1,19 @@
 """The demo: quantize one model with several methods, reload each from disk, and compare all of them
 with the original on held-out text. What ``quantdeploy demo`` runs on the bundled SmolLM2-135M.
 
+It ends with the experiment page (``bench/experiment_report.py``) for the same models: the comparison's
+fidelity (with the KLD cut by bucket), a multiple-choice task paired against the original (``data/
+demo_task.json``: 40 everyday questions we wrote for the demo, not a benchmark), size, decode speed on
+this machine, per-layer error and attention similarity, written as an experiment run under
+``out/experiment`` so ``quantdeploy report`` can redraw it.
+
 The methods avoid asymmetric int4 group 32, the grid the bundled model's weights already sit on
 (they were stored as Q4_1), which would show zero loss for the wrong reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -43,9 +50,14 @@ def default_text_path() -> Path:
     return path
 
 
+def demo_task_path() -> Path:
+    return Path(__file__).resolve().parent / "data" / "demo_task.json"
+
+
 def run_demo(model: str, text: str | Path, protocol: EvalProtocol, out: Path,
              progress: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (original first) and metadata for the report; checkpoints land in ``out/checkpoints``."""
+    """Rows (original first) and metadata for the report; checkpoints land in ``out/checkpoints``, the
+    experiment run in ``out/experiment``."""
     started = time.perf_counter()
     base = load_model(model)
     bundles, timings = {}, {}
@@ -56,10 +68,40 @@ def run_demo(model: str, text: str | Path, protocol: EvalProtocol, out: Path,
         bundles[name] = load(folder)  # evaluate what was written, not what is in memory
         timings[name] = round(time.perf_counter() - t0, 2)
         log.info("%s: quantized, saved and reloaded in %.1f s", name, timings[name])
-    rows = compare(bundles, base, str(text), protocol, progress=progress)
+    rows = compare(bundles, base, str(text), protocol, progress=progress, keep_tokens=True)
     for row in rows:
         row["quantize_s"] = timings.get(row["name"])
+        row.pop("per_token", None)
+    write_experiment(out / "experiment", model, base, bundles, rows, timings, text, protocol)
     meta = {"model": model, "source": base.source.to_dict(), "text": str(text), "protocol": protocol.to_dict(),
             "methods": {name: config.to_dict() for name, config in DEMO_METHODS},
             "seconds": round(time.perf_counter() - started, 1), **machine_info()}
     return rows, meta
+
+
+def write_experiment(run: Path, model: str, base: Any, bundles: dict[str, Any], rows: list[dict[str, Any]],
+                     timings: dict[str, float], text: str | Path, protocol: EvalProtocol) -> None:
+    """The demo's models as the cells of an experiment run (see the module docstring)."""
+    from quantdeploy.bench.experiment import Cell, _Context, write_atomic
+    from quantdeploy.bench.measure import measure_cell
+
+    spec = {"model": model, "text": str(text), "tokens": protocol.max_tokens, "tasks": [str(demo_task_path())],
+            "bench": {"batches": [1], "steps": 16, "prompt_len": 64}}
+    context = _Context(spec, base)
+    configs = dict(DEMO_METHODS)
+    cells = [Cell("original", "original", {}, None, None)]
+    cells += [Cell(name, name, {"method": name}, configs[name].to_dict(), None) for name in bundles]
+    write_atomic(run / "grid.json", {"spec": spec, "cells": [dataclasses.asdict(c) for c in cells[1:]]})
+    by_name = {row["name"]: row for row in rows}
+    for cell in cells:
+        row = by_name[cell.id]
+        fidelity = {"fidelity": {k: v for k, v in row.items() if isinstance(v, (int, float))
+                                 and k not in ("quantize_s", "bits_per_weight", "size_mb")}}
+        if "kld_buckets" in row:
+            fidelity["kld_buckets"] = row.pop("kld_buckets")
+        bundle = base if cell.method is None else bundles[cell.id]
+        result = measure_cell(context, cell, bundle, timings.get(cell.id, 0.0), fidelity)
+        write_atomic(run / "cells" / cell.id / "result.json", result)
+        if cell.method is None:
+            context.original = result
+        log.info("%s: tasks, speed and per-layer error measured", cell.label)

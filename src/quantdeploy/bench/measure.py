@@ -29,7 +29,10 @@ ANALYSIS_TOKENS = 256
 ATTENTION_TOKENS = 128
 
 
-def measure_cell(context: Any, cell: Any, bundle: Any, seconds: float) -> dict[str, Any]:
+def measure_cell(context: Any, cell: Any, bundle: Any, seconds: float,
+                 fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything above for one cell. ``fidelity``: its ``fidelity`` (and ``kld_buckets``) already
+    measured elsewhere (the demo's comparison), used instead of scoring the text again."""
     import dataclasses
 
     import quantdeploy as qd
@@ -48,12 +51,15 @@ def measure_cell(context: Any, cell: Any, bundle: Any, seconds: float) -> dict[s
     tokens = tokenize_prefix(bundle.tokenizer, text, int(spec.get("tokens", 8192)))
     protocol = EvalProtocol(max_tokens=int(spec.get("tokens", 8192)), window=1024)
     models = {"model": bundle.model}
-    fid = evaluate(models, None if original else context.base.model, tokens, protocol, keep_tokens=True)
-    result["fidelity"] = {k: v for k, v in fid["model"].items() if isinstance(v, (int, float))}
-    if not original:
-        t = fid["model"]["per_token"]
-        result["kld_buckets"] = kld_buckets(t["kld"], t["index"], t["position"], tokens,
-                                            document_ids(bundle.tokenizer, text, tokens))
+    if fidelity is not None:
+        result.update(fidelity)
+    else:
+        fid = evaluate(models, None if original else context.base.model, tokens, protocol, keep_tokens=True)
+        result["fidelity"] = {k: v for k, v in fid["model"].items() if isinstance(v, (int, float))}
+        if not original:
+            t = fid["model"]["per_token"]
+            result["kld_buckets"] = kld_buckets(t["kld"], t["index"], t["position"], tokens,
+                                                document_ids(bundle.tokenizer, text, tokens))
     if spec.get("tasks"):
         result["tasks"] = _tasks(spec, bundle, cell.label, None if original else context.original)
     if spec.get("bench"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from quantdeploy.eval.buckets import document_ids, kld_buckets
 from quantdeploy.eval.fidelity import EvalProtocol, evaluate, use_bos
 from quantdeploy.eval.text import load_text, tokenize_prefix
 from quantdeploy.formats.checkpoint import folder_size
@@ -32,13 +33,21 @@ def compare(
     text: str,
     protocol: EvalProtocol,
     progress: Callable[[int, int], None] | None = None,
+    keep_tokens: bool = False,
 ) -> list[dict[str, Any]]:
-    """Evaluate named bundles against ``baseline`` on ``text``; report rows, the original first."""
+    """Evaluate named bundles against ``baseline`` on ``text``; report rows, the original first. With
+    ``keep_tokens`` each compared row also holds ``per_token`` (see ``evaluate``) and ``kld_buckets``
+    (``eval/buckets.py``)."""
     reference = baseline if baseline is not None else next(iter(bundles.values()))
     tokens = tokenize_prefix(reference.tokenizer, load_text(text), protocol.max_tokens)
     bos = use_bos(reference.tokenizer, protocol)
     results = evaluate({k: b.model for k, b in bundles.items()}, baseline.model if baseline is not None else None,
-                       tokens, protocol, bos, progress=progress)
+                       tokens, protocol, bos, progress=progress, keep_tokens=keep_tokens)
+    if keep_tokens and baseline is not None:
+        documents = document_ids(reference.tokenizer, load_text(text), tokens[:protocol.max_tokens or None])
+        for name in bundles:
+            t = results[name]["per_token"]
+            results[name]["kld_buckets"] = kld_buckets(t["kld"], t["index"], t["position"], tokens, documents)
     rows = []
     if baseline is not None:
         rows.append({**model_row("original", baseline), **results["original"]})
