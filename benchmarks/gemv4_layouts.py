@@ -14,8 +14,8 @@ CPU). The last line is JSON (machine, card, commit, rows).
 History: the first row kernel held many channels and a short stretch of K, so x was converted per code
 and went through shared memory in the loop (its PTX: 128 barriers, 267 conversions per iteration; 64.8 µs
 on gate/up against bf16's 55.8 on an H200, ``results/gemv4-layouts-h200.txt``). The long-K tile that
-replaced it holds few channels, converts x once per tile and issues the next tile's loads before this
-tile's arithmetic.
+replaced it holds few channels and converts x once per tile. Its sweep against that experiment's kernel
+(kept in this script as a control at 4e3275e) is ``results/gemv4-row-kernel-h200.txt``.
 """
 
 from __future__ import annotations
@@ -26,63 +26,14 @@ import json
 
 import torch
 import triton
-import triton.language as tl
 
 from quantdeploy.eval.report import machine_info
 from quantdeploy.kernels import reference
-from quantdeploy.kernels.triton_wonly import _eight, _nibble, gemv4_config, gemv4_impl, wonly_mm_impl
+from quantdeploy.kernels.triton_wonly import gemv4_config, gemv4_impl, wonly_mm_impl
 from quantdeploy.quant.primitives import quantize_weight
 from quantdeploy.quant.spec import QuantSpec
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-
-
-@triton.jit
-def _control_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, n_groups, tiles_per_split, row_words, stride_os,
-                    BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP_WORDS: tl.constexpr):
-    """The last session's long-K experiment (symmetric only, no masks along K): 37.5 µs on gate/up."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    GPT: tl.constexpr = WORDS // GROUP_WORDS
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, GPT)
-    offs_w = tl.arange(0, GROUP_WORDS)
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N, GPT, GROUP_WORDS), dtype=tl.float32)
-    for i in range(0, tiles_per_split):
-        gidx = (pid_k * tiles_per_split + i) * GPT + offs_g
-        word = gidx[:, None] * GROUP_WORDS + offs_w[None, :]
-        words = tl.load(q_ptr + offs_n[:, None, None] * row_words + word[None, :, :], mask=mask_n[:, None, None],
-                        other=0)
-        s = tl.load(s_ptr + offs_n[:, None] * n_groups + gidx[None, :], mask=mask_n[:, None], other=0.0)
-        z = 8388608.0 + 8.0
-        x = tl.load(x_ptr + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]).to(tl.float32)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)
-        part = _nibble(words, 0, z) * x0[None]
-        part += _nibble(words, 4, z) * x1[None]
-        part += _nibble(words, 8, z) * x2[None]
-        part += _nibble(words, 12, z) * x3[None]
-        part += _nibble(words, 16, z) * x4[None]
-        part += _nibble(words, 20, z) * x5[None]
-        part += _nibble(words, 24, z) * x6[None]
-        part += _nibble(words, 28, z) * x7[None]
-        acc += part * s.to(tl.float32)[:, :, None]
-    total = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + pid_k * stride_os + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-
-def _control(x, qweight, scales, block_n, words, warps, min_programs):  # noqa: ANN001, ANN202 - g128, M = 1
-    n, k = qweight.shape[0], x.shape[1]
-    tiles = k // 8 // words
-    programs = triton.cdiv(n, block_n)
-    split = 1
-    while programs * split < min_programs and tiles % (split * 2) == 0 and split * 2 <= tiles // 2:
-        split *= 2
-    out = torch.empty((split, n), dtype=torch.float32, device=x.device)
-    _control_kernel[(programs, split)](x, qweight.view(torch.int32), scales, out, n, scales.shape[1], tiles // split,
-                                       k // 8, n, BLOCK_N=block_n, WORDS=words, GROUP_WORDS=16, num_warps=warps,
-                                       num_stages=2)
-    return out.sum(0, keepdim=True).to(x.dtype)
 
 
 def check() -> None:
@@ -145,10 +96,6 @@ def main() -> None:
         for block_n, words, warps in itertools.product(blocks, words_options, warps_options) if not args.no_sweep else ():
             config = (block_n, chosen[1], words // chosen[1], warps, chosen[4])
             found.append((bench(lambda: gemv4_impl(x, q, s, z, 128, config)), config))
-        if m == 1 and symmetric and not args.no_sweep:  # the experiment's kernel (results/gemv4-layouts-h200.txt) as a control
-            for block_n, words, warps in itertools.product((8, 16), (32, 64), (2, 4)):
-                us = bench(lambda: _control(x, q, s, block_n, words, warps, chosen[4]))
-                found.append((us, ("control", block_n, words, warps)))
         found.sort()
         for us, config in found[:3]:
             print(f"    {us:6.1f} us ({base / us:.2f}x bf16, {moved / us / 1e3 / bandwidth:.0%} of copy)  "
