@@ -10,6 +10,7 @@ the GPU tests on the device)."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -74,11 +75,30 @@ def _compile(kernel, args, kwargs):  # noqa: ANN001, ANN202
                           options=options)
 
 
-def _compiles_all(launches) -> int:  # noqa: ANN001
+def _compiles_all(launches, spills: bool = False) -> int:  # noqa: ANN001
+    """Compile each launch to a cubin; unless ``spills``, no register may spill to local memory (a spill
+    in a kernel whose time is its loads is a silent 2x)."""
     for kernel, args, kwargs in launches:
         binary = _compile(kernel, args, dict(kwargs))
         assert binary.asm["cubin"], kernel.fn.__name__
+        if not spills:
+            usage = _resource_usage(binary.asm["cubin"])
+            assert "STACK:0 " in usage and "LOCAL:0 " in usage, (kernel.fn.__name__, kwargs, usage)
     return len(launches)
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """``cuobjdump -res-usage`` of a cubin (Triton's wheel carries cuobjdump): registers, and LOCAL bytes
+    per thread, which are spills."""
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def _int_weight(n, k, spec):  # noqa: ANN001, ANN202
@@ -90,34 +110,39 @@ def _int_weight(n, k, spec):  # noqa: ANN001, ANN202
 
 @pytest.mark.parametrize("group", [32, 128, None])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_the_int4_row_kernel_compiles_for_every_layer_shape(group, symmetric):
-    from quantdeploy.kernels.triton_wonly import gemv4_impl
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_row_kernel_compiles_for_every_layer_shape_and_row_count(bits, group, symmetric):
+    from quantdeploy.kernels.triton_gemv import gemv_impl
     from quantdeploy.quant.spec import QuantSpec
 
     count = 0
-    for n, k in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (40, 264 if group is None else 256)):
-        qw = _int_weight(n, k, QuantSpec(dtype="int4", group_size=group, symmetric=symmetric))
+    for (n, k), m in itertools.product(((6144, 4096), (28672, 4096), (4096, 14336),
+                                        (40, 264 if group is None else 256)), (1, 3)):
+        qw = _int_weight(n, k, QuantSpec(dtype=f"int{bits}", group_size=group, symmetric=symmetric))
         t = qw.tensors
-        x = torch.randn(1, k, dtype=torch.bfloat16)
-        count += _compiles_all(_launches(gemv4_impl, x, t["qweight"], t["scales"], t.get("zeros"),
-                                         qw.spec.group_for(k)))
-    assert count == 5
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        count += _compiles_all(_launches(gemv_impl, x, t["qweight"], t["scales"], t.get("zeros"), bits,
+                                         qw.spec.group_for(k), 132), spills=False)
+    assert count == 8
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_the_tile_kernel_compiles_at_every_row_bucket(bits, symmetric):
-    from quantdeploy.kernels.triton_wonly import wonly_mm_impl
+def test_the_tile_kernel_and_the_dequantizer_compile_at_every_row_bucket(bits, symmetric):
+    from quantdeploy.kernels.triton_gemm import dequantize_impl, gemm_impl
     from quantdeploy.quant.spec import QuantSpec
 
     qw = _int_weight(512, 1024, QuantSpec(dtype=f"int{bits}", group_size=128, symmetric=symmetric))
     t = qw.tensors
     count = 0
     for m, dtype in ((2, torch.bfloat16), (16, torch.float16), (48, torch.bfloat16), (256, torch.bfloat16),
-                     (16, torch.float32)):
+                     (1024, torch.bfloat16), (16, torch.float32)):
         x = torch.randn(m, 1024, dtype=dtype)
-        count += _compiles_all(_launches(wonly_mm_impl, x, t["qweight"], t["scales"], t.get("zeros"), bits, 128))
-    assert count == 5
+        count += _compiles_all(_launches(gemm_impl, x, t["qweight"], t["scales"], t.get("zeros"), bits, 128, 132),
+                               spills=dtype == torch.float32)  # fp32: a correctness path
+    count += _compiles_all(_launches(dequantize_impl, t["qweight"], t["scales"], t.get("zeros"), bits, 128, 1024,
+                                     torch.bfloat16))
+    assert count == 7
 
 
 @pytest.mark.parametrize("cache_dtype", [None, torch.int8, torch.float8_e4m3fn], ids=["unquantized", "int8", "fp8"])
@@ -131,39 +156,46 @@ def test_the_decode_attention_kernels_compile(cache_dtype):
         scale = torch.ones(8, dtype=torch.float32) if cache_dtype is not None else None
         lengths = torch.full((batch,), max_seq_len // 2, dtype=torch.int32)
         launches = _launches(decode_attention_impl, q, k, k, lengths, scale, scale)
-        count += _compiles_all(launches)
+        count += _compiles_all(launches, spills=dtype == torch.float32)  # fp32: a correctness path
     assert count >= 3  # one split kernel per call, a combine kernel where positions are split
 
 
 INTERPRETED = textwrap.dedent("""
     import torch
     from quantdeploy.kernels import reference
-    from quantdeploy.kernels.triton_wonly import gemv4_impl, wonly_mm_impl
-    from quantdeploy.quant.primitives import quantize_weight
+    from quantdeploy.kernels.triton_gemm import dequantize_impl, gemm_impl
+    from quantdeploy.kernels.triton_gemv import gemv_impl
+    from quantdeploy.quant.primitives import dequantize_weight, quantize_weight
     from quantdeploy.quant.spec import QuantSpec
 
-    # (n, k, group, symmetric, rows, forced row-kernel configuration or None)
-    for n, k, group, symmetric, m, config in ((40, 256, 32, True, 1, (4, 4, 2, 1, 64)), (24, 640, 128, False, 2, None),
-                                              (20, 200, None, False, 1, (8, 16, 1, 1, 4)), (16, 4104, 8, True, 1, None),
-                                              (18, 384, 96, False, 1, (4, 4, 2, 1, 64))):
+    # (bits, n, k, group, symmetric, rows, forced row-kernel configuration or None)
+    for bits, n, k, group, symmetric, m, config in (
+            (4, 40, 256, 32, True, 1, (1, 4, 4, 2, 1, 64)), (4, 24, 640, 128, False, 3, None),
+            (4, 20, 200, None, False, 1, (2, 8, 16, 1, 1, 4)), (4, 16, 4104, 8, True, 5, None),
+            (4, 18, 384, 96, False, 11, (4, 4, 4, 2, 1, 64)), (8, 24, 640, 128, False, 2, None),
+            (8, 20, 200, None, True, 9, None), (8, 18, 384, 96, False, 1, (1, 4, 4, 2, 1, 64))):
         torch.manual_seed(m)
-        qw = quantize_weight(torch.randn(n, k) * 0.05, QuantSpec(dtype="int4", group_size=group, symmetric=symmetric))
+        qw = quantize_weight(torch.randn(n, k) * 0.05, QuantSpec(dtype=f"int{bits}", group_size=group,
+                                                                 symmetric=symmetric))
         t, g = qw.tensors, qw.spec.group_for(k)
         x = torch.randn(m, 2 * k)[:, ::2]
         expected = reference.qlinear(x, qw, None)
-        for name, y in (("row", gemv4_impl(x, t["qweight"], t["scales"], t.get("zeros"), g, config)),
-                        ("tile", wonly_mm_impl(x.contiguous(), t["qweight"], t["scales"], t.get("zeros"), 4, g))):
+        for name, y in (("row", gemv_impl(x, t["qweight"], t["scales"], t.get("zeros"), bits, g, 8, config)),
+                        ("tile", gemm_impl(x, t["qweight"], t["scales"], t.get("zeros"), bits, g, 8))):
             error = ((y - expected).norm() / expected.norm()).item()
-            print(name, n, k, g, symmetric, m, config, error)
-            assert error < 1e-5, (name, n, k, g, symmetric, m, error)
+            print(name, bits, n, k, g, symmetric, m, config, error)
+            assert error < 1e-5, (name, bits, n, k, g, symmetric, m, error)
+        w = dequantize_impl(t["qweight"], t["scales"], t.get("zeros"), bits, g, k, torch.float32)
+        assert torch.equal(w, dequantize_weight(qw)), (bits, n, k, g)
 """)
 
 
-def test_the_int4_kernels_match_the_reference_in_the_interpreter():
-    """The row kernel's indexing (groups of 8 to 128 and 96, per channel, split K, tails of K, zeros,
-    several rows, a non-contiguous x) and the tile kernel's, run by Triton's interpreter on the CPU
-    (``TRITON_INTERPRET=1`` must be set before triton is imported: a child process)."""
+def test_the_weight_only_kernels_match_the_reference_in_the_interpreter():
+    """The row kernel's indexing (int4 and int8; groups of 8 to 128 and 96, per channel, split K, tails of
+    K, zeros, one to eleven rows, a non-contiguous x), the tile kernel's and the dequantizer's, run by
+    Triton's interpreter on the CPU (``TRITON_INTERPRET=1`` must be set before triton is imported: a child
+    process)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("\n") == 10, done.stdout
+    assert done.stdout.count("\n") == 16, done.stdout

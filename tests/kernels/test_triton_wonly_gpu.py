@@ -1,6 +1,7 @@
-"""The Triton weight-only kernel against the reference path (the oracle) on CUDA: every int grid the
-quantizers write, odd M, a K that no tile divides, non-contiguous inputs; and the engine's greedy tokens
-with it, compiled, against the reference path."""
+"""The Triton weight-only kernels against the reference path (the oracle) on CUDA: every int grid the
+quantizers write, each path (row kernel, tile kernel, dequantize + cuBLAS) at odd M, a K that no tile
+divides, non-contiguous inputs; and the engine's greedy tokens with them, compiled, against the reference
+path."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _on_gpu(qw: QuantizedWeight) -> QuantizedWeight:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17, 64])  # int4 at 1: the row kernel (GEMV_ROWS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17, 64, 600])  # every route of ROUTES
 def test_kernel_matches_the_reference(spec, rows):
     torch.manual_seed(rows)
     n, k = 320, 640  # every group divides it; no tile of 256 does
@@ -66,12 +67,31 @@ def test_engine_greedy_tokens_with_the_kernel_equal_the_reference_path(tiny_bund
         assert runs["triton"] == runs["reference"], config
 
 
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("path", ["row", "tile", "dequant"])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 33])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_path_matches_the_reference_at_any_row_count(path, rows, bits):
+    """Each path, forced, at row counts the dispatch would not send it (the routes move with the card)."""
+    from quantdeploy.kernels.triton_wonly import run
+
+    torch.manual_seed(rows)
+    n, k = 200, 1160  # K: a multiple of 8, not of any tile; N: not of any block
+    for group, symmetric in ((8, True), (40, False), (None, False)):
+        qw = _on_gpu(quantize_weight(torch.randn(n, k) * 0.05, QuantSpec(dtype=f"int{bits}", group_size=group,
+                                                                         symmetric=symmetric)))
+        t = qw.tensors
+        for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            x = torch.randn(rows, k, device="cuda", dtype=dtype)
+            expected = reference.qlinear(x.float(), qw, None)
+            got = run(path, x, t["qweight"], t["scales"], t.get("zeros"), bits, qw.spec.group_for(k)).float()
+            assert ((got - expected).norm() / expected.norm()).item() < tolerance, (group, symmetric, dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_few_row_int4_kernel_with_k_split_matches_the_reference(rows, symmetric):
-    """A layer with few outputs and a long K: the row kernel splits K and adds the partial sums (it takes
-    any M; the dispatch sends it one row)."""
-    from quantdeploy.kernels.triton_wonly import gemv4_impl
+def test_few_row_kernel_with_k_split_matches_the_reference(rows, symmetric):
+    """A layer with few outputs and a long K: the row kernel splits K and adds the partial sums."""
+    from quantdeploy.kernels.triton_gemv import gemv_impl
 
     torch.manual_seed(rows)
     n, k = 64, 4104  # K: a multiple of 8, not of the 512-code tile
@@ -80,5 +100,5 @@ def test_few_row_int4_kernel_with_k_split_matches_the_reference(rows, symmetric)
     for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
         x = torch.randn(rows, k, device="cuda", dtype=dtype)
         expected = reference.qlinear(x.float(), qw, None)
-        got = gemv4_impl(x, t["qweight"], t["scales"], t.get("zeros"), 8).float()
+        got = gemv_impl(x, t["qweight"], t["scales"], t.get("zeros"), 4, 8, 132).float()
         assert ((got - expected).norm() / expected.norm()).item() < tolerance

@@ -1,0 +1,196 @@
+"""The tile kernel: int4 or int8 codes dequantized in registers and multiplied on the tensor cores, for
+the rows at which a layer stops being a pass over its weight (a batch of decode rows, a prefill chunk).
+
+A program owns ``BLOCK_M`` rows of x and ``BLOCK_N`` output channels and walks K in ``BLOCK_K`` steps. The
+codes of a ``[BLOCK_N, BLOCK_K]`` tile are read as whole int32 words (the canonical layout, viewed: no
+repacking), spread to one code per element by shifts along a new last axis (``[BLOCK_N, words, codes per
+word]``, then the contiguous reshape to ``[BLOCK_N, BLOCK_K]``, k = codes per word x word + j, the order
+the checkpoint stores), turned into ``(q - z) * s`` in fp32, rounded to x's dtype as the reference path
+rounds, and accumulated as ``x_tile @ w_tile.T`` in fp32. x is read whole and contiguous per row.
+``BLOCK_K`` divides the group (or the group is the row), so one scale and zero serve a row of the tile;
+groups that no tile of 16 or more divides take a scale per code (a gather, for odd grids only).
+At few tiles (small M on a narrow layer) K is split and the partial sums added after.
+
+The dequantization costs per code what the row kernel pays, but once per ``BLOCK_M`` rows. Codes become
+floats by setting exponent bits, not by conversion instructions (a quarter of the float rate on Hopper).
+
+Measured on an H200 (``benchmarks/results/wonly-dispatch-h200.txt``), per decoder layer of the 8B shape,
+int4 g128 against bf16 ``F.linear``: 0.83-0.85x at 3 to 16 rows, 0.69x at 64, and from 128 rows up
+0.44-0.51x: there it is bound by the tensor cores fed through shared memory with a tile dequantized in
+registers (about 330 TFLOP/s against cuBLAS's 650-700), and dequantize + cuBLAS takes over. Tried and
+dropped: the swapped product (``W @ x.T``, the dequantized tile as wgmma's register operand), 2-6% slower
+at 16 to 256 rows. Its first version loaded x's even and odd columns apart (strided, unvectorizable),
+converted each code with an integer-to-float instruction and dequantized into two half tiles; it ran at
+0.03-0.11x bf16 from 64 rows up (``results/kernels-gpu-llama8b-shapes-h200.txt``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+MAGIC = tl.constexpr(8388608.0)  # 2^23: a code OR-ed into the mantissa of this float reads as 2^23 + q
+
+
+@triton.jit
+def _affine(codes, z, s):
+    """``(q - z) * s`` in fp32, ``z`` given as ``2^23 + z``: the code becomes a float by setting exponent
+    bits (an integer-to-float conversion runs at a quarter of the float rate: it was the kernel's bound)."""
+    return ((codes | 0x4B000000).to(tl.float32, bitcast=True) - z) * s
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, row_words, tiles_per_split, stride_xm,
+                 stride_os, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
+                 EVEN: tl.constexpr, FINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    CODE: tl.constexpr = (1 << BITS) - 1
+    # programs that share a column of weight tiles run together (L2 reuse of the codes across row tiles)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * tiles_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, WORDS)
+    shifts = tl.arange(0, PER_WORD) * BITS
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    q_rows = q_ptr + offs_n[:, None] * row_words
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, tiles_per_split):
+        k0 = (pid_k * tiles_per_split + i) * BLOCK_K
+        if EVEN:
+            x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+            words = tl.load(q_rows + k0 // PER_WORD + offs_w[None, :], mask=mask_n[:, None], other=0)
+        else:
+            in_k = k0 + offs_k < K
+            x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & in_k[None, :], other=0.0)
+            in_w = k0 // PER_WORD + offs_w < row_words
+            words = tl.load(q_rows + k0 // PER_WORD + offs_w[None, :], mask=mask_n[:, None] & in_w[None, :], other=0)
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & CODE, (BLOCK_N, BLOCK_K))
+        if FINE:  # groups narrower than a tile (fewer than 16 codes, or not dividing it): a scale per code
+            meta = offs_n[:, None] * n_groups + (k0 + offs_k)[None, :] // GROUP
+            mmask = mask_n[:, None] & (k0 + offs_k < K)[None, :]
+        else:  # BLOCK_K divides the group, or the group is the row: one scale per row of the tile
+            meta = (offs_n * n_groups + k0 // GROUP)[:, None]
+            mmask = mask_n[:, None]
+        s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+        if SYMMETRIC:
+            z = MAGIC + (1 << (BITS - 1))
+        else:
+            z = MAGIC + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)
+        w = _affine(codes, z, s).to(x.dtype)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    out = out_ptr + pid_k * stride_os + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def gemm_config(m: int, n: int, k: int, bits: int, group: int, sms: int,
+                wide: bool = False) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``: ``BLOCK_K`` a power of two dividing the group where
+    one of 16 or more does (any, per channel). Tile sizes by M from ``benchmarks/wonly_dispatch.py
+    --sweep`` on an H200."""
+    if m <= 16:
+        block_m, block_n, block_k, warps, stages = 16, 128, 64, 4, 3
+    elif m <= 32:
+        block_m, block_n, block_k, warps, stages = 32, 128, 64, 4, 3
+    elif m <= 64:
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
+    else:  # eight warps lost to four at 256 and 1,024 rows
+        block_m, block_n, block_k, warps, stages = 128, 128, 64, 4, 3
+    if wide:  # fp32 inputs take twice the shared memory per stage (228 KiB per SM on Hopper)
+        block_k, stages = min(block_k, 64), 2
+    while group < k and group % block_k and block_k > 16:  # tl.dot takes K >= 16
+        block_k //= 2
+    return block_m, block_n, block_k, warps, stages
+
+
+def gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+              group: int, sms: int, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """``x [M, K] @ W.T`` with ``W [N, K]`` stored as ``bits``-bit codes, ``K`` a multiple of the codes per
+    int32 word (see the module docstring). ``config`` overrides ``gemm_config`` (the benchmarks' sweep)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_m, block_n, block_k, warps, stages = config or gemm_config(m, n, k, bits, group, sms,
+                                                                     x.dtype == torch.float32)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    tiles = triton.cdiv(k, block_k)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = 1  # few tiles (a narrow layer at few rows): split K until the grid fills the card
+    while programs * split < 2 * sms and split * 2 <= tiles // 4 and tiles % (split * 2) == 0:
+        split *= 2
+    per_split = tiles // split
+    out = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    if m == 0:
+        return out[0].to(x.dtype)
+    _gemm_kernel[(programs, split)](x, qweight.view(torch.int32), scales, zeros if zeros is not None else scales,
+                                    out, m, n, k, scales.shape[1], k * bits // 32, per_split, x.stride(0), m * n,
+                                    BITS=bits, GROUP=group, SYMMETRIC=zeros is None, IEEE=x.dtype == torch.float32,
+                                    EVEN=k % block_k == 0, FINE=group < k and group % block_k != 0,
+                                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                                    num_warps=warps, num_stages=stages)
+    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, row_words, BITS: tl.constexpr,
+                    GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """The ``[N, K]`` weight in the output's dtype, as the reference rounds it (fp32, then the dtype)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_w = k0 // PER_WORD + tl.arange(0, WORDS)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None]
+    words = tl.load(q_ptr + offs_n[:, None] * row_words + offs_w[None, :], mask=mask & (offs_w < row_words)[None, :],
+                    other=0)
+    codes = tl.reshape((words[:, :, None] >> (tl.arange(0, PER_WORD) * BITS)[None, None, :]) & ((1 << BITS) - 1),
+                       (BLOCK_N, BLOCK_K))
+    in_k = mask & (offs_k < K)[None, :]
+    if FINE:  # a scale per code
+        meta = offs_n[:, None] * n_groups + offs_k[None, :] // GROUP
+        mmask = in_k
+    else:  # BLOCK_K divides the group (or the group is the row): a scale per row of the tile
+        meta = (offs_n * n_groups + k0 // GROUP)[:, None]
+        mmask = mask
+    s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        z = MAGIC + (1 << (BITS - 1))
+    else:
+        z = MAGIC + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)
+    w = _affine(codes, z, s)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=in_k)
+
+
+def dequantize_impl(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
+                    k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized ``[N, K]`` weight in ``dtype``, for cuBLAS at many rows (where the matmul's flops,
+    not the weight's bytes, are the time: the weight written once in ``dtype`` is then read as bf16 is)."""
+    n = qweight.shape[0]
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    block_n, block_k = 16, 256
+    while group < k and group % block_k and block_k > 16:
+        block_k //= 2
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        qweight.view(torch.int32), scales, zeros if zeros is not None else scales, out, n, k, scales.shape[1],
+        k * bits // 32, BITS=bits, GROUP=group, SYMMETRIC=zeros is None, FINE=group < k and group % block_k != 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out

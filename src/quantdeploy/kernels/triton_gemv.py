@@ -1,0 +1,206 @@
+"""The row kernel: int4 or int8 codes times a few rows of x, in registers, without tensor cores.
+
+Why a kernel without tensor cores. At a few rows a layer's time is the bytes of its weight, and a
+tensor-core tile kernel spends its time on per-code work instead (a conversion per code, each dequantized
+tile's trip through shared memory to the tensor cores). This kernel reads the codes as int32 words (eight
+int4 or four int8 codes per word: the canonical layout viewed whole), makes ``q - z`` of each code by
+setting the exponent bits of a float (``2^23 + q``, minus ``2^23 + z``: no conversion instruction), and
+multiplies in fp32. A program holds few output channels and a long stretch of K (a tile of words as
+``[channels, chunks, words of a chunk]``, a chunk never straddling a group), so x is loaded and converted
+once per tile and shared by every channel the program holds, and the scale is applied once per chunk.
+
+``ROWS`` rows of x share one decode of the codes: the decode (shift, mask, or, subtract per code) is paid
+once and each extra row costs a fused multiply-add per code (a pass over the weight per row would cost
+the whole layer again). Per 8B decoder layer on an H200, int4: two rows take 1.2x one row's time, four
+1.7x, eight 2.8x (``results/wonly-dispatch-h200.txt``), so the dispatch sends it at most four. Its
+weights are exact, not first rounded to x's dtype as the reference's are: its error against the fp32
+oracle is smaller, and it is not bitwise the reference's.
+
+History (``benchmarks/results/gemv4-row-kernel-h200.txt``): the first row kernel held many channels and a
+short stretch of K, converted x per code through shared memory, and lost to bf16 on three of four 8B
+layers; this long-K tile beat bf16 on all four at one row (gate/up 35.2 µs vs 55.1 on an H200).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: 2^23 as a float: a code ``q`` OR-ed into its mantissa reads as ``2^23 + q``
+MAGIC = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _eight(x):
+    """``x [..., 8]`` as its eight slices ``x[..., j]`` (splits of the last axis, inside each thread)."""
+    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [4, 2]))  # j even, j odd
+    a0, a1 = tl.split(tl.reshape(a, a.shape[:-1] + [2, 2]))
+    b0, b1 = tl.split(tl.reshape(b, b.shape[:-1] + [2, 2]))
+    a00, a01 = tl.split(a0)
+    a10, a11 = tl.split(a1)
+    b00, b01 = tl.split(b0)
+    b10, b11 = tl.split(b1)
+    return a00, b00, a10, b10, a01, b01, a11, b11
+
+
+@triton.jit
+def _four(x):
+    """``x [..., 4]`` as its four slices ``x[..., j]``."""
+    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [2, 2]))  # j even, j odd
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, b0, a1, b1
+
+
+@triton.jit
+def _code(words, shift: tl.constexpr, mask: tl.constexpr, z):
+    """``q - z`` in fp32 for the code at ``shift``: the code under a float exponent of 2^23, exactly."""
+    return ((words >> shift) & mask | 0x4B000000).to(tl.float32, bitcast=True) - z
+
+
+@triton.jit
+def _decode_dot(words, x, z, BITS: tl.constexpr):
+    """``sum_j (q_j - z) * x[..., j]`` over the codes of each word; ``words`` and ``x`` (with a last axis of
+    the codes per word) broadcast against each other: the rows' axis, where there are several, is x's."""
+    CODE: tl.constexpr = (1 << BITS) - 1
+    if BITS == 4:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)  # x at k = 8 * word + j
+        part = _code(words, 0, CODE, z) * x0
+        part += _code(words, 4, CODE, z) * x1
+        part += _code(words, 8, CODE, z) * x2
+        part += _code(words, 12, CODE, z) * x3
+        part += _code(words, 16, CODE, z) * x4
+        part += _code(words, 20, CODE, z) * x5
+        part += _code(words, 24, CODE, z) * x6
+        part += _code(words, 28, CODE, z) * x7
+    else:
+        x0, x1, x2, x3 = _four(x)  # x at k = 4 * word + j
+        part = _code(words, 0, CODE, z) * x0
+        part += _code(words, 8, CODE, z) * x1
+        part += _code(words, 16, CODE, z) * x2
+        part += _code(words, 24, CODE, z) * x3
+    return part
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, n_groups, tiles_per_split, row_words, stride_xm,
+                 stride_os, BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                 SYMMETRIC: tl.constexpr, EVEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """``ROWS`` rows of x. A program owns ``BLOCK_N`` output channels and a run of K tiles; a tile is
+    ``CHUNKS`` chunks of ``CHUNK`` int32 words, a chunk never straddling a group, so the codes of a tile
+    are ``[BLOCK_N, CHUNKS, CHUNK]``, their scales ``[BLOCK_N, CHUNKS]`` and x ``[ROWS, CHUNKS, CHUNK,
+    codes per word]`` (converted once, shared by every channel). ``EVEN``: the splits' tiles cover the row
+    exactly, so nothing along K is masked (a mask that varies along a row stops its loads from being
+    vectorized). One row keeps x three-dimensional: a leading axis of one still changes Triton's layouts
+    (a fifth more instructions per tile, measured in the compiled SASS)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, CHUNK)
+    mask_n = offs_n < N
+    mask_r = offs_r < M
+    chunk = pid_k * tiles_per_split * CHUNKS + tl.arange(0, CHUNKS)
+    last = tl.minimum((pid_k + 1) * tiles_per_split * CHUNKS, tl.cdiv(row_words, CHUNK))  # past this split
+    z = MAGIC + (1 << (BITS - 1))  # 2^23 + z for _code; symmetric codes are centred on 2^(bits-1)
+    if PER_CHANNEL:  # one scale (and zero) per channel: the scale applied once, after the sum over K
+        s_row = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if not SYMMETRIC:
+            z = MAGIC + tl.load(z_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None, None]
+    if ROWS == 1:
+        acc = tl.zeros((BLOCK_N, CHUNKS, CHUNK), dtype=tl.float32)  # summed over K once, at the end
+        x_row = x_ptr + tl.program_id(2) * stride_xm
+    else:
+        acc = tl.zeros((ROWS, BLOCK_N, CHUNKS, CHUNK), dtype=tl.float32)
+        x_row = x_ptr + offs_r[:, None, None, None] * stride_xm
+    for _ in range(0, tiles_per_split):
+        word = chunk[:, None] * CHUNK + offs_w[None, :]
+        kk = word[:, :, None] * PER_WORD + tl.arange(0, PER_WORD)[None, None, :]
+        rows = q_ptr + offs_n[:, None, None] * row_words + word[None]
+        in_k = (chunk[:, None] < last) & (word < row_words)
+        words = tl.load(rows, mask=mask_n[:, None, None] if EVEN else mask_n[:, None, None] & in_k[None], other=0)
+        if ROWS == 1:
+            if EVEN:
+                x = tl.load(x_row + kk).to(tl.float32)
+            else:
+                x = tl.load(x_row + kk, mask=in_k[:, :, None], other=0.0).to(tl.float32)
+        else:
+            xmask = mask_r[:, None, None, None] if EVEN else mask_r[:, None, None, None] & in_k[None, :, :, None]
+            x = tl.load(x_row + kk[None], mask=xmask, other=0.0).to(tl.float32)
+        zt = z
+        if not PER_CHANNEL:
+            meta = offs_n[:, None] * n_groups + (chunk * (CHUNK * PER_WORD) // GROUP)[None, :]
+            mmask = mask_n[:, None] if EVEN else mask_n[:, None] & (chunk < last)[None, :]
+            s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+            if not SYMMETRIC:
+                zt = MAGIC + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)[:, :, None]
+        if ROWS == 1:
+            part = _decode_dot(words, x[None], zt, BITS)
+            acc += part if PER_CHANNEL else part * s[:, :, None]
+        else:
+            part = _decode_dot(words[None], x[:, None], zt, BITS)
+            acc += part if PER_CHANNEL else part * s[None, :, :, None]
+        chunk += CHUNKS
+    if ROWS == 1:
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        total = tl.sum(tl.sum(acc, axis=3), axis=2)  # [ROWS, BLOCK_N]
+    if PER_CHANNEL:
+        total = total * s_row[None, :]
+    out = out_ptr + pid_k * stride_os + offs_r[:, None] * N + offs_n[None, :]
+    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_n[None, :])
+
+
+def gemv_config(rows: int, n: int, k: int, bits: int, group: int, sms: int) -> tuple[int, int, int, int, int, int]:
+    """``(ROWS, BLOCK_N, CHUNK, CHUNKS, warps, min_programs)``. Chunks of up to 16 words that divide the
+    group; K split until the grid has four programs per SM. Channels per program, words per tile and
+    warps by N: at one row the fastest of the sweep on an H200 at the 8B shapes (``results/gemv4-row-
+    kernel-h200.txt``; the sweep is now ``benchmarks/wonly_dispatch.py --sweep``): up to 4,096 outputs 32
+    channels x 32 words on 2 warps (o, down), up to 16,384 8 x 64 on 2 (qkv), wider 16 x 64 on 4
+    (gate/up). At two and four rows the best of ``wonly_dispatch.py --sweep`` (``results/wonly-dispatch-
+    h200.txt``)."""
+    per_word = 32 // bits
+    if group >= k:  # per channel: any chunk, the tail masked
+        chunk = 16
+    else:
+        chunk = 1
+        while chunk < 16 and (group // per_word) % (2 * chunk) == 0:
+            chunk *= 2
+    block_rows = min(triton.next_power_of_2(max(rows, 1)), 8)
+    if block_rows == 1:
+        block_n, words, warps = (32, 32, 2) if n <= 4096 else (8, 64, 2) if n <= 16384 else (16, 64, 4)
+    elif block_rows == 2:
+        block_n, words, warps = (8, 32, 2) if n <= 16384 else (16, 64, 2)
+    else:
+        block_n, words, warps = 32, 32, 4
+    return block_rows, block_n, chunk, max(1, words // chunk), warps, 4 * sms
+
+
+def gemv_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              bits: int, group: int, sms: int,
+              config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+    """``x [M, K] @ W.T`` for int4/int8 codes, ``K`` and ``group`` multiples of the codes per word, one pass
+    over the weight per ``ROWS`` rows of x. ``config`` overrides ``gemv_config`` (the benchmarks' sweep)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_rows, block_n, chunk, chunks, warps, min_programs = config or gemv_config(m, n, k, bits, group, sms)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    row_words = k * bits // 32
+    tiles = triton.cdiv(triton.cdiv(row_words, chunk), chunks)
+    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_rows)
+    split = 1  # a layer with few outputs splits K until the grid fills the card; partial sums added after
+    while programs * split < min_programs and split * 2 <= tiles // 2:
+        split *= 2
+    per_split = triton.cdiv(tiles, split)
+    even = row_words == per_split * split * chunks * chunk  # every split's tiles inside the row, whole
+    out = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_rows))
+    _gemv_kernel[grid](x, qweight.view(torch.int32), scales, zeros if zeros is not None else scales, out, m, n,
+                       scales.shape[1], per_split, row_words, x.stride(0), m * n, BITS=bits, GROUP=group,
+                       PER_CHANNEL=group >= k, SYMMETRIC=zeros is None, EVEN=even, ROWS=block_rows,
+                       BLOCK_N=block_n, CHUNK=chunk, CHUNKS=chunks, num_warps=warps, num_stages=2)
+    return out[0] if split == 1 else out.sum(0).to(x.dtype)
