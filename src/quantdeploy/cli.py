@@ -106,8 +106,8 @@ def build_method_config(args: argparse.Namespace):
     calibration = _calibration_values(args, values.get("calibration", {}))
     if calibration:
         if "calibration" not in method.config_cls.__dataclass_fields__:
-            if args.kv_cache:
-                calibration = {}  # the flags were for the KV-cache scales
+            if args.kv_cache or args.bits_budget is not None:
+                calibration = {}  # the flags were for the KV-cache scales or the sensitivities
             else:
                 raise ConfigError(f"method '{name}' uses no calibration data; drop --calib*")
         if calibration:
@@ -200,6 +200,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         check_source(config.calibration, f"method '{args.method or config.TYPE}'")
     if kv_cache is not None:
         check_source(kv_cache.calibration, "--kv-cache (its scales are measured)")
+    mixed = None
+    if args.bits_budget is not None:  # sensitivities on the --calib text (or the method's calibration data)
+        from quantdeploy.quant.mixed import MixedConfig
+
+        source = args.calib or getattr(getattr(config, "calibration", None), "source", "")
+        mixed = MixedConfig(bits_budget=args.bits_budget)
+        mixed = mixed.replace(calibration=mixed.calibration.replace(source=source, seed=args.seed))
+        check_source(mixed.calibration, "--bits-budget (each layer's sensitivity is measured on it)")
     if args.device is not None:
         resolve_device(args.device)
     out = Path(args.output)
@@ -207,12 +215,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with err_console.status("loading model"):
         base = qd.load_model(args.model, adapter=args.adapter, dtype=args.dtype)
     quantized = run_with_progress("quantizing", qd.quantize, base, config, seed=args.seed, device=args.device,
-                                 kv_cache=kv_cache)
+                                 kv_cache=kv_cache, mixed=mixed)
     with err_console.status("saving"):
         size = qd.save(quantized, out, overwrite=args.overwrite)
     info = qd.describe(quantized)
     out_console.print(f"saved {out} ({size / 1e6:.1f} MB on disk, {info['bits_per_weight']:.3f} bits per weight "
                       f"over {len(info['modules'])} quantized modules)")
+    if mixed is not None:
+        record = quantized.quant_config["mixed"]
+        out_console.print(f"mixed precision: {record['allocation']['average_bits']:.3f} bits per weight under a "
+                          f"budget of {mixed.bits_budget}; layers per option {record['layers_per_option']}; KLD on "
+                          f"the sensitivity windows: predicted {record['allocation']['predicted_kld']:.4f}, "
+                          f"measured {record['measured_kld']:.4f}")
     return 0
 
 
@@ -350,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", help="module names or re:REGEX to leave out")
     p.add_argument("--lm-head", action="store_true", help="also quantize the output head")
     p.add_argument("--embeddings", action="store_true", help="also quantize the input embeddings")
+    p.add_argument("--bits-budget", type=number(1, 32),
+                   help="mixed precision: a spec per layer (int8, int4 g32/g128, int3 g64 or kept) with the least "
+                        "measured KLD at this average of stored bits per weight; sensitivities on 4 windows of "
+                        "128 tokens of the --calib text (a forward pass per layer and candidate)")
     p.add_argument("--calib", help="calibration data: .txt, fine-tuning .jsonl (chat/instruction) or hf:NAME")
     p.add_argument("--calib-samples", type=count(1), help="calibration samples (default 128)")
     p.add_argument("--calib-seq-len", type=count(16), help="tokens per calibration sample (default 512)")

@@ -27,6 +27,8 @@ from quantdeploy.quant import kv_cache as kv
 from quantdeploy.quant.apply import Progress, quantize_weights
 from quantdeploy.quant.calibration import load_calibration
 from quantdeploy.quant.kv_cache import KVCacheConfig
+from quantdeploy.quant.mixed import MixedConfig, plan_mixed
+from quantdeploy.quant.mixed.sensitivity import end_to_end_kld
 from quantdeploy.quant.primitives import QuantizedWeight
 from quantdeploy.quant.spec import QuantSpec
 
@@ -34,20 +36,27 @@ log = logging.getLogger(__name__)
 
 
 def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progress | None = None,
-             device: torch.device | str | None = None, kv_cache: KVCacheConfig | None = None) -> ModelBundle:
+             device: torch.device | str | None = None, kv_cache: KVCacheConfig | None = None,
+             mixed: MixedConfig | None = None) -> ModelBundle:
     """A new bundle whose target modules are quantized per ``config``; ``bundle`` is left untouched.
 
     Calibrated methods (GPTQ ...) read their data through the bundle's tokenizer and run block by block
     on ``device`` (default: the GPU when there is one). With ``kv_cache``, the keys and values get
-    static per-head scales measured on the weight-quantized model (``quant/kv_cache.py``).
+    static per-head scales measured on the weight-quantized model (``quant/kv_cache.py``). With
+    ``mixed``, each layer's spec is chosen by measured sensitivity under a bit budget (``quant/mixed``),
+    and the model's real KLD on the sensitivity windows is measured next to the prediction.
     """
     torch.manual_seed(seed)
     device = resolve_device(device) if device is not None else None
     if kv_cache is not None:  # bad calibration data is reported before any work
         kv_calib = load_calibration(bundle.tokenizer, kv_cache.calibration, needed_by="a quantized KV cache")
+    specs, mixed_record = None, None
+    if mixed is not None:
+        specs, mixed_record = plan_mixed(bundle.model, bundle.tokenizer, config, mixed, progress)
     # Work on a copy: transforms such as AWQ edit weights and norms, and the copy becomes the result.
     model = copy.deepcopy(bundle.model)
-    weights, record = quantize_weights(model, config, progress, tokenizer=bundle.tokenizer, device=device)
+    weights, record = quantize_weights(model, config, progress, tokenizer=bundle.tokenizer, device=device,
+                                       specs=specs)
     for name, qw in weights.items():
         _set_submodule(model, name, _quant_module(model.get_submodule(name), qw))
     head = model.get_output_embeddings()
@@ -61,6 +70,12 @@ def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progr
         "modules": {name: qw.spec.to_dict() for name, qw in weights.items()},
         "ignore": [n for n in linears if n not in weights],
     }
+    if mixed_record is not None:
+        tokens = load_calibration(bundle.tokenizer, mixed.calibration, needed_by="mixed precision").tokens
+        mixed_record["measured_kld"] = end_to_end_kld(bundle.model, model, tokens)
+        log.info("mixed precision: measured KLD %.4f on the sensitivity windows (predicted %.4f)",
+                 mixed_record["measured_kld"], mixed_record["allocation"]["predicted_kld"])
+        quant_config["mixed"] = mixed_record
     if kv_cache is not None:
         _calibrate_kv(model, quant_config, kv_cache, kv_calib, device)
     return ModelBundle(model=model.eval(), tokenizer=bundle.tokenizer, source=bundle.source, quant_config=quant_config)

@@ -73,16 +73,19 @@ def plan(model: nn.Module, config: Config) -> dict[str, QuantSpec]:
 
 @torch.no_grad()
 def quantize_weights(model: nn.Module, config: Config, progress: Progress | None = None, tokenizer=None,
-                     device: torch.device | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
-    """Quantize every planned module's weight; returns the weights and a record for the manifest
-    (the calibration data's hash and sample count for calibrated methods)."""
+                     device: torch.device | None = None,
+                     specs: dict[str, QuantSpec] | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Quantize every planned module's weight (or each of ``specs``, a per-layer plan such as mixed
+    precision chooses); returns the weights and a record for the manifest (the calibration data's hash
+    and sample count for calibrated methods)."""
     method = method_for_config(config)
     if method.calibrated:  # bad calibration data is reported before any planning or work
         if tokenizer is None:
             raise ConfigError(f"method '{method.name}' needs calibration data, and so a tokenizer")
         calib = load_calibration(tokenizer, config.calibration)
-        return _quantize_calibrated(model, config, plan(model, config), method, calib, progress, device)
-    specs = plan(model, config)
+        specs = plan(model, config) if specs is None else specs
+        return _quantize_calibrated(model, config, specs, method, calib, progress, device)
+    specs = plan(model, config) if specs is None else specs
     out: dict[str, QuantizedWeight] = {}
     for i, (name, spec) in enumerate(specs.items()):
         out[name] = method.handler(config, name, model.get_submodule(name).weight, spec)
