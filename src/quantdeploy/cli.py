@@ -106,7 +106,7 @@ def build_method_config(args: argparse.Namespace):
     calibration = _calibration_values(args, values.get("calibration", {}))
     if calibration:
         if "calibration" not in method.config_cls.__dataclass_fields__:
-            if args.kv_cache or args.bits_budget is not None:
+            if args.kv_cache or args.bits_budget is not None or args.max_kld or args.max_ppl_increase:
                 calibration = {}  # the flags were for the KV-cache scales or the sensitivities
             else:
                 raise ConfigError(f"method '{name}' uses no calibration data; drop --calib*")
@@ -201,11 +201,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if kv_cache is not None:
         check_source(kv_cache.calibration, "--kv-cache (its scales are measured)")
     mixed = None
-    if args.bits_budget is not None:  # sensitivities on the --calib text (or the method's calibration data)
-        from quantdeploy.quant.mixed import MixedConfig
+    if args.bits_budget is not None or args.max_kld is not None or args.max_ppl_increase is not None:
+        from quantdeploy.quant.mixed import MixedConfig  # sensitivities on --calib (or the method's data)
 
         source = args.calib or getattr(getattr(config, "calibration", None), "source", "")
-        mixed = MixedConfig(bits_budget=args.bits_budget)
+        ppl = None if args.max_ppl_increase is None else args.max_ppl_increase / 100
+        mixed = MixedConfig(bits_budget=args.bits_budget, max_kld=args.max_kld, max_ppl_increase=ppl)
         mixed = mixed.replace(calibration=mixed.calibration.replace(source=source, seed=args.seed))
         check_source(mixed.calibration, "--bits-budget (each layer's sensitivity is measured on it)")
     if args.device is not None:
@@ -222,12 +223,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out_console.print(f"saved {out} ({size / 1e6:.1f} MB on disk, {info['bits_per_weight']:.3f} bits per weight "
                       f"over {len(info['modules'])} quantized modules)")
     if mixed is not None:
-        record = quantized.quant_config["mixed"]
-        out_console.print(f"mixed precision: {record['allocation']['average_bits']:.3f} bits per weight under a "
-                          f"budget of {mixed.bits_budget}; layers per option {record['layers_per_option']}; KLD on "
-                          f"the sensitivity windows: predicted {record['allocation']['predicted_kld']:.4f}, "
-                          f"measured {record['measured_kld']:.4f}")
+        _print_mixed(quantized.quant_config["mixed"])
     return 0
+
+
+def _print_mixed(record: dict) -> None:
+    if "allocation" in record:
+        a = record["allocation"]
+        out_console.print(f"mixed precision: {a['average_bits']:.3f} bits per weight under a budget of {a['budget']}; "
+                          f"layers per option {record['layers_per_option']}; KLD on the sensitivity windows: "
+                          f"predicted {a['predicted_kld']:.4f}, measured {record['measured_kld']:.4f}")
+        return
+    p = record["progressive"]
+    out_console.print(f"mixed precision: {p['average_bits']:.3f} bits per weight, validation KLD {p['measured_kld']:.4f}, "
+                      f"perplexity {100 * p['ppl_increase']:+.2f}%; layers per option {record['layers_per_option']}")
+    for step in p["path"]:
+        out_console.print(f"  step {step['step']:4d}: {step['average_bits']:6.3f} bits  KLD {step['kld']:.4f} "
+                          f"(predicted {step['predicted_kld']:.4f})  perplexity {100 * step['ppl_increase']:+.2f}%")
 
 
 # -------------------------------------------------------------------------------------------- eval
@@ -368,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: a spec per layer (int8, int4 g32/g128, int3 g64 or kept) with the least "
                         "measured KLD at this average of stored bits per weight; sensitivities on 4 windows of "
                         "128 tokens of the --calib text (a forward pass per layer and candidate)")
+    p.add_argument("--max-kld", type=number(0), help="mixed precision: the smallest model (layers moved from the "
+                   "original to int8, int4, int3, most robust first) whose KLD on validation windows is at most this")
+    p.add_argument("--max-ppl-increase", type=number(0), help="mixed precision: as --max-kld, for perplexity (percent)")
     p.add_argument("--calib", help="calibration data: .txt, fine-tuning .jsonl (chat/instruction) or hf:NAME")
     p.add_argument("--calib-samples", type=count(1), help="calibration samples (default 128)")
     p.add_argument("--calib-seq-len", type=count(16), help="tokens per calibration sample (default 512)")

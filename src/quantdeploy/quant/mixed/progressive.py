@@ -1,0 +1,136 @@
+"""The accuracy budget: the smallest model whose measured KLD (or perplexity increase) stays within a
+tolerance, reached by moving layers down from the original weights (original -> int8 -> int4 -> lower),
+the most robust first.
+
+The path comes from the measured sensitivities: from every layer at its original weights, each step moves
+the one layer whose next option down its ladder (its options by falling stored bits) costs the least
+predicted KLD per bit saved. Predictions add, models do not quite: so the path is checked on validation
+windows the sensitivities were not measured on, the whole model quantized as the step says (round to
+nearest, the grid every method starts from) and its KLD and perplexity measured against the original.
+Assuming the measured loss grows along the path, a bisection finds the longest prefix within the
+tolerance in a logarithmic number of checks; every check is reported (bits per weight against KLD), and
+the chosen step is the smallest model whose measurement met it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from quantdeploy.quant.mixed.sensitivity import KEEP, Sensitivity, _Reference, _log_probs
+from quantdeploy.quant.primitives import dequantize_weight, quantize_weight
+
+
+@dataclasses.dataclass
+class Progress:
+    choice: dict[str, str]
+    average_bits: float
+    measured_kld: float
+    ppl_increase: float
+    path: list[dict]  # every measured step: {"step", "average_bits", "predicted_kld", "kld", "ppl_increase"}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def moves(sens: Sensitivity) -> list[tuple[str, str]]:
+    """The path: ``(layer, option)`` steps from all-original down to every layer at its smallest option,
+    each the least predicted KLD per bit saved among the layers' next options down their ladders."""
+    ladders = {n: sorted(sens.cost[n], key=lambda o: -sens.bits[n][o]) for n in sens.cost}
+    at = {n: 0 for n in sens.cost}
+    out = []
+    while True:
+        best, best_rate = None, math.inf
+        for n, i in at.items():
+            if i + 1 < len(ladders[n]):
+                here, there = ladders[n][i], ladders[n][i + 1]
+                saved = (sens.bits[n][here] - sens.bits[n][there]) * sens.numel[n]
+                rate = max(sens.cost[n][there] - sens.cost[n][here], 0.0) / saved if saved > 0 else math.inf
+                if rate < best_rate:
+                    best, best_rate = n, rate
+        if best is None:
+            return out
+        at[best] += 1
+        out.append((best, ladders[best][at[best]]))
+
+
+class _Validator:
+    """Measures a choice: the model's weights set to the choice's round-to-nearest weights, KLD and NLL on
+    the validation windows against the original, weights put back."""
+
+    def __init__(self, model: nn.Module, sens: Sensitivity, tokens: torch.Tensor, clip_search: bool) -> None:
+        self.model, self.sens, self.tokens, self.clip_search = model, sens, tokens, clip_search
+        self.reference = _Reference(model, tokens)
+        self.nll = self._nll(_log_probs(model, tokens))
+        self.fake: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _nll(self, logp: torch.Tensor) -> float:
+        target = self.tokens[:, 1:]
+        return float(-logp[:, :-1].gather(-1, target[..., None]).mean(dtype=torch.float64))
+
+    def _weight(self, name: str, option: str, original: torch.Tensor) -> torch.Tensor:
+        if (name, option) not in self.fake:
+            spec = self.sens.specs[name][option]
+            qw = quantize_weight(original, spec, self.clip_search and spec.dtype.startswith("int"))
+            self.fake[(name, option)] = dequantize_weight(qw, original.dtype)
+        return self.fake[(name, option)]
+
+    @torch.no_grad()
+    def __call__(self, choice: dict[str, str]) -> tuple[float, float]:
+        originals = {}
+        try:
+            for name, option in choice.items():
+                if option != KEEP:
+                    module = self.model.get_submodule(name)
+                    originals[name] = module.weight.data
+                    module.weight.data = self._weight(name, option, module.weight.data)
+            logp = _log_probs(self.model, self.tokens)
+            kld = float((self.reference.neg_entropy - (self.reference.p * logp).sum(-1, dtype=torch.float64)).mean())
+            return max(kld, 0.0), math.exp(self._nll(logp) - self.nll) - 1
+        finally:
+            for name, weight in originals.items():
+                self.model.get_submodule(name).weight.data = weight
+
+
+def progressive(model: nn.Module, sens: Sensitivity, validation: torch.Tensor, max_kld: float | None,
+                max_ppl_increase: float | None, clip_search: bool = True) -> Progress:
+    """The longest prefix of ``moves(sens)`` whose validation KLD is at most ``max_kld`` and perplexity
+    increase at most ``max_ppl_increase`` (a fraction; either may be None)."""
+    steps = moves(sens)
+    check = _Validator(model, sens, validation, clip_search)
+    total = sum(sens.numel.values())
+    path: list[dict] = []
+
+    def choice_at(k: int) -> dict[str, str]:
+        choice = {n: KEEP for n in sens.cost}
+        for name, option in steps[:k]:
+            choice[name] = option
+        return choice
+
+    def fits(k: int) -> bool:
+        choice = choice_at(k)
+        kld, ppl = check(choice)
+        bits = sum(sens.bits[n][o] * sens.numel[n] for n, o in choice.items()) / total
+        predicted = sum(sens.cost[n][o] for n, o in choice.items())
+        path.append({"step": k, "average_bits": bits, "predicted_kld": predicted, "kld": kld, "ppl_increase": ppl})
+        return (max_kld is None or kld <= max_kld) and (max_ppl_increase is None or ppl <= max_ppl_increase)
+
+    lo, hi = 0, len(steps)  # step lo is known to fit (the original); find the last that does
+    if fits(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    best = next((p for p in path if p["step"] == lo), None)
+    if best is None:  # step 0 was never measured: the original itself
+        fits(0)
+        best = path[-1]
+    path.sort(key=lambda p: p["step"])
+    return Progress(choice=choice_at(lo), average_bits=best["average_bits"], measured_kld=best["kld"],
+                    ppl_increase=best["ppl_increase"], path=path)
