@@ -42,13 +42,42 @@ def _affine(codes, z, s):
 
 
 @triton.jit
+def _dequant_tile(words, s_ptr, z_ptr, offs_n, mask_n, k0, ks, K, n_groups, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` fp32 weights of a tile from its int32 ``words`` (codes at k = ``ks``):
+    codes spread by shifts along a new last axis, then one scale (and zero) per row of the tile, or per
+    code when the group is narrower than the tile (``FINE``)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PER_WORD) * BITS
+    codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
+    if FINE:
+        meta = offs_n[:, None] * n_groups + ks[None, :] // GROUP
+        mmask = mask_n[:, None] & (ks < K)[None, :]
+    else:
+        meta = (offs_n * n_groups + k0 // GROUP)[:, None]
+        mmask = mask_n[:, None]
+    s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        z = MAGIC + (1 << (BITS - 1))
+    else:
+        z = MAGIC + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)
+    return _affine(codes, z, s)
+
+
+def _fit_block_k(block_k: int, group: int, k: int) -> int:
+    """``block_k`` halved until it divides the group (per channel: any), but not below 16 (``tl.dot``'s K)."""
+    while group < k and group % block_k and block_k > 16:
+        block_k //= 2
+    return block_k
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, row_words, tiles_per_split, stride_xm,
                  stride_os, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
                  EVEN: tl.constexpr, FINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    CODE: tl.constexpr = (1 << BITS) - 1
     # programs that share a column of weight tiles run together (L2 reuse of the codes across row tiles)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -65,7 +94,6 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, row_wor
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     offs_w = tl.arange(0, WORDS)
-    shifts = tl.arange(0, PER_WORD) * BITS
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     q_rows = q_ptr + offs_n[:, None] * row_words
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -79,19 +107,8 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, row_wor
             x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & in_k[None, :], other=0.0)
             in_w = k0 // PER_WORD + offs_w < row_words
             words = tl.load(q_rows + k0 // PER_WORD + offs_w[None, :], mask=mask_n[:, None] & in_w[None, :], other=0)
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & CODE, (BLOCK_N, BLOCK_K))
-        if FINE:  # groups narrower than a tile (fewer than 16 codes, or not dividing it): a scale per code
-            meta = offs_n[:, None] * n_groups + (k0 + offs_k)[None, :] // GROUP
-            mmask = mask_n[:, None] & (k0 + offs_k < K)[None, :]
-        else:  # BLOCK_K divides the group, or the group is the row: one scale per row of the tile
-            meta = (offs_n * n_groups + k0 // GROUP)[:, None]
-            mmask = mask_n[:, None]
-        s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            z = MAGIC + (1 << (BITS - 1))
-        else:
-            z = MAGIC + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)
-        w = _affine(codes, z, s).to(x.dtype)
+        w = _dequant_tile(words, s_ptr, z_ptr, offs_n, mask_n, k0, k0 + offs_k, K, n_groups, BITS, GROUP, SYMMETRIC,
+                          FINE, BLOCK_N, BLOCK_K).to(x.dtype)
         if IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -115,9 +132,7 @@ def gemm_config(m: int, n: int, k: int, bits: int, group: int, sms: int,
         block_m, block_n, block_k, warps, stages = 128, 128, 64, 4, 3
     if wide:  # fp32 inputs take twice the shared memory per stage (228 KiB per SM on Hopper)
         block_k, stages = min(block_k, 64), 2
-    while group < k and group % block_k and block_k > 16:  # tl.dot takes K >= 16
-        block_k //= 2
-    return block_m, block_n, block_k, warps, stages
+    return block_m, block_n, _fit_block_k(block_k, group, k), warps, stages
 
 
 def gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -162,21 +177,9 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, row_words, BIT
     mask = (offs_n < N)[:, None]
     words = tl.load(q_ptr + offs_n[:, None] * row_words + offs_w[None, :], mask=mask & (offs_w < row_words)[None, :],
                     other=0)
-    codes = tl.reshape((words[:, :, None] >> (tl.arange(0, PER_WORD) * BITS)[None, None, :]) & ((1 << BITS) - 1),
-                       (BLOCK_N, BLOCK_K))
+    w = _dequant_tile(words, s_ptr, z_ptr, offs_n, offs_n < N, k0, offs_k, K, n_groups, BITS, GROUP, SYMMETRIC, FINE,
+                      BLOCK_N, BLOCK_K)
     in_k = mask & (offs_k < K)[None, :]
-    if FINE:  # a scale per code
-        meta = offs_n[:, None] * n_groups + offs_k[None, :] // GROUP
-        mmask = in_k
-    else:  # BLOCK_K divides the group (or the group is the row): a scale per row of the tile
-        meta = (offs_n * n_groups + k0 // GROUP)[:, None]
-        mmask = mask
-    s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
-    if SYMMETRIC:
-        z = MAGIC + (1 << (BITS - 1))
-    else:
-        z = MAGIC + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)
-    w = _affine(codes, z, s)
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=in_k)
 
 
@@ -186,9 +189,7 @@ def dequantize_impl(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     not the weight's bytes, are the time: the weight written once in ``dtype`` is then read as bf16 is)."""
     n = qweight.shape[0]
     out = torch.empty((n, k), dtype=dtype, device=qweight.device)
-    block_n, block_k = 16, 256
-    while group < k and group % block_k and block_k > 16:
-        block_k //= 2
+    block_n, block_k = 16, _fit_block_k(256, group, k)
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         qweight.view(torch.int32), scales, zeros if zeros is not None else scales, out, n, k, scales.shape[1],
         k * bits // 32, BITS=bits, GROUP=group, SYMMETRIC=zeros is None, FINE=group < k and group % block_k != 0,

@@ -20,8 +20,7 @@ import math
 import torch
 from torch import nn
 
-from quantdeploy.quant.mixed.sensitivity import KEEP, Sensitivity, _Reference, _log_probs
-from quantdeploy.quant.primitives import dequantize_weight, quantize_weight
+from quantdeploy.quant.mixed.sensitivity import KEEP, Sensitivity, _log_probs, _Reference, fake_weight
 
 
 @dataclasses.dataclass
@@ -73,9 +72,7 @@ class _Validator:
 
     def _weight(self, name: str, option: str, original: torch.Tensor) -> torch.Tensor:
         if (name, option) not in self.fake:
-            spec = self.sens.specs[name][option]
-            qw = quantize_weight(original, spec, self.clip_search and spec.dtype.startswith("int"))
-            self.fake[(name, option)] = dequantize_weight(qw, original.dtype)
+            self.fake[(name, option)] = fake_weight(original, self.sens.specs[name][option], self.clip_search)[1]
         return self.fake[(name, option)]
 
     @torch.no_grad()
@@ -88,8 +85,7 @@ class _Validator:
                     originals[name] = module.weight.data
                     module.weight.data = self._weight(name, option, module.weight.data)
             logp = _log_probs(self.model, self.tokens)
-            kld = float((self.reference.neg_entropy - (self.reference.p * logp).sum(-1, dtype=torch.float64)).mean())
-            return max(kld, 0.0), math.exp(self._nll(logp) - self.nll) - 1
+            return max(self.reference.kld_of(logp), 0.0), math.exp(self._nll(logp) - self.nll) - 1
         finally:
             for name, weight in originals.items():
                 self.model.get_submodule(name).weight.data = weight

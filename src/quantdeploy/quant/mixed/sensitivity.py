@@ -73,8 +73,18 @@ class _Reference:
         self.neg_entropy = (self.p * logp).sum(-1, dtype=torch.float64)
 
     def kld(self, model: nn.Module, tokens: torch.Tensor) -> float:
-        cross = (self.p * _log_probs(model, tokens)).sum(-1, dtype=torch.float64)
-        return float((self.neg_entropy - cross).mean())
+        return self.kld_of(_log_probs(model, tokens))
+
+    def kld_of(self, logp: torch.Tensor) -> float:
+        """Mean KLD to the reference of a model's log-probabilities on the same tokens."""
+        return float((self.neg_entropy - (self.p * logp).sum(-1, dtype=torch.float64)).mean())
+
+
+def fake_weight(original: torch.Tensor, spec: QuantSpec, clip_search: bool):  # noqa: ANN201
+    """``(QuantizedWeight, weight)``: ``original`` rounded to nearest on ``spec``'s grid (the clip search on
+    integer grids) and that weight in ``original``'s dtype."""
+    qw = quantize_weight(original, spec, clip_search and spec.dtype.startswith("int"))
+    return qw, dequantize_weight(qw, original.dtype)
 
 
 @torch.no_grad()
@@ -92,8 +102,7 @@ def measure(model: nn.Module, tokens: torch.Tensor, specs: dict[str, dict[str, Q
         numel[name] = original.numel()
         cost[name], bits[name] = {KEEP: 0.0}, {KEEP: 8.0 * original.element_size()}
         for option, spec in options.items():
-            qw = quantize_weight(original, spec, clip_search and spec.dtype.startswith("int"))
-            module.weight.data = dequantize_weight(qw, original.dtype)
+            qw, module.weight.data = fake_weight(original, spec, clip_search)
             try:
                 cost[name][option] = max(reference.kld(model, tokens), 0.0)
             finally:
