@@ -7,9 +7,9 @@ Q4_0) on the same model, the same threads and the same kind of batch, in one run
   grid of llama.cpp's Q4_0), output head included, each through ``Engine`` with the packed CPU
   kernels; the decode step is torch.compiled (inductor C++) unless --no-compile.
 - llama.cpp: llama-cpp-python 0.3.36, installed by this script into its own virtual environment
-  (``~/.cache/quantdeploy/peers/``) and built for this CPU (AVX-512, VNNI, BF16; AMX off: this
-  sandbox does not grant AMX tiles, and a build that uses them dies with SIGILL); the bundled GGUF is
-  requantized to Q8_0 and Q4_0 by llama.cpp's own quantizer; ``benchmarks/peers/llamacpp_worker.py``
+  (``~/.cache/quantdeploy/peers/``) and built for the features this CPU has (``cmake_args``; AMX
+  always off); the bundled GGUF is requantized to Q8_0 and Q4_0 by llama.cpp's own quantizer;
+  ``benchmarks/peers/llamacpp_worker.py``
   decodes B sequences at different positions, greedy, like our bench.
 
 Prints a table with ours/llama.cpp ratios, then one JSON line (machine, commit, config).
@@ -28,10 +28,30 @@ from pathlib import Path
 import torch
 
 LLAMA_CPP = "llama-cpp-python==0.3.36"
-PEER = Path.home() / ".cache" / "quantdeploy" / "peers" / "llamacpp-0.3.36-noamx"
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON "
-              "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
-              "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+#: llama.cpp's CPU feature switches and the /proc/cpuinfo flag each needs; AMX stays off (this sandbox
+#: does not grant AMX tiles, and a build that uses them dies with SIGILL), and so does any feature the
+#: CPU lacks (an AMD EPYC here has AVX-512 VNNI but not the VEX-encoded AVX-VNNI: SIGILL in decode)
+CPU_FEATURES = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "AVX_VNNI": "avx_vnni",
+                "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+                "AVX512_BF16": "avx512_bf16"}
+
+
+def cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def cmake_args() -> str:
+    flags = cpu_flags()
+    on = [name for name, flag in CPU_FEATURES.items() if flag in flags]
+    return " ".join(["-DGGML_NATIVE=OFF", *(f"-DGGML_{n}={'ON' if n in on else 'OFF'}" for n in CPU_FEATURES),
+                     "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"])
+
+
+#: one build per feature set: a build for another CPU is not reused
+PEER = (Path.home() / ".cache" / "quantdeploy" / "peers" /
+        f"llamacpp-0.3.36-{'-'.join(sorted(n.lower() for n, f in CPU_FEATURES.items() if f in cpu_flags())) or 'generic'}")
 
 
 def ensure_llama_cpp() -> Path:
@@ -41,7 +61,7 @@ def ensure_llama_cpp() -> Path:
     print(f"installing {LLAMA_CPP} into {PEER} (compiles llama.cpp: ~15 min on 2 cores)", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(PEER)], check=True)
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-cache-dir", LLAMA_CPP], check=True,
-                   env={**os.environ, "CMAKE_ARGS": CMAKE_ARGS})
+                   env={**os.environ, "CMAKE_ARGS": cmake_args()})
     return python
 
 

@@ -12,9 +12,39 @@ from quantdeploy.cli_types import count
 def cmd_export(args: argparse.Namespace) -> int:
     import quantdeploy as qd
 
-    size = qd.export(args.checkpoint, args.out, args.format, args.overwrite)
+    size = qd.export(args.checkpoint, args.out, args.format, args.overwrite, requantize=args.requantize)
     print(f"wrote {args.out} ({args.format}, {size / 1e6:.1f} MB)")
+    if args.requantize:
+        report_requantization(args)
     return 0
+
+
+def report_requantization(args: argparse.Namespace) -> None:
+    """What ``--requantize`` cost: the KL divergence from our checkpoint to the model the GGUF file holds
+    (its converted modules dequantized by the gguf package), on held-out text."""
+    import json
+    from pathlib import Path
+
+    import quantdeploy as qd
+    from quantdeploy.demo import default_text_path
+    from quantdeploy.eval.compare import compare
+    from quantdeploy.eval.fidelity import EvalProtocol
+    from quantdeploy.formats import gguf_export
+
+    gguf_file = Path(args.out) / gguf_export.FILE
+    names = gguf_export.requantized_modules(gguf_file)
+    if not names:
+        print("--requantize: every module was held exactly; nothing was converted")
+        return
+    ours, converted = qd.load(args.checkpoint), qd.load(args.checkpoint)
+    config = json.loads((Path(args.checkpoint) / "config.json").read_text())
+    gguf_export.with_gguf_weights(converted.model, config, gguf_file, names)
+    text = args.kld_text or str(default_text_path())
+    protocol = EvalProtocol(max_tokens=args.kld_tokens, window=min(1024, args.kld_tokens))
+    row = compare({"gguf": converted}, ours, text, protocol)[-1]
+    print(f"requantized {len(names)} modules; against the checkpoint: mean KLD {row['kld_mean']:.4g} "
+          f"(± {row['kld_stderr']:.2g}), top-1 agreement {row['top1_agreement']:.2%} over {row['tokens_scored']} "
+          f"tokens of {text}")
 
 
 def cmd_deploy_k8s(args: argparse.Namespace) -> int:
@@ -34,11 +64,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add export and deploy to the ``quantdeploy`` parser's subcommands."""
     from quantdeploy.formats import EXPORTERS
 
-    p = sub.add_parser("export", help="write a checkpoint in a format other engines load (vLLM, transformers)")
+    p = sub.add_parser("export", help="write a checkpoint in a format other engines load (vLLM, transformers, "
+                                      "llama.cpp)")
     p.add_argument("checkpoint", help="a quantdeploy checkpoint folder")
     p.add_argument("--format", default="compressed-tensors", choices=sorted(EXPORTERS))
     p.add_argument("-o", "--out", required=True, help="output folder (new, or an earlier export with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export of this format at --out")
+    p.add_argument("--requantize", action="store_true",
+                   help="gguf: convert specs no GGUF type holds exactly to the nearest type (Q8_0, Q4_0, Q4_1) "
+                        "and report the KL divergence that costs")
+    p.add_argument("--kld-text", help="text for --requantize's KLD (default: the held-out text that ships with "
+                                      "quantdeploy)")
+    p.add_argument("--kld-tokens", type=count(2), default=4096, help="tokens of --kld-text to score")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("deploy", help="render deployment manifests for a checkpoint")

@@ -128,8 +128,10 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tiny_bundle, tmp_
         qd.export(tmp_path / "kv", tmp_path / "out")
     with pytest.raises(CheckpointError, match="not a quantdeploy checkpoint"):
         qd.export(tmp_path, tmp_path / "out")
-    with pytest.raises(ConfigError, match="unknown export format 'gguf'; available: compressed-tensors"):
-        qd.export(tmp_path / "kv", tmp_path / "out", format="gguf")
+    with pytest.raises(ConfigError, match="unknown export format 'onnx'; available: compressed-tensors, gguf"):
+        qd.export(tmp_path / "kv", tmp_path / "out", format="onnx")
+    with pytest.raises(ConfigError, match="--requantize applies to the gguf export"):
+        qd.export(tmp_path / "kv", tmp_path / "out", requantize=True)
     assert not (tmp_path / "out").exists()
 
 
