@@ -47,7 +47,7 @@ def save_random_model(folder: Path, tokenizer_dir: str, device: str, tiny: bool)
 
 def offline(folder: Path, args: argparse.Namespace) -> dict:
     engine = Engine.load(folder, args.device, max_batch=args.batch, max_seq_len=args.max_seq_len, buckets=(args.batch,))
-    engine.capture_prefill_graphs()  # as the server does before it reports ready
+    engine.warm_up()  # as the server does before it reports ready
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     cfg = loadtest.LoadConfig(url="", requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len)
     jobs = loadtest.make_jobs(cfg)

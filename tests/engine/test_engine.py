@@ -151,6 +151,26 @@ def test_every_decode_bucket_compiles_past_dynamos_default_recompile_limit(tiny_
     assert torch._dynamo.config.recompile_limit == 8  # raised only while a bucket compiled
 
 
+def test_after_warm_up_no_request_compiles(tiny_bundle):
+    from torch._dynamo.utils import counters
+
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14], [15]]
+    expected = [c.token_ids for c in Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=32).generate(prompts, params)]
+    engine = Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=32, compile=False)
+    engine.compiled = True  # traced by dynamo only, as above
+    engine._decode = torch.compile(engine.model.decode, fullgraph=True, dynamic=False, backend="eager")
+    engine.warm_up()
+    assert engine._compiled_buckets == set(engine.buckets) == {1, 2, 4}
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (1, 2, 4):  # every bucket, as a server meets them
+        assert [c.token_ids for c in engine.generate(prompts[:n], params)] == expected[:n]
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while serving
+    engine.add([5], params)
+    with pytest.raises(RuntimeError, match="before any sequence"):
+        engine.warm_up()
+
+
 def test_unsupported_architecture_is_refused_before_loading_weights(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -80,7 +80,7 @@ def test_prefill_graphs_give_the_tokens_and_logits_of_the_eager_prefill():
     assert {(1, 16), (1, 48), (4, 48)} <= set(graphed.prefill_graphs.graphs)  # those ran from graphs
 
     graphs = graphed.prefill_graphs
-    graphed.capture_prefill_graphs()
+    graphed.warm_up()
     assert set(graphs.graphs) == set(graphs.shapes)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():

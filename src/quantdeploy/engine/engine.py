@@ -162,11 +162,24 @@ class Engine:
         check_lengths(self.max_seq_len, n_prompt, params)
 
     @torch.inference_mode()
-    def capture_prefill_graphs(self) -> None:
-        """Record the prefill CUDA graphs of every bucket now (a server does this before it reports ready);
-        otherwise each is recorded when first used."""
+    def warm_up(self) -> None:
+        """Record the prefill CUDA graphs and compile the decode step of every bucket now, so that no request
+        waits on a compile or a capture (a server calls this before it reports ready); otherwise each is
+        made when first used. The decode runs on empty rows at position 0, which a prefill overwrites."""
+        if self.running:
+            raise RuntimeError("warm_up runs before any sequence is added")
+        start = time.perf_counter()
         if self.prefill_graphs is not None:
             self.prefill_graphs.capture()
+        if self.compiled:
+            self.next_token.zero_()
+            self.positions.zero_()
+            for n in self.buckets:
+                self._run_decode(n, self.max_seq_len)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        log.info("warmed up in %.1f s (decode compiled for batch sizes %s)", time.perf_counter() - start,
+                 list(self.buckets) if self.compiled else "none: eager")
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Give a new sequence the lowest free row. The next ``step`` prefills it, together with every other

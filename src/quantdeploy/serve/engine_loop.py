@@ -206,7 +206,7 @@ class EngineThread:
     """The loop in a thread of this process; ``deliver(batch)`` is called from that thread."""
 
     def __init__(self, engine: Engine, deliver: Callable[[list], None], prefill_wait_steps: int = PREFILL_WAIT_STEPS) -> None:
-        engine.capture_prefill_graphs()  # before the server reports ready: serving never stalls on a capture
+        engine.warm_up()  # before the server reports ready: no request waits on a compile or a capture
         self.info = EngineInfo.of(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=EngineLoop(engine, deliver, prefill_wait_steps).run, args=(self._receive,),
@@ -238,7 +238,7 @@ def _process_main(conn: Any, spec: EngineSpec, prefill_wait_steps: int) -> None:
     hf_logging.disable_progress_bar()
     try:
         engine = Engine.load(spec.path, spec.device, **spec.options)
-        engine.capture_prefill_graphs()
+        engine.warm_up()
     except Exception as err:
         conn.send(("failed", str(err) if isinstance(err, QuantDeployError) else f"{type(err).__name__}: {err}"))
         return
