@@ -84,6 +84,7 @@ def build_method_config(args: argparse.Namespace):
                           "or a --recipe with 'method'")
     recipe.pop("method", None)
     recipe.pop("kv_cache", None)  # read by build_kv_config
+    mixed_recipe = recipe.pop("mixed", None)  # read by build_mixed_config
     outer_name, _, inner_name = name.partition("+")
     if inner_name and outer_name not in WRAPPERS:
         raise ConfigError(f"unknown method '{name}'; only awq and smoothquant compose with a quantizer "
@@ -106,7 +107,8 @@ def build_method_config(args: argparse.Namespace):
     calibration = _calibration_values(args, values.get("calibration", {}))
     if calibration:
         if "calibration" not in method.config_cls.__dataclass_fields__:
-            if args.kv_cache or args.bits_budget is not None or args.max_kld or args.max_ppl_increase:
+            if (args.kv_cache or args.bits_budget is not None or args.max_kld or args.max_ppl_increase or args.pin
+                    or mixed_recipe):
                 calibration = {}  # the flags were for the KV-cache scales or the sensitivities
             else:
                 raise ConfigError(f"method '{name}' uses no calibration data; drop --calib*")
@@ -128,6 +130,32 @@ def build_kv_config(args: argparse.Namespace):
         return None
     values["calibration"] = _calibration_values(args, values.get("calibration", {}))
     return KVCacheConfig.from_dict(values)
+
+
+def build_mixed_config(args: argparse.Namespace, config: Any):  # noqa: ANN201
+    """The mixed-precision config from --bits-budget / --max-kld / --max-ppl-increase / --pin and the
+    recipe's ``mixed`` mapping (flags win; None when neither asks for it); the sensitivities are measured
+    on --calib, else on the method's calibration text."""
+    from quantdeploy.quant.mixed import MixedConfig
+
+    recipe = _read_recipe(Path(args.recipe)) if args.recipe else {}
+    values = dict(recipe.get("mixed") or {})
+    if isinstance(values.get("pin"), dict):  # YAML's natural form: {regex: option}
+        values["pin"] = [[pattern, option] for pattern, option in values["pin"].items()]
+    for key, value in (("bits_budget", args.bits_budget), ("max_kld", args.max_kld),
+                       ("max_ppl_increase", None if args.max_ppl_increase is None else args.max_ppl_increase / 100)):
+        if value is not None:
+            values[key] = value
+    for pin in args.pin or []:
+        pattern, sep, option = pin.rpartition("=")
+        if not sep or not pattern:
+            raise ConfigError(f"--pin takes REGEX=OPTION (for example 'down_proj=int8-sym-per-channel'), got {pin!r}")
+        values["pin"] = [*values.get("pin", []), [pattern, option]]
+    if not values:
+        return None
+    source = args.calib or getattr(getattr(config, "calibration", None), "source", "")
+    mixed = MixedConfig.from_dict(values)
+    return mixed.replace(calibration=mixed.calibration.replace(source=source, seed=args.seed))
 
 
 def _calibration_values(args: argparse.Namespace, existing: dict[str, Any]) -> dict[str, Any]:
@@ -200,14 +228,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         check_source(config.calibration, f"method '{args.method or config.TYPE}'")
     if kv_cache is not None:
         check_source(kv_cache.calibration, "--kv-cache (its scales are measured)")
-    mixed = None
-    if args.bits_budget is not None or args.max_kld is not None or args.max_ppl_increase is not None:
-        from quantdeploy.quant.mixed import MixedConfig  # sensitivities on --calib (or the method's data)
-
-        source = args.calib or getattr(getattr(config, "calibration", None), "source", "")
-        ppl = None if args.max_ppl_increase is None else args.max_ppl_increase / 100
-        mixed = MixedConfig(bits_budget=args.bits_budget, max_kld=args.max_kld, max_ppl_increase=ppl)
-        mixed = mixed.replace(calibration=mixed.calibration.replace(source=source, seed=args.seed))
+    mixed = build_mixed_config(args, config)
+    if mixed is not None:
         check_source(mixed.calibration, "--bits-budget (each layer's sensitivity is measured on it)")
     if args.device is not None:
         resolve_device(args.device)
@@ -383,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kld", type=number(0), help="mixed precision: the smallest model (layers moved from the "
                    "original to int8, int4, int3, most robust first) whose KLD on validation windows is at most this")
     p.add_argument("--max-ppl-increase", type=number(0), help="mixed precision: as --max-kld, for perplexity (percent)")
+    p.add_argument("--pin", action="append", metavar="REGEX=OPTION",
+                   help="mixed precision: layers whose name matches REGEX take OPTION (a candidate such as "
+                        "int8-sym-per-channel, or original) and are not searched; repeatable")
     p.add_argument("--calib", help="calibration data: .txt, fine-tuning .jsonl (chat/instruction) or hf:NAME")
     p.add_argument("--calib-samples", type=count(1), help="calibration samples (default 128)")
     p.add_argument("--calib-seq-len", type=count(16), help="tokens per calibration sample (default 512)")

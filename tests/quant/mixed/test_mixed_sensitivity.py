@@ -76,3 +76,58 @@ def test_bits_budget_on_the_command_line(tiny_llama_dir, data, tmp_path, capsys)
     code = cli.main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits-budget", "5", "-o",
                      str(tmp_path / "nocalib")])
     assert code == 2 and "--bits-budget" in capsys.readouterr().err
+
+
+def test_pinned_layers_take_their_option_and_count_against_the_budget(tiny_bundle, data):
+    import quantdeploy as qd
+    from quantdeploy.errors import ConfigError
+    from quantdeploy.quant.mixed import plan_mixed
+
+    calib = qd.CalibrationConfig(source=str(data / "text" / "wiki_en.train.txt"), num_samples=2, seq_len=64)
+    pins = (("layers\\.0\\.mlp", "int8-sym-per-channel"), ("layers\\.1\\.self_attn\\.[qk]_proj", "original"))
+    config = qd.RTNConfig(bits=4, group_size=32)
+    for budget in ({"bits_budget": 9.0}, {"max_kld": 1e-6}):  # a bit budget, and an accuracy budget
+        mixed = qd.MixedConfig(candidates=(INT8, INT4), calibration=calib, pin=pins, **budget)
+        specs, record = plan_mixed(tiny_bundle.model, tiny_bundle.tokenizer, config, mixed)
+        for layer in ("gate_proj", "up_proj", "down_proj"):
+            assert specs[f"model.layers.0.mlp.{layer}"] == INT8
+        assert not {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"} & set(specs)
+        sens = record["sensitivity"]
+        assert set(sens["cost"]["model.layers.0.mlp.down_proj"]) == {"int8-sym-per-channel"}  # not searched
+        assert set(sens["cost"]["model.layers.1.self_attn.q_proj"]) == {KEEP}
+        if "allocation" in record:
+            assert record["allocation"]["average_bits"] <= 9.0
+            assert set(specs.values()) - {INT8} == {INT4}  # the unpinned layers fill the rest of the budget
+        else:  # the walk starts from the pins (step 0: every other layer original) and moves only the others
+            first = min(record["progressive"]["path"], key=lambda p: p["step"])
+            assert first["average_bits"] > 8 and len(specs) >= 3
+    with pytest.raises(ConfigError, match="matches no target layer"):
+        plan_mixed(tiny_bundle.model, tiny_bundle.tokenizer, config,
+                   qd.MixedConfig(bits_budget=5.0, calibration=calib, pin=(("no_such_layer", "original"),)))
+    with pytest.raises(ConfigError, match="not a candidate"):
+        qd.MixedConfig(bits_budget=5.0, pin=(("mlp", "int5"),))
+    round_trip = qd.MixedConfig(bits_budget=5.0, candidates=(INT8, INT4), pin=pins)
+    assert qd.MixedConfig.from_dict(round_trip.to_dict()) == round_trip  # as the manifest stores it
+
+
+def test_pins_from_flags_and_from_a_recipe(tiny_llama_dir, data, tmp_path, capsys):
+    import json
+
+    from quantdeploy import cli
+
+    calib = str(data / "text" / "wiki_en.train.txt")
+    code = cli.main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits-budget", "6", "--calib", calib,
+                     "--calib-samples", "2", "--pin", "down_proj=int8-sym-per-channel", "-o", str(tmp_path / "flags")])
+    assert code == 0
+    modules = json.loads((tmp_path / "flags" / "quant_config.json").read_text())["modules"]
+    assert all(modules[f"model.layers.{i}.mlp.down_proj"]["dtype"] == "int8" for i in (0, 1))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: rtn\nmixed:\n  bits_budget: 20\n  pin:\n    'layers\\.1\\.': original\n")
+    assert cli.main(["quantize", str(tiny_llama_dir), "--recipe", str(recipe), "--calib", calib,
+                     "--calib-samples", "2", "-o", str(tmp_path / "recipe")]) == 0
+    modules = json.loads((tmp_path / "recipe" / "quant_config.json").read_text())["modules"]
+    assert modules and not any(name.startswith("model.layers.1.") for name in modules)
+    capsys.readouterr()
+    assert cli.main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits-budget", "6", "--calib", calib,
+                     "--pin", "down_proj", "-o", str(tmp_path / "bad")]) == 2
+    assert "--pin takes REGEX=OPTION" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 from torch import nn
 
@@ -34,7 +35,10 @@ class MixedConfig(Config):
     zeros counted), or an accuracy budget, max_kld and/or max_ppl_increase (a fraction: 0.02 is 2%),
     met on validation windows the sensitivities did not see (``progressive.py``). candidates: the specs a
     layer may get besides keeping its weight; calibration: the windows the sensitivities are measured on
-    (4 of 128 tokens by default; an accuracy budget draws as many again, disjoint, for validation)."""
+    (4 of 128 tokens by default; an accuracy budget draws as many again, disjoint, for validation).
+    pin: ``(regex, option)`` pairs fixing every target layer whose name the regex matches (``re.search``;
+    the first matching pair wins) to ``option``, a candidate's description (``QuantSpec.describe``, as
+    given) or ``"original"``; pinned layers are not searched, and their bits count against the budget."""
 
     TYPE = "mixed"
     VERSION = 1
@@ -44,6 +48,7 @@ class MixedConfig(Config):
     max_ppl_increase: float | None = None
     candidates: tuple[QuantSpec, ...] = DEFAULT_CANDIDATES
     calibration: CalibrationConfig = CalibrationConfig(num_samples=4, seq_len=128)
+    pin: tuple[tuple[str, str], ...] = ()
 
     def validate(self) -> None:
         accuracy = self.max_kld is not None or self.max_ppl_increase is not None
@@ -58,6 +63,15 @@ class MixedConfig(Config):
             raise ConfigError("mixed precision needs at least one candidate spec")
         if any(c.activations is not None for c in self.candidates):
             raise ConfigError("mixed precision candidates are weight-only specs")
+        names = [c.describe() for c in self.candidates] + [KEEP]
+        for pattern, option in self.pin:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"pin '{pattern}' is not a regular expression: {err}") from None
+            if option not in names:
+                raise ConfigError(f"pin '{pattern}' names '{option}', which is not a candidate; choose one of "
+                                  f"{', '.join(names)}")
 
 
 def _options(model: nn.Module, config: Config, mixed: MixedConfig) -> dict[str, dict[str, QuantSpec]]:
@@ -68,10 +82,24 @@ def _options(model: nn.Module, config: Config, mixed: MixedConfig) -> dict[str, 
         raise ConfigError("the target selection matches no Linear layer; check --include/--exclude")
     notes: dict[int, int] = {}
     options = {}
+    names = [c.describe() for c in mixed.candidates]
     for name, module in targets.items():
         specs = [resolve_spec(c, name, module.weight.shape[1], False, notes) for c in mixed.candidates]
+        pin = next((option for pattern, option in mixed.pin if re.search(pattern, name)), None)
+        if pin is not None:  # the one option it may take (none besides the original for KEEP)
+            specs = [] if pin == KEEP else [specs[names.index(pin)]]
         options[name] = {s.describe(): s for s in specs}
+    for pattern, _ in mixed.pin:
+        if not any(re.search(pattern, name) for name in targets):
+            raise ConfigError(f"pin '{pattern}' matches no target layer; check the regex against `quantdeploy inspect`")
     return options
+
+
+def _pinned(sens: Sensitivity, options: dict[str, dict[str, QuantSpec]], mixed: MixedConfig) -> None:
+    """A layer pinned to a spec may not keep its original weight: drop that option from its choices."""
+    for name, opts in options.items():
+        if any(re.search(p, name) for p, o in mixed.pin) and opts:
+            del sens.cost[name][KEEP], sens.bits[name][KEEP]
 
 
 def plan_mixed(model: nn.Module, tokenizer, config: Config, mixed: MixedConfig,
@@ -84,6 +112,7 @@ def plan_mixed(model: nn.Module, tokenizer, config: Config, mixed: MixedConfig,
     sensitivity_windows = tokens[: mixed.calibration.num_samples]
     clip_search = bool(getattr(config, "clip_search", True))
     sens = measure(model, sensitivity_windows, options, clip_search=clip_search, progress=progress)
+    _pinned(sens, options, mixed)
     record: dict = {"config": mixed.to_dict()}
     if accuracy:
         validation = tokens[mixed.calibration.num_samples:]

@@ -48,7 +48,8 @@ def allocate(sens: Sensitivity, budget: float) -> Allocation:
     floor = _average_bits(sens, cheapest)
     if floor > budget + 1e-9:
         raise ConfigError(f"a bit budget of {budget} is below the {floor:.3f} bits per weight of the smallest "
-                          "candidate on every layer; raise --bits-budget or add a smaller candidate")
+                          "candidate on every layer (pinned layers as pinned); raise --bits-budget, add a smaller "
+                          "candidate or pin fewer layers")
     lo, hi = 0.0, 1.0
     while _average_bits(sens, _choose(sens, hi)) > budget:
         hi *= 4

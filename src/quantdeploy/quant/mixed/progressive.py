@@ -101,7 +101,7 @@ def progressive(model: nn.Module, sens: Sensitivity, validation: torch.Tensor, m
     path: list[dict] = []
 
     def choice_at(k: int) -> dict[str, str]:
-        choice = {n: KEEP for n in sens.cost}
+        choice = {n: max(sens.cost[n], key=lambda o: sens.bits[n][o]) for n in sens.cost}  # KEEP unless pinned
         for name, option in steps[:k]:
             choice[name] = option
         return choice
