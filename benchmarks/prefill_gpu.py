@@ -57,7 +57,7 @@ def main() -> None:
     save_random_model(folder, args.tokenizer, "cuda", tiny=False)
     engine = Engine.load(folder, "cuda", max_batch=max(args.batches), max_seq_len=256, compile=False)
     t = time.perf_counter()
-    engine.capture_prefill_graphs()
+    engine.prefill_graphs.capture()
     capture_s = time.perf_counter() - t
     graphs = engine.prefill_graphs
     print(f"{len(graphs.graphs)} prefill graphs captured in {capture_s:.1f} s")

@@ -2,7 +2,7 @@
 tolerance, reached by moving layers down from the original weights (original -> int8 -> int4 -> lower),
 the most robust first.
 
-The path comes from the measured sensitivities: from every layer at its original weights, each step moves
+The path comes from the measured sensitivities: from every layer at its original weights (or its pin), each step moves
 the one layer whose next option down its ladder (its options by falling stored bits) costs the least
 predicted KLD per bit saved. Predictions add, models do not quite: so the path is checked on validation
 windows the sensitivities were not measured on, the whole model quantized as the step says (round to
