@@ -8,17 +8,33 @@ import sys
 from pathlib import Path
 
 
-def fidelity_parser(description: str) -> argparse.ArgumentParser:
-    """A parser with the model, calibration (--calib, --samples, --seq-len), scored text (--text,
-    --tokens) and --group-size settings every fidelity benchmark takes."""
+def _model_parser(description: str) -> argparse.ArgumentParser:
+    """The model and calibration settings (--calib, --samples, --seq-len) and the scored --text."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="bundled")
     p.add_argument("--calib", required=True)
     p.add_argument("--text", required=True)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
+    return p
+
+
+def fidelity_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the model, calibration, scored text (--text, --tokens) and --group-size settings every
+    fidelity benchmark takes."""
+    p = _model_parser(description)
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--group-size", type=int, default=64)
+    return p
+
+
+def consumer_parser(description: str, windows: int, window: int) -> argparse.ArgumentParser:
+    """A parser for the checks that export each method's checkpoint and run it in a consumer: the model,
+    calibration, scored text (--windows of --window tokens of --text) and --methods."""
+    p = _model_parser(description)
+    p.add_argument("--windows", type=int, default=windows)
+    p.add_argument("--window", type=int, default=window)
+    p.add_argument("--methods", nargs="+", default=None)
     return p
 
 

@@ -23,7 +23,6 @@ vLLM's CPU backend refuses is recorded with its error line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ensure_peer_venv  # benchmarks/ is on sys.path when run as a script
+from _common import consumer_parser, ensure_peer_venv  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 
@@ -112,15 +111,7 @@ def compare(ours, theirs) -> dict:  # noqa: ANN001 - [windows, T, vocab] fp32 lo
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="bundled")
-    p.add_argument("--calib", required=True)
-    p.add_argument("--text", required=True)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--methods", nargs="+", default=None)
+    p = consumer_parser(__doc__.splitlines()[0], windows=4, window=256)
     p.add_argument("--consumer-version", default="0.17.0")
     p.add_argument("--consumer-venv", type=Path, default=Path.home() / ".cache" / "quantdeploy" / "peers")
     p.add_argument("--vllm", action="store_true", help="also check greedy tokens in vLLM's CPU build")

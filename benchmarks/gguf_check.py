@@ -26,14 +26,14 @@ pre-tokenizer structure the exporter names (``pre_tokenizer_check``). A table, t
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from engine_cpu import ensure_llama_cpp  # benchmarks/ is on sys.path when run as a script
+from _common import consumer_parser  # benchmarks/ is on sys.path when run as a script
+from engine_cpu import ensure_llama_cpp
 from export_check import PROMPTS
 
 HERE = Path(__file__).resolve().parent
@@ -84,17 +84,9 @@ def kld(logp, logq):  # noqa: ANN001, ANN201 - per-token KL(P || Q) from log-pro
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="bundled")
-    p.add_argument("--calib", required=True)
-    p.add_argument("--text", required=True)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--window", type=int, default=1024)
+    p = consumer_parser(__doc__.splitlines()[0], windows=16, window=1024)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokenize-chars", type=int, default=100_000)
-    p.add_argument("--methods", nargs="+", default=None)
     args = p.parse_args()
 
     import numpy as np
