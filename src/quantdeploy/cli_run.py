@@ -110,7 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          prefill_wait_steps=args.prefill_wait_steps)
     device = str(resolve_device(args.device))
     options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=True if args.compile else None,
-                   buckets=(args.max_batch,) if args.one_bucket else None, prefill_graph_tokens=args.prefill_graph_tokens)
+                   buckets=(args.max_batch,) if args.one_bucket else None, prefill_graph_tokens=args.prefill_graph_tokens,
+                   kv_cache_tokens=args.kv_cache_tokens)
     in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
     sock, address = listen(args.host, args.port)
     log = logging.getLogger("quantdeploy")
@@ -221,7 +222,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="quantdeploy checkpoint or any model source")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port, default=8000, help="TCP port (0: any free port, printed)")
-    p.add_argument("--max-batch", type=count(1), default=16, help="sequences decoded together (KV-cache rows)")
+    p.add_argument("--max-batch", type=count(1), default=16, help="sequences decoded together (batch rows)")
+    p.add_argument("--kv-cache-tokens", type=count(64),
+                   help="positions the paged KV cache holds over all sequences; requests wait for free blocks "
+                        "(default: every row at max-seq-len, on a GPU at most 60%% of the free memory)")
     p.add_argument("--max-queue", type=count(0), default=256,
                    help="requests that may wait beyond the free batch rows before the server answers 429")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QUANTDEPLOY_API_KEY)")

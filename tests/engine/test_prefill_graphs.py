@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quantdeploy.engine.kv_cache import StaticKVCache
+from quantdeploy.engine.kv_cache import BlockTable, PagedKVCache
 from quantdeploy.engine.loading import from_bundle
 from quantdeploy.engine.prefill_graphs import batch_sizes, pack_rows, run_packed
 from quantdeploy.models.bundle import ModelBundle, SourceInfo
@@ -27,7 +27,8 @@ def _model():
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
     model = from_bundle(ModelBundle(model=hf, tokenizer=None, source=SourceInfo(path="memory", kind="memory"))).model
     a = model.args
-    model.attach_cache(lambda i, att: StaticKVCache(ROWS + 1, a.n_kv_heads, POSITIONS, a.head_dim, torch.float32, "cpu"))
+    table = BlockTable.contiguous(ROWS + 1, POSITIONS, "cpu")  # one block per row (POSITIONS <= 64)
+    model.attach_cache(lambda i, att: PagedKVCache(table, a.n_kv_heads, a.head_dim, torch.float32, "cpu"))
     return model
 
 
@@ -35,7 +36,9 @@ MODEL = _model()
 
 
 def _caches():
-    return [torch.cat([layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache]).clone() for layer in MODEL.layers]
+    """Per layer, keys then values ``[2 * rows, Hkv, 64, D]``: row ``r``'s block is ``r + 1`` (0 is scratch)."""
+    return [torch.cat([layer.attention.kv_cache.k_cache[1:], layer.attention.kv_cache.v_cache[1:]]).clone()
+            for layer in MODEL.layers]
 
 
 @settings(max_examples=25, deadline=None)
@@ -55,8 +58,8 @@ def test_padded_prefill_equals_the_unpadded_one(lengths, extra_rows, extra_posit
         tight_caches = _caches()
         for layer, cache in zip(MODEL.layers, before):  # the same starting cache for the padded run
             half = cache.shape[0] // 2
-            layer.attention.kv_cache.k_cache.copy_(cache[:half])
-            layer.attention.kv_cache.v_cache.copy_(cache[half:])
+            layer.attention.kv_cache.k_cache[1:].copy_(cache[:half])
+            layer.attention.kv_cache.v_cache[1:].copy_(cache[half:])
         padded = run_packed(MODEL, pack_rows(prompts, rows, len(prompts) + extra_rows, longest + extra_positions, ROWS))
         padded_caches = _caches()
     assert padded.shape[0] == len(prompts) + extra_rows

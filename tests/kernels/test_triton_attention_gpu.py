@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _reference(q, k_cache, v_cache, lengths, k_scale, v_scale):  # noqa: ANN001, ANN202
+    """The masked attention over a contiguous cache ``[rows, Hkv, S, D]``."""
     b, h, d = q.shape
     kv_heads, s = k_cache.shape[1], k_cache.shape[2]
     k, v = k_cache[:b], v_cache[:b]
@@ -28,6 +29,26 @@ def _reference(q, k_cache, v_cache, lengths, k_scale, v_scale):  # noqa: ANN001,
     rep = h // kv_heads
     mask = (torch.arange(s, device=q.device)[None, :] < lengths[:, None])[:, None, None, :].expand(b, 1, rep, s)
     return reduce_attention(q.reshape(b, kv_heads, rep, d), k, v, mask).reshape(b, h, d)
+
+
+def _paged(k, v, g):  # noqa: ANN001, ANN202
+    """The contiguous caches ``[rows, Hkv, S, D]`` cut into blocks scattered over a pool (block 0 unused, as
+    the scratch block is) and the block table that finds them."""
+    from quantdeploy.engine.kv_cache import BLOCK_TOKENS, blocks_for
+
+    rows, heads, s, dim = k.shape
+    nb = blocks_for(s)
+    order = torch.randperm(rows * nb, device=k.device, generator=g) + 1
+    table = order.view(rows, nb).to(torch.int32)
+    pools = []
+    for x in (k, v):
+        padded = torch.zeros(rows, heads, nb * BLOCK_TOKENS, dim, dtype=x.dtype, device=x.device)
+        padded[:, :, :s] = x
+        pool = torch.zeros(1 + rows * nb, heads, BLOCK_TOKENS, dim, dtype=x.dtype, device=x.device)
+        pool[order] = padded.view(rows, heads, nb, BLOCK_TOKENS, dim).transpose(1, 2).reshape(rows * nb, heads,
+                                                                                             BLOCK_TOKENS, dim)
+        pools.append(pool)
+    return pools[0], pools[1], table
 
 
 CASES = [  # batch, heads, kv heads, head dim, cache positions
@@ -59,7 +80,7 @@ def test_kernel_matches_the_reference(case, kv):
         lengths[0] = 1
         lengths[-1] = positions
         expected = _reference(q.float(), k if kv else k.float(), v if kv else v.float(), lengths, k_scale, v_scale)
-        got = decode_attention(q, k, v, lengths, k_scale, v_scale)
+        got = decode_attention(q, *_paged(k, v, g), lengths, k_scale, v_scale)
         assert got.dtype == dtype and got.shape == q.shape
         error = ((got.float() - expected).norm() / expected.norm()).item()
         assert error < tolerance, (dtype, error)
@@ -69,14 +90,18 @@ def test_positions_past_a_rows_length_are_never_read():
     from quantdeploy.kernels.triton_attention import decode_attention
 
     q = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(5, 2, 2048, 64, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
+    k, v, table = _paged(*torch.randn(2, 5, 2, 2048, 64, device="cuda", dtype=torch.bfloat16),
+                         torch.Generator(device="cuda").manual_seed(1))
     lengths = torch.tensor([1, 100, 777, 2048], device="cuda")
-    before = decode_attention(q, k, v, lengths, None, None)
-    for row, n in enumerate(lengths.tolist()):
-        k[row, :, n:] = float("nan")  # what lies past the length (stale or poisoned) must not matter
-        v[row, :, n:] = float("nan")
-    after = decode_attention(q, k, v, lengths, None, None)
+    before = decode_attention(q, k, v, table, lengths, None, None)
+    for row, n in enumerate(lengths.tolist()):  # what lies past the length (stale or poisoned) must not matter
+        for position in range(n, 2048):
+            block, offset = table[row, position // 64], position % 64
+            k[block, :, offset] = float("nan")
+            v[block, :, offset] = float("nan")
+    k[0] = v[0] = float("nan")  # nor the scratch block, nor blocks of rows past the batch
+    k[table[4]] = v[table[4]] = float("nan")
+    after = decode_attention(q, k, v, table, lengths, None, None)
     assert torch.equal(before, after)
 
 
@@ -84,9 +109,11 @@ def test_splits_cover_the_card_only_when_the_batch_does_not():
     from quantdeploy.kernels.triton_attention import MAX_SPLITS, splits_for
 
     assert splits_for(64, 8, 32768, 132) == 1  # 512 programs already
-    assert splits_for(1, 8, 32768, 132) == MAX_SPLITS
+    assert splits_for(1, 8, 32768, 132) == 32  # 256 programs: one wave of 3 per SM (396), 512 would not be
     assert splits_for(1, 8, 256, 132) == 1  # a full row is one split of four tiles
-    assert splits_for(4, 8, 8192, 132) == 16
+    assert splits_for(16, 8, 8192, 132) == 2
+    assert splits_for(4, 8, 8192, 132) == 8
+    assert splits_for(1, 2, 1 << 20, 132) == MAX_SPLITS
 
 
 def _bundle(dtype):
@@ -120,3 +147,17 @@ def test_engine_default_on_cuda_is_split_kv_and_bf16_logits_match_the_masked_pat
         engine._prefill_added()
         logits.append(engine._run_decode(4, engine.max_seq_len).float().clone())
     assert (logits[1] - logits[0]).norm() / logits[0].norm() < 2e-2
+
+
+def test_engine_with_a_pool_too_small_for_its_rows_preempts_and_gives_the_same_tokens():
+    """Compiled decode over the paged cache with sequences preempted and recomputed mid-generation: the
+    tokens equal those of an engine whose pool holds every row at full length."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 300, 1, 200, 77, 130)]
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    bundle = _bundle(torch.float32)
+    roomy = Engine.from_bundle(bundle, "cuda", max_batch=4, max_seq_len=1024)
+    tight = Engine.from_bundle(bundle, "cuda", max_batch=4, max_seq_len=1024, kv_cache_tokens=20 * 64)
+    assert [c.token_ids for c in tight.generate(prompts, params)] == [c.token_ids for c in roomy.generate(prompts, params)]
+    assert tight.counters.preemptions > 0 and roomy.counters.preemptions == 0
+

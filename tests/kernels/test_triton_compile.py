@@ -152,10 +152,11 @@ def test_the_decode_attention_kernels_compile(cache_dtype):
     count = 0
     for batch, max_seq_len, dtype in ((1, 4096, torch.bfloat16), (64, 256, torch.bfloat16), (2, 512, torch.float32)):
         q = torch.randn(batch, 32, 128, dtype=dtype)
-        k = torch.zeros(batch, 8, max_seq_len, 128, dtype=cache_dtype or dtype)
+        k = torch.zeros(batch * max_seq_len // 64 + 1, 8, 64, 128, dtype=cache_dtype or dtype)  # a paged pool
+        table = torch.arange(1, batch * max_seq_len // 64 + 1, dtype=torch.int32).view(batch, -1)
         scale = torch.ones(8, dtype=torch.float32) if cache_dtype is not None else None
         lengths = torch.full((batch,), max_seq_len // 2, dtype=torch.int32)
-        launches = _launches(decode_attention_impl, q, k, k, lengths, scale, scale)
+        launches = _launches(decode_attention_impl, q, k, k, table, lengths, scale, scale)
         count += _compiles_all(launches, spills=dtype == torch.float32)  # fp32: a correctness path
     assert count >= 3  # one split kernel per call, a combine kernel where positions are split
 
@@ -199,3 +200,40 @@ def test_the_weight_only_kernels_match_the_reference_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("\n") == 16, done.stdout
+
+
+ATTENTION_INTERPRETED = textwrap.dedent("""
+    import torch
+    from quantdeploy.kernels.triton_attention import decode_attention_impl
+    from quantdeploy.quant.kv_cache import quantize_kv
+    from tests.kernels.test_triton_attention_gpu import _paged, _reference
+
+    g = torch.Generator().manual_seed(0)
+    # (rows, heads, kv heads, head dim, positions, cache codes): one split and two, grouped heads, int8 codes
+    for batch, heads, kv_heads, dim, positions, kv in ((2, 8, 2, 64, 300, None), (3, 9, 3, 64, 200, "int8"),
+                                                       (1, 4, 4, 32, 700, None)):
+        q = torch.randn(batch, heads, dim, generator=g)
+        k = torch.randn(batch + 1, kv_heads, positions, dim, generator=g)
+        v = torch.randn_like(k)
+        scale = None
+        if kv:
+            scale = torch.rand(kv_heads, generator=g) * 0.02 + 0.01
+            k, v = quantize_kv(k, scale, kv), quantize_kv(v, scale, kv)
+        lengths = torch.randint(1, positions + 1, (batch,), generator=g)
+        lengths[-1] = positions
+        expected = _reference(q, k, v, lengths, scale, scale)
+        got = decode_attention_impl(q, *_paged(k, v, g), lengths, scale, scale)
+        error = ((got - expected).norm() / expected.norm()).item()
+        print(batch, positions, kv, error)
+        assert error < 1e-5, error
+""")
+
+
+def test_the_decode_attention_kernel_reads_a_scattered_paged_cache_in_the_interpreter():
+    """The split-KV kernel's block-table addressing (blocks in a shuffled order, one split and two, int8
+    codes) against the masked attention over the contiguous cache, in Triton's interpreter on the CPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", ATTENTION_INTERPRETED], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("\n") == 3, done.stdout

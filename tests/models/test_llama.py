@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantdeploy.engine.kv_cache import StaticKVCache
+from quantdeploy.engine.kv_cache import BlockTable, PagedKVCache
 from quantdeploy.engine.loading import from_bundle
 from quantdeploy.errors import ModelSourceError
 from quantdeploy.models.bundle import ModelBundle, SourceInfo
@@ -69,7 +69,8 @@ def _cached(kind: str, length: int, seed: int):
     model = _hf(kind)
     ours = _ours(model)
     a = ours.args
-    ours.attach_cache(lambda i, att: StaticKVCache(4, a.n_kv_heads, 64, a.head_dim, torch.float32, "cpu"))
+    table = BlockTable.contiguous(4, 64, "cpu")
+    ours.attach_cache(lambda i, att: PagedKVCache(table, a.n_kv_heads, a.head_dim, torch.float32, "cpu"))
     ids = torch.randint(0, SHAPE["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
     return model, ours, ids
 

@@ -60,3 +60,21 @@ def test_stop_cancels_what_is_left_and_every_request_gets_one_answer(tiny_bundle
     assert sent[-1][1] == [("stopped",)] and engine.free_rows == 1
     deltas = [e for _, batch in sent for e in batch if e[0] == "delta" and e[1] == "a"]
     assert deltas and all(e[3] >= 1 for e in deltas)
+
+
+def test_requests_wait_for_kv_blocks_and_preempted_ones_finish_whole(tiny_bundle):
+    """A pool of 6 blocks for 4 rows: the loop admits what the blocks allow (not what the rows do), the
+    newest running request is preempted and recomputed, and every request streams all its tokens once."""
+    params = SamplingParams(max_tokens=150, ignore_eos=True)
+    engine = Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=192, kv_cache_tokens=6 * 64)
+    ids = engine.encode("The history of")
+    script = [[("submit", rid, ids, params) for rid in "abcd"]] + [[] for _ in range(400)]
+    loop, sent = _drive(engine, script, wait_steps=0)
+    admitted = _admitted_at(sent)
+    assert admitted["a"] == admitted["b"] == admitted["c"] == 1 and admitted["d"] > 1  # 3 fit at first
+    streamed = {rid: sum(e[3] for _, batch in sent for e in batch if e[0] == "delta" and e[1] == rid) for rid in "abcd"}
+    done = {e[1]: (e[2], e[4]) for _, batch in sent for e in batch if e[0] == "done"}
+    assert streamed == dict.fromkeys("abcd", 150) and done == dict.fromkeys("abcd", ("length", 150))
+    stats = [e for _, batch in sent for e in batch if e[0] == "stats"]
+    assert sum(e[4].get("preemptions", 0) for e in stats) == engine.counters.preemptions > 0
+    assert max(e[2] for e in stats) == 1.0 and engine.kv_usage == 0.0

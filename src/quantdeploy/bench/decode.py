@@ -161,7 +161,7 @@ def bench_engine(engine: Engine, cfg: BenchConfig, bandwidth_gbs: float) -> dict
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     else:
         result["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # process peak RSS
-    result["kv_cache_gb"] = engine.max_batch * engine.max_seq_len * kv_pos / 1e9
+    result["kv_cache_gb"] = engine.kv_cache_bytes / 1e9  # the pool allocated, not what the rows held
     return result
 
 

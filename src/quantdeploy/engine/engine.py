@@ -2,12 +2,17 @@
 
 Lifecycle of a sequence::
 
-    add(prompt)  → the lowest free cache row is the sequence's
+    add(prompt)  → the lowest free row is the sequence's, and KV-cache blocks for its prompt
     step()       → prefill every sequence added since the last step in one padded forward (first tokens
-                   sampled on the device), one decode step for every running row, then read back the
-                   *previous* step's tokens
+                   sampled on the device), one decode step for every running row (each taking a new
+                   cache block when it needs one), then read back the *previous* step's tokens
     ...          → a sequence finishes on EOS / stop id / stop string / max_tokens / context end;
-                   its row is freed at once and the next ``add`` may take it
+                   its row and blocks are freed at once and the next ``add`` may take them
+
+KV memory is a pool of blocks (``engine/kv_cache.py``, which states the admission and preemption
+rules): ``can_admit`` says whether a prompt may be added now; when a running sequence needs a block
+and none is free, the newest running sequence is preempted and later prefilled again from its prompt
+and output (its tokens, sampled ones included, come out as they would have without the preemption).
 
 The host never waits for the step it just launched: ``step`` launches decode k+1 (its input tokens
 stay on the device), and only then reads the tokens of step k, copied to pinned memory behind it.
@@ -38,12 +43,13 @@ from typing import Any, Iterator
 import torch
 
 from quantdeploy.device import resolve_device
-from quantdeploy.engine.kv_cache import StaticKVCache, choose_decode_attention
+from quantdeploy.engine.kv_cache import BLOCK_TOKENS, BlockTable, PagedKVCache, choose_decode_attention, pool_blocks
 from quantdeploy.engine.loading import LoadedModel, from_bundle, load
 from quantdeploy.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs, pack_rows, run_packed
 from quantdeploy.engine.sampling import BatchSampler, SamplingParams
-from quantdeploy.engine.sequence import Sequence
-from quantdeploy.errors import ConfigError, RequestError
+from quantdeploy.engine.sequence import Sequence, check_lengths, encode_prompt, eos_ids
+from quantdeploy.engine.slots import Slots
+from quantdeploy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,7 @@ class Counters:
     prefill_sequences: int = 0
     decode_steps: int = 0
     decode_rows: int = 0  # sequences advanced, summed over decode steps (rows / steps = mean batch)
+    preemptions: int = 0  # sequences whose blocks were taken back to let older ones grow
     device_wait_seconds: float = 0.0  # the host blocked on a step's tokens: the device was the one busy
 
 
@@ -80,7 +87,7 @@ class Engine:
                  max_seq_len: int | None = None, compile: bool | None = None,
                  compile_options: dict | None = None, decode_attention: str | None = None,
                  buckets: tuple[int, ...] | None = None, max_prefill_tokens: int = 8192,
-                 prefill_graph_tokens: int | None = None) -> None:
+                 prefill_graph_tokens: int | None = None, kv_cache_tokens: int | None = None) -> None:
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
         "split_kv" (``kernels/triton_attention.py``: each row reads only its own positions; the default on
@@ -91,7 +98,10 @@ class Engine:
         ``max_prefill_tokens``: the most (padded) prompt tokens one prefill forward takes; sequences added
         between two steps are prefilled together up to it (a longer prompt goes alone).
         ``prefill_graph_tokens``: prefills of up to this many padded tokens replay CUDA graphs
-        (``engine/prefill_graphs.py``; default 4096 on CUDA; 0 runs every prefill eagerly)."""
+        (``engine/prefill_graphs.py``; default 4096 on CUDA; 0 runs every prefill eagerly).
+        ``kv_cache_tokens``: the positions the KV-cache pool holds, over all sequences (default: enough for
+        every row at ``max_seq_len``, and on CUDA at most what fits in ``kv_cache.KV_MEMORY_FRACTION`` of
+        the free memory; at least one sequence of ``max_seq_len``)."""
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = device
         args = self.model.args
@@ -103,16 +113,20 @@ class Engine:
         dtype = self.model.norm.weight.dtype
         kv = loaded.kv_cache_dtype
         self.scratch_row = max_batch  # one cache row past the sequences' rows: padding rows of a prefill write here
-        self.model.attach_cache(lambda i, attn: StaticKVCache(
-            max_batch + 1, args.n_kv_heads, self.max_seq_len, args.head_dim, dtype, device, kv, attn.k_scale, attn.v_scale))
+        per_token = args.n_layers * 2 * args.n_kv_heads * args.head_dim * (1 if kv else dtype.itemsize)
+        self.table = BlockTable(max_batch + 1, self.max_seq_len, 1 + pool_blocks(
+            kv_cache_tokens, max_batch, self.max_seq_len, per_token, device), device)  # + the scratch row
+        self.slots = Slots(max_batch, self.table)
+        self.kv_cache_bytes = (self.table.n_blocks * BLOCK_TOKENS) * per_token
+        self.model.attach_cache(lambda i, attn: PagedKVCache(
+            self.table, args.n_kv_heads, args.head_dim, dtype, device, kv, attn.k_scale, attn.v_scale))
         self.sampler = BatchSampler(max_batch, args.vocab_size, device)
         self.next_token = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.growing = torch.zeros(max_batch, dtype=torch.long, device=device)  # 1 where a row advances
-        self.rows: list[Sequence | None] = [None] * max_batch
-        self.eos_ids = _eos_ids(loaded)
+        self.eos_ids = eos_ids(loaded.tokenizer, loaded.hf_config)
         self._pending: list[tuple[Any, Any, list[tuple[int, Sequence]]]] = []  # (host tokens, event, launched)
-        self._unfilled: list[Sequence] = []  # added, not yet prefilled
+        self._unfilled: list[Sequence] = []  # added (or resumed), not yet prefilled
         self.counters = Counters()
         self.max_prefill_tokens = max_prefill_tokens
         self._next_id = 0
@@ -148,11 +162,22 @@ class Engine:
     # ------------------------------------------------------------------ the batching API
     @property
     def running(self) -> list[Sequence]:
-        return [s for s in self.rows if s is not None]
+        """The sequences in progress: in a row, or preempted and waiting to resume."""
+        return self.slots.running
 
     @property
     def free_rows(self) -> int:
-        return sum(s is None for s in self.rows)
+        return self.slots.free_rows
+
+    @property
+    def kv_usage(self) -> float:
+        """The fraction of the KV-cache pool's blocks that sequences hold."""
+        return self.slots.usage
+
+    def can_admit(self, n_prompt: int) -> bool:
+        """Whether ``add`` may take a prompt of ``n_prompt`` tokens now: a row is free, no preempted sequence
+        waits, and the free blocks cover the prompt plus one token with a block to spare per running row."""
+        return self.slots.can_admit(n_prompt)
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat)
@@ -185,13 +210,11 @@ class Engine:
         """Give a new sequence the lowest free row. The next ``step`` prefills it, together with every other
         sequence added since the last step, and reports its first token."""
         self.check(len(prompt_ids), params)
-        if self.free_rows == 0:
-            raise RuntimeError("no free row: check free_rows before add (the server queues instead)")
-        row = self.rows.index(None)
-        seq = Sequence(self._next_id, row, list(prompt_ids), params, self.tokenizer, self._stop_ids(params))
+        if not self.can_admit(len(prompt_ids)):
+            raise RuntimeError("no free row or KV-cache blocks: check can_admit before add (the server queues instead)")
+        seq = Sequence(self._next_id, -1, list(prompt_ids), params, self.tokenizer, self._stop_ids(params))
         self._next_id += 1
-        self.rows[row] = seq
-        self._unfilled.append(seq)
+        self._place(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -200,6 +223,7 @@ class Engine:
             seq.finish("abort")
         if seq in self._unfilled:
             self._unfilled.remove(seq)
+        self.slots.forget(seq)
         self._free(seq)
 
     @torch.inference_mode()
@@ -207,9 +231,10 @@ class Engine:
         """Prefill the sequences added since the last step, launch one decode step for every row that may
         still grow, then read back the previous one. Returns the sequences that received tokens or failed
         (check ``seq.finished``)."""
+        self._resume()
         failed = self._prefill_added()
         launch = []
-        for row, seq in enumerate(self.rows):
+        for row, seq in enumerate(self.slots.rows):
             if seq is None:
                 continue
             if self._may_grow(seq):
@@ -217,7 +242,13 @@ class Engine:
             elif not seq.parked:
                 self._park(row)
                 seq.parked = True
+        launch, preempted = self.slots.grow(launch)
+        for row, seq in preempted:
+            log.info("KV cache full: preempting sequence %d (%d tokens) to recompute later", seq.id, seq.context_len)
+            self._vacate(row)
+            self.counters.preemptions += 1
         if launch:
+            self.table.sync()
             n = next(b for b in self.buckets if b > launch[-1][0])
             kv_len = self.max_seq_len if self.compiled else self._kv_len(launch)
             logits = self._run_decode(n, kv_len)
@@ -245,7 +276,7 @@ class Engine:
         done: dict[int, Completion] = {}
         active: dict[int, Sequence] = {}
         while waiting or active:
-            while waiting and self.free_rows:
+            while waiting and self.can_admit(len(waiting[0][1])):
                 i, ids = waiting.pop(0)
                 active[i] = self.add(ids, params)
             self.step()
@@ -277,7 +308,7 @@ class Engine:
         while self._unfilled:
             batch, longest = [], 0
             for seq in self._unfilled:
-                longest_with = max(longest, len(seq.prompt_ids))
+                longest_with = max(longest, seq.context_len)
                 if batch and longest_with * (len(batch) + 1) > self.max_prefill_tokens:
                     break
                 batch.append(seq)
@@ -303,7 +334,9 @@ class Engine:
         shape = self.prefill_graphs.shape(n, longest) if self.prefill_graphs is not None else None
         b, t = shape or (n, longest)
         row_ids = [s.row for s in batch]
-        host = pack_rows([s.prompt_ids for s in batch], row_ids, b, t, self.scratch_row)
+        contexts = [s.prompt_ids + s.output_ids for s in batch]  # a resumed sequence recomputes its output too
+        host = pack_rows(contexts, row_ids, b, t, self.scratch_row)
+        self.table.sync()
         if self.device.type == "cuda":
             host = host.pin_memory()
         if shape is not None:
@@ -312,15 +345,19 @@ class Engine:
             data = host.to(self.device, non_blocking=True)
             logits = run_packed(self.model, data)
         tokens, rows, lengths = data[:n, :longest], data[:n, t], data[:n, t + 1]
-        seeds = [s.params.seed if s.params.seed is not None else random.getrandbits(32) for s in batch]
-        self.sampler.assign(rows, row_ids, [s.params for s in batch], seeds, tokens, [len(s.prompt_ids) for s in batch])
+        for s in batch:  # kept on the sequence: a resumed one draws on with the same seed
+            if s.seed is None:
+                s.seed = s.params.seed if s.params.seed is not None else random.getrandbits(32)
+        seeds = [s.seed for s in batch]
+        self.sampler.assign(rows, row_ids, [s.params for s in batch], seeds, tokens, [len(c) for c in contexts],
+                            steps=[len(s.output_ids) for s in batch])
         logits = logits[:n]
         first = self.sampler.sample(logits, rows, row_ids)
         self.next_token.index_copy_(0, rows, first.clamp(min=0))
         self.positions.index_copy_(0, rows, lengths)
         self.growing.index_fill_(0, rows, 1)
         for seq in batch:
-            seq.launched = 1
+            seq.launched += 1
         self._push(first, list(enumerate(batch)))
         self.counters.prefill_batches += 1
         self.counters.prefill_sequences += len(batch)
@@ -329,9 +366,19 @@ class Engine:
         return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
 
     def _may_grow(self, seq: Sequence) -> bool:
-        """Whether another decode step may run for ``seq``: its token budget and the cache both have room."""
-        position = len(seq.prompt_ids) + seq.launched - 1  # where the pending token will be written
-        return not seq.finished and seq.launched < seq.params.max_tokens and position < self.max_seq_len
+        """Whether another decode step may run for ``seq``: its token budget and the context both have room."""
+        return not seq.finished and seq.launched < seq.params.max_tokens and seq.feed_position < self.max_seq_len
+
+    def _place(self, seq: Sequence) -> None:
+        """Give ``seq`` a row and blocks (``slots.place``); the next step prefills it."""
+        self.slots.place(seq)
+        seq.parked = False
+        self._unfilled.append(seq)
+
+    def _resume(self) -> None:
+        """Place preempted sequences again, oldest first, as rows, blocks and their read-back tokens allow."""
+        while (seq := self.slots.next_to_resume()) is not None:
+            self._place(seq)
 
     def _run_decode(self, n: int, kv_len: int) -> torch.Tensor:
         """The decode step over rows ``0..n-1``. Compiled, each bucket is a graph of its own, compiled at the
@@ -390,41 +437,17 @@ class Engine:
         self.growing[row] = 0
 
     def _free(self, seq: Sequence) -> None:
-        if self.rows[seq.row] is seq:
-            if seq.finish_reason == "error":  # non-finite values in its row would leak into the next
-                for layer in self.model.layers:  # sequence's masked positions (0 × NaN is NaN)
-                    layer.attention.kv_cache.k_cache[seq.row].zero_()
-                    layer.attention.kv_cache.v_cache[seq.row].zero_()
-            self._park(seq.row)
-            self.rows[seq.row] = None
-            self.sampler.release(seq.row)
+        """Take back ``seq``'s row and blocks, if it holds them; a failed sequence's blocks are zeroed first
+        (its non-finite values would leak into the next owner's masked positions: 0 × NaN is NaN)."""
+        if not self.slots.holds(seq):
+            return
+        blocks = self.slots.release(seq)
+        if seq.finish_reason == "error" and blocks:
+            for layer in self.model.layers:
+                layer.attention.kv_cache.zero_blocks(blocks)
+        self._vacate(seq.row)
 
-
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
-    """Token ids of ``prompt``; with ``chat``, as the user turn of the tokenizer's chat template."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
-    return list(tokenizer(prompt).input_ids)
-
-
-def check_lengths(max_seq_len: int, n_prompt: int, params: SamplingParams) -> None:
-    """Raise RequestError if a prompt of ``n_prompt`` tokens with ``params`` cannot fit ``max_seq_len``."""
-    if n_prompt == 0:
-        raise RequestError("the prompt is empty; give at least one token")
-    if n_prompt >= max_seq_len:
-        raise RequestError(f"the prompt has {n_prompt} tokens but the context window is {max_seq_len}; "
-                           "shorten the prompt (or load the engine with a larger max_seq_len)")
-    if n_prompt + params.max_tokens > max_seq_len:
-        raise RequestError(f"max_tokens {params.max_tokens} + {n_prompt} prompt tokens exceeds the context window "
-                           f"of {max_seq_len}; lower max_tokens to at most {max_seq_len - n_prompt}")
-
-
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(loaded.tokenizer, "eos_token_id", None), getattr(loaded.hf_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(i) for i in source)
-    return ids
+    def _vacate(self, row: int) -> None:
+        """The device side of a row left empty: parked, its sampling state released."""
+        self._park(row)
+        self.sampler.release(row)

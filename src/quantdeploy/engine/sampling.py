@@ -89,18 +89,19 @@ class BatchSampler:
         self.params: list[SamplingParams | None] = [None] * rows
 
     def assign(self, rows: torch.Tensor, row_ids: list[int], params: list[SamplingParams], seeds: list[int],
-               prompts: torch.Tensor, lengths: list[int]) -> None:
+               prompts: torch.Tensor, lengths: list[int], steps: list[int] | None = None) -> None:
         """Set the parameters of the rows ``rows`` (device tensor; ``row_ids`` its host copy) and mark
-        their prompt tokens as seen: ``prompts [n, T]`` right-padded to ``lengths``. A handful of kernels
-        whatever ``n``: the values travel in one copy from pinned memory."""
-        host = torch.tensor([[p.temperature, p.top_k, p.top_p, p.repetition_penalty, seed & _M32]
-                             for p, seed in zip(params, seeds)], dtype=torch.float64)
+        their prompt tokens as seen: ``prompts [n, T]`` right-padded to ``lengths``. ``steps``: tokens each
+        row has sampled before (a resumed sequence: its draws go on where they stopped; default 0). A
+        handful of kernels whatever ``n``: the values travel in one copy from pinned memory."""
+        steps = steps or [0] * len(params)
+        host = torch.tensor([[p.temperature, p.top_k, p.top_p, p.repetition_penalty, seed & _M32, step]
+                             for p, seed, step in zip(params, seeds, steps)], dtype=torch.float64)
         if rows.device.type == "cuda":
             host = host.pin_memory()
         values = host.to(rows.device, non_blocking=True)
-        for column, target in enumerate((self.temperature, self.top_k, self.top_p, self.penalty, self.seed)):
+        for column, target in enumerate((self.temperature, self.top_k, self.top_p, self.penalty, self.seed, self.step)):
             target.index_copy_(0, rows, values[:, column].to(target.dtype))
-        self.step.index_fill_(0, rows, 0)
         self.seen.index_fill_(0, rows, False)
         for i, (row, p) in enumerate(zip(row_ids, params)):
             self.params[row] = p

@@ -19,6 +19,7 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 from quantdeploy.engine.sampling import SamplingParams
+from quantdeploy.errors import RequestError
 
 
 class Sequence:
@@ -34,11 +35,22 @@ class Sequence:
         self.launched = 0  # tokens whose computation has been queued on the device
         self.received = 0  # tokens read back (including a final stop token)
         self.parked = False  # no more steps will be launched for it
+        self.seed: int | None = None  # the sampling seed, drawn at the first prefill unless the request gave one
         self._prefix = 0  # window-scheme offsets into output_ids
         self._read = 0
         self._backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust object
         self._stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
         self._emitted = 0  # characters of ``text`` already handed to a stream
+
+    @property
+    def feed_position(self) -> int:
+        """Where the token this sequence feeds to its next decode step is written in the cache."""
+        return len(self.prompt_ids) + self.launched - 1
+
+    @property
+    def context_len(self) -> int:
+        """Tokens a prefill of this sequence would take now: its prompt and the output it has so far."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def finished(self) -> bool:
@@ -111,3 +123,34 @@ class Sequence:
         piece = self.text[self._emitted:end]
         self._emitted = max(self._emitted, end)
         return piece
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
+    """Token ids of ``prompt``; with ``chat``, as the user turn of the tokenizer's chat template."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer(prompt).input_ids)
+
+
+def check_lengths(max_seq_len: int, n_prompt: int, params: SamplingParams) -> None:
+    """Raise RequestError if a prompt of ``n_prompt`` tokens with ``params`` cannot fit ``max_seq_len``."""
+    if n_prompt == 0:
+        raise RequestError("the prompt is empty; give at least one token")
+    if n_prompt >= max_seq_len:
+        raise RequestError(f"the prompt has {n_prompt} tokens but the context window is {max_seq_len}; "
+                           "shorten the prompt (or load the engine with a larger max_seq_len)")
+    if n_prompt + params.max_tokens > max_seq_len:
+        raise RequestError(f"max_tokens {params.max_tokens} + {n_prompt} prompt tokens exceeds the context window "
+                           f"of {max_seq_len}; lower max_tokens to at most {max_seq_len - n_prompt}")
+
+
+def eos_ids(tokenizer: Any, hf_config: Any) -> set[int]:
+    """The end-of-sequence ids the tokenizer and the model's config name."""
+    ids: set[int] = set()
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return ids

@@ -12,11 +12,12 @@ Shape of the work. The grid is ``(rows, kv_heads, splits)``. A program takes one
 one contiguous slice of that row's positions (the row's length divided into ``splits`` slices of whole
 ``BLOCK_N`` tiles, so a short row leaves its late splits empty and they return at once). It loads the
 ``rep`` query heads that share the KV head as one ``[REP_P, D]`` tile (padded to 16 rows for
-``tl.dot``), streams ``[BLOCK_N, D]`` tiles of keys and values once for all of them, and keeps an
+``tl.dot``), streams ``[BLOCK_N, D]`` tiles of keys and values once for all of them (a tile is one block
+of the paged cache, ``engine/kv_cache.py``, looked up in the row's block table), and keeps an
 online softmax (running max and sum, fp32). With one split it writes the output; with several it
 writes each slice's normalized output and log-sum-exp, and a second kernel weighs them together.
-``splits`` depends only on the batch bucket, the head count and ``max_seq_len`` (static): enough
-programs to cover the SMs twice when the batch alone does not.
+``splits`` depends only on the batch bucket, the head count and ``max_seq_len`` (static): as many as
+still run in one wave on the card (``splits_for``).
 
 Rounding follows the reference (``models.llama.reduce_attention`` over ``StaticKVCache.read``):
 codes become ``code * scale`` in fp32, then the compute dtype; scores ``q . k`` are exact products
@@ -35,15 +36,16 @@ import triton.language as tl
 
 BLOCK_N = 64
 MAX_SPLITS = 64
+PROGRAMS_PER_SM = 3  # split programs resident at once on an SM (64 KB of shared memory each at two stages)
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, ks_ptr, vs_ptr, out_ptr, part_ptr, lse_ptr, n_heads, sm_scale,
-                  stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  stride_ob, stride_oh,
+def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, ks_ptr, vs_ptr, out_ptr, part_ptr, lse_ptr, n_heads,
+                  sm_scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                  stride_tb, stride_ob, stride_oh,
                   REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                   BLOCK: tl.constexpr, SPLITS: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements in a long cache
+    b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     s = tl.program_id(2)
     length = tl.load(len_ptr + b).to(tl.int32)
@@ -64,14 +66,15 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, ks_ptr, vs_ptr, out_ptr, part_pt
     if QUANT:
         k_scale = tl.load(ks_ptr + hk)
         v_scale = tl.load(vs_ptr + hk)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
-    for n0 in range(start, end, BLOCK):
+    for n0 in range(start, end, BLOCK):  # a tile is one cache block, found through the row's table
+        block = tl.load(table_ptr + b * stride_tb + n0 // BLOCK).to(tl.int64)  # block offsets pass 2**31 elements
         pos = n0 + offs_n
         pmask = pos < end
         kv_mask = pmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + block * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + block * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
         if QUANT:  # the reference's rounding: code * scale in fp32, then the compute dtype
             k = (k.to(tl.float32) * k_scale).to(q.dtype)
             v = (v.to(tl.float32) * v_scale).to(q.dtype)
@@ -120,23 +123,32 @@ def _sms(device: torch.device) -> int:
 
 
 def splits_for(batch: int, kv_heads: int, max_seq_len: int, sms: int) -> int:
-    """How many slices each row's positions are cut into: a power of two that gives the SMs two programs
-    each when ``batch * kv_heads`` alone does not, while a full row still gives every slice four tiles."""
+    """How many slices each row's positions are cut into: the largest power of two whose programs still
+    run in one wave (``PROGRAMS_PER_SM`` per SM), while a full row gives every slice four tiles.
+
+    One wave, measured on an H200 (``benchmarks/attention_gpu.py``, 8B heads, bf16): at 16 rows of 8,192
+    positions 2 splits (256 programs) read at 94% of the copy bandwidth, 4 splits (512 programs: 1.3
+    waves) at 80%, 8 at 95%; at one row of 32,768 positions 32 splits 78%, 64 splits 69%."""
     most = max(1, min(MAX_SPLITS, max_seq_len // (4 * BLOCK_N)))
     splits = 1
-    while splits * 2 <= most and batch * kv_heads * splits < 2 * sms:
+    while splits * 2 <= most and batch * kv_heads * splits * 2 <= PROGRAMS_PER_SM * sms:
         splits *= 2
     return splits
 
 
-def decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                          k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
-    """``q [B, H, D]`` of rows ``0..B-1`` against their first ``lengths [B]`` cached positions in
-    ``k_cache``/``v_cache`` ``[rows >= B, Hkv, S, D]`` → ``[B, H, D]`` in ``q``'s dtype."""
+def decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                          lengths: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                          splits: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """``q [B, H, D]`` of rows ``0..B-1`` against their first ``lengths [B]`` cached positions, held in the
+    blocks ``block_table [rows >= B, S / BLOCK_N]`` names of ``k_cache``/``v_cache`` ``[blocks, Hkv, BLOCK_N, D]``
+    → ``[B, H, D]`` in ``q``'s dtype. ``splits`` (a power of two) overrides ``splits_for``; it and the launch settings are for benchmarks."""
     batch, n_heads, dim = q.shape
-    _, kv_heads, max_seq_len, _ = k_cache.shape
+    _, kv_heads, block, _ = k_cache.shape
+    if block != BLOCK_N:
+        raise ValueError(f"cache blocks of {block} positions; this kernel reads blocks of {BLOCK_N}")
+    max_seq_len = block_table.shape[1] * BLOCK_N
     rep = n_heads // kv_heads
-    splits = splits_for(batch, kv_heads, max_seq_len, _sms(q.device))
+    splits = splits or splits_for(batch, kv_heads, max_seq_len, _sms(q.device))
     out = q.new_empty(q.shape)
     if batch == 0:
         return out
@@ -148,11 +160,11 @@ def decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     quant = k_scale is not None
     d_p = triton.next_power_of_2(dim)
     _split_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, lengths, k_scale if quant else q, v_scale if quant else q, out, part, lse, n_heads,
-        dim ** -0.5, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, block_table, lengths, k_scale if quant else q, v_scale if quant else q, out, part, lse,
+        n_heads, dim ** -0.5, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
         REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=dim, D_P=d_p, BLOCK=BLOCK_N, SPLITS=splits,
-        QUANT=quant, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        QUANT=quant, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _combine_kernel[(batch, n_heads)](part, lse, out, n_heads, out.stride(0), out.stride(1),
                                           D=dim, D_P=d_p, SPLITS=splits, num_warps=4)
@@ -160,11 +172,11 @@ def decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 @torch.library.custom_op("quantdeploy::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
-    return decode_attention_impl(q.contiguous(), k_cache, v_cache, lengths, k_scale, v_scale)
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                     lengths: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    return decode_attention_impl(q.contiguous(), k_cache, v_cache, block_table, lengths, k_scale, v_scale)
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, lengths, k_scale, v_scale):  # noqa: ANN001, ANN202 - the shapes torch.compile needs
+def _(q, k_cache, v_cache, block_table, lengths, k_scale, v_scale):  # noqa: ANN001, ANN202 - shapes for torch.compile
     return q.new_empty(q.shape)

@@ -48,9 +48,9 @@ from typing import Any, Callable
 
 import torch
 
-from quantdeploy.engine.engine import Engine, check_lengths, encode_prompt
+from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
-from quantdeploy.engine.sequence import Sequence
+from quantdeploy.engine.sequence import Sequence, check_lengths, encode_prompt
 from quantdeploy.errors import QuantDeployError
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class EngineLoop:
         if (self.waiting and self.engine.running and len(self.waiting) < free
                 and self.steps - self.waiting[0][3] < self.prefill_wait_steps):
             return  # gather more arrivals for one prefill
-        while self.waiting and self.engine.free_rows:
+        while self.waiting and self.engine.can_admit(len(self.waiting[0][1])):  # in arrival order
             rid, prompt_ids, params, _ = self.waiting.popleft()
             try:
                 seq = self.engine.add(prompt_ids, params)
@@ -192,12 +192,11 @@ class EngineLoop:
         if not self.events:
             return
         engine = self.engine
-        used = sum(len(s.prompt_ids) + len(s.output_ids) for s in engine.running)
         gpu = torch.cuda.memory_allocated(engine.device) if engine.device.type == "cuda" else 0
         now = {**dataclasses.asdict(engine.counters), "idle_seconds": self.idle_seconds}
         counts = {k: v - self._counted.get(k, 0) for k, v in now.items()}
         self._counted = now
-        self.events.append(("stats", len(engine.running), used / (engine.max_batch * engine.max_seq_len), gpu, counts))
+        self.events.append(("stats", len(engine.running), engine.kv_usage, gpu, counts))
         batch, self.events = self.events, []
         self.send(batch)
 

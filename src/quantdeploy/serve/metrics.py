@@ -28,7 +28,7 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("quantdeploy_num_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("quantdeploy_num_requests_waiting", "Requests waiting for a batch row", registry=r)
-        self.kv_usage = Gauge("quantdeploy_kv_cache_usage_ratio", "Cached positions in use / KV-cache capacity", registry=r)
+        self.kv_usage = Gauge("quantdeploy_kv_cache_usage_ratio", "KV-cache blocks in use / blocks in the pool", registry=r)
         self.generated = Counter("quantdeploy_generation_tokens", "Generated tokens", registry=r)
         self.prompt = Counter("quantdeploy_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.gpu_memory = Gauge("quantdeploy_gpu_memory_allocated_bytes", "GPU memory held by tensors", registry=r)
@@ -38,6 +38,7 @@ class Metrics:
             ("prefill_batches", "Prefill forwards run"), ("prefill_sequences", "Sequences prefilled"),
             ("decode_steps", "Decode steps run"), ("decode_rows", "Sequences advanced, summed over decode steps"),
             ("device_wait_seconds", "Time the engine loop waited for the device's tokens (device-bound)"),
+            ("preemptions", "Sequences whose KV-cache blocks were taken back, to be recomputed"),
             ("idle_seconds", "Time the engine loop had nothing to run"))}
 
     def render(self) -> bytes:
