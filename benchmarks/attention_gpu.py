@@ -67,8 +67,6 @@ def main() -> None:
                       f"{gbs / bandwidth:8.1%}{mark}", flush=True)
                 results.append({"rows": rows, "held": held, "cache_len": cache_len, "launch": launch, "splits": splits,
                                 "us": us, "gb_s": gbs, "default": bool(mark)})
-        del k, v
-        torch.cuda.empty_cache()
     print(json.dumps({**machine_info(), "bandwidth_gbs": bandwidth, "results": results}))
 
 

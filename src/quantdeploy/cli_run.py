@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=True if args.compile else None,
                    buckets=(args.max_batch,) if args.one_bucket else None, prefill_graph_tokens=args.prefill_graph_tokens,
-                   kv_cache_tokens=args.kv_cache_tokens)
+                   kv_cache_tokens=args.kv_cache_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens or None)
     in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
     sock, address = listen(args.host, args.port)
     log = logging.getLogger("quantdeploy")
@@ -226,6 +226,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-tokens", type=count(64),
                    help="positions the paged KV cache holds over all sequences; requests wait for free blocks "
                         "(default: every row at max-seq-len, on a GPU at most 60%% of the free memory)")
+    p.add_argument("--prefill-chunk-tokens", type=count(0), default=2048,
+                   help="prompts longer than this are prefilled a chunk per engine step while the other requests "
+                        "keep decoding (0: whole prompts)")
     p.add_argument("--max-queue", type=count(0), default=256,
                    help="requests that may wait beyond the free batch rows before the server answers 429")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QUANTDEPLOY_API_KEY)")

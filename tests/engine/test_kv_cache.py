@@ -143,3 +143,46 @@ def test_an_aborted_preempted_sequence_leaves_nothing_behind(tiny_bundle):
     while engine.running:
         engine.step()
     assert len(seqs[0].output_ids) == 150 and engine.table.used_blocks == 0
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=40, ignore_eos=True),
+                                    SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.9, seed=3,
+                                                   repetition_penalty=1.3)], ids=["greedy", "sampled"])
+def test_a_long_prompt_prefilled_in_chunks_lets_the_other_rows_decode(tiny_bundle, params):
+    """A 300-token prompt joins two decoding rows: in chunks of 64 it takes five steps to its first token
+    (one step whole),
+    and each of those steps gives the short sequences a token; every sequence's tokens equal those of
+    whole prefills."""
+    long_prompt = [5 + (7 * i) % 300 for i in range(300)]
+    whole = Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=512, prefill_chunk_tokens=None)
+    chunked = Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=512, prefill_chunk_tokens=64)
+    results = []
+    for engine in (whole, chunked):
+        short = [engine.add(engine.encode(p), params) for p in PROMPTS[:2]]
+        engine.step()
+        engine.step()
+        long = engine.add(long_prompt, params)
+        received = []
+        while not long.output_ids:
+            before = [len(s.output_ids) for s in short]
+            engine.step()
+            received.append([len(s.output_ids) - b for s, b in zip(short, before)])
+        while engine.running:
+            engine.step()
+        results.append(([s.output_ids for s in short], long.output_ids, received))
+    assert results[1][:2] == results[0][:2]
+    assert len(results[0][2]) == 1 and len(results[1][2]) == 5  # whole: one step; chunked: 5 chunks, a step each
+    assert all(r == [1, 1] for r in results[1][2])  # the short rows got a token at every one of those steps
+    assert chunked.counters.prefill_sequences == whole.counters.prefill_sequences == 3
+
+
+def test_aborting_a_prompt_mid_chunks_frees_its_row_and_blocks(tiny_bundle):
+    engine = Engine.from_bundle(tiny_bundle, "cpu", max_batch=2, max_seq_len=512, prefill_chunk_tokens=64)
+    long = engine.add(list(range(5, 305)), _params())
+    engine.step()
+    engine.step()
+    assert long.prefilled == 128 and not long.output_ids
+    engine.abort(long)
+    assert not engine.running and engine.free_rows == 2 and engine.table.used_blocks == 0
+    again = engine.generate(list(range(5, 305)), SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(again.token_ids) == 4

@@ -4,7 +4,9 @@ Lifecycle of a sequence::
 
     add(prompt)  → the lowest free row is the sequence's, and KV-cache blocks for its prompt
     step()       → prefill every sequence added since the last step in one padded forward (first tokens
-                   sampled on the device), one decode step for every running row (each taking a new
+                   sampled on the device; a prompt longer than ``prefill_chunk_tokens`` goes a chunk per
+                   step instead, so the rows decoding meanwhile wait one chunk, not the whole prompt),
+                   one decode step for every running row (each taking a new
                    cache block when it needs one), then read back the *previous* step's tokens
     ...          → a sequence finishes on EOS / stop id / stop string / max_tokens / context end;
                    its row and blocks are freed at once and the next ``add`` may take them
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,7 +46,8 @@ import torch
 from quantdeploy.device import resolve_device
 from quantdeploy.engine.kv_cache import BLOCK_TOKENS, BlockTable, PagedKVCache, choose_decode_attention, pool_blocks
 from quantdeploy.engine.loading import LoadedModel, from_bundle, load
-from quantdeploy.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs, pack_rows, run_packed
+from quantdeploy.engine.prefill import Prefill
+from quantdeploy.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs
 from quantdeploy.engine.sampling import BatchSampler, SamplingParams
 from quantdeploy.engine.sequence import Sequence, check_lengths, encode_prompt, eos_ids
 from quantdeploy.engine.slots import Slots
@@ -58,6 +60,7 @@ RECOMPILE_LIMIT = 1024  # graphs of the decode step a process may compile (see E
 # mode="reduce-overhead" is {"triton.cudagraphs": True}; coordinate-descent tuning of the fused kernels
 # is what gpt-fast turns on (globally) as well.
 COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+PREFILL_CHUNK_TOKENS = 2048  # a longer prompt is prefilled a chunk per step (a GPU's eager forward costs ~40 ms of launches)
 
 
 @dataclasses.dataclass
@@ -80,14 +83,15 @@ class Completion:
     prompt_tokens: int
 
 
-class Engine:
+class Engine(Prefill):
     """A loaded model, its KV cache and sampler, and the sequences running on them."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, max_batch: int = 8,
                  max_seq_len: int | None = None, compile: bool | None = None,
                  compile_options: dict | None = None, decode_attention: str | None = None,
                  buckets: tuple[int, ...] | None = None, max_prefill_tokens: int = 8192,
-                 prefill_graph_tokens: int | None = None, kv_cache_tokens: int | None = None) -> None:
+                 prefill_graph_tokens: int | None = None, kv_cache_tokens: int | None = None,
+                 prefill_chunk_tokens: int | None = PREFILL_CHUNK_TOKENS) -> None:
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
         "split_kv" (``kernels/triton_attention.py``: each row reads only its own positions; the default on
@@ -101,7 +105,9 @@ class Engine:
         (``engine/prefill_graphs.py``; default 4096 on CUDA; 0 runs every prefill eagerly).
         ``kv_cache_tokens``: the positions the KV-cache pool holds, over all sequences (default: enough for
         every row at ``max_seq_len``, and on CUDA at most what fits in ``kv_cache.KV_MEMORY_FRACTION`` of
-        the free memory; at least one sequence of ``max_seq_len``)."""
+        the free memory; at least one sequence of ``max_seq_len``).
+        ``prefill_chunk_tokens``: a prompt longer than this is prefilled in chunks of it, one chunk per step,
+        while the other rows go on decoding (None: whole prompts only)."""
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = device
         args = self.model.args
@@ -127,6 +133,8 @@ class Engine:
         self.eos_ids = eos_ids(loaded.tokenizer, loaded.hf_config)
         self._pending: list[tuple[Any, Any, list[tuple[int, Sequence]]]] = []  # (host tokens, event, launched)
         self._unfilled: list[Sequence] = []  # added (or resumed), not yet prefilled
+        self._chunking: list[Sequence] = []  # long prompts being prefilled a chunk per step, oldest first
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.counters = Counters()
         self.max_prefill_tokens = max_prefill_tokens
         self._next_id = 0
@@ -221,8 +229,9 @@ class Engine:
         """Stop a sequence now (client gone); its row is free for the next ``add``."""
         if not seq.finished:
             seq.finish("abort")
-        if seq in self._unfilled:
-            self._unfilled.remove(seq)
+        for queue in (self._unfilled, self._chunking):
+            if seq in queue:
+                queue.remove(seq)
         self.slots.forget(seq)
         self._free(seq)
 
@@ -235,7 +244,7 @@ class Engine:
         failed = self._prefill_added()
         launch = []
         for row, seq in enumerate(self.slots.rows):
-            if seq is None:
+            if seq is None or seq in self._chunking:  # a row mid-prefill: its position is the next chunk's start
                 continue
             if self._may_grow(seq):
                 launch.append((row, seq))
@@ -301,67 +310,6 @@ class Engine:
                 self.abort(seq)
 
     # ------------------------------------------------------------------ internals
-    def _prefill_added(self) -> list[Sequence]:
-        """Prefill the added sequences in batches of at most ``max_prefill_tokens`` (padded) tokens, in
-        the order they came. A batch that raises fails its own sequences (reason "error") and no other."""
-        failed: list[Sequence] = []
-        while self._unfilled:
-            batch, longest = [], 0
-            for seq in self._unfilled:
-                longest_with = max(longest, seq.context_len)
-                if batch and longest_with * (len(batch) + 1) > self.max_prefill_tokens:
-                    break
-                batch.append(seq)
-                longest = longest_with
-            del self._unfilled[:len(batch)]
-            try:
-                self._prefill(batch, longest)
-            except Exception as err:  # e.g. out of memory for this batch: its requests fail, the engine goes on
-                log.exception("prefill of %d sequences failed", len(batch))
-                for seq in batch:
-                    seq.finish("error")
-                    seq.error = f"prefill failed: {type(err).__name__}: {err}"
-                    self._free(seq)
-                failed.extend(batch)
-        return failed
-
-    def _prefill(self, batch: list[Sequence], longest: int) -> None:
-        """One forward over ``batch``'s prompts, right-padded to ``longest`` (or to the shape of a prefill
-        graph, padding rows on the scratch row); samples each first token."""
-        # Tokens, rows and lengths go to the device in one copy from pinned memory, which does not wait
-        # for the decode step still running there; a small prefill replays a CUDA graph.
-        n = len(batch)
-        shape = self.prefill_graphs.shape(n, longest) if self.prefill_graphs is not None else None
-        b, t = shape or (n, longest)
-        row_ids = [s.row for s in batch]
-        contexts = [s.prompt_ids + s.output_ids for s in batch]  # a resumed sequence recomputes its output too
-        host = pack_rows(contexts, row_ids, b, t, self.scratch_row)
-        self.table.sync()
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        if shape is not None:
-            data, logits = self.prefill_graphs.run(shape, host)
-        else:
-            data = host.to(self.device, non_blocking=True)
-            logits = run_packed(self.model, data)
-        tokens, rows, lengths = data[:n, :longest], data[:n, t], data[:n, t + 1]
-        for s in batch:  # kept on the sequence: a resumed one draws on with the same seed
-            if s.seed is None:
-                s.seed = s.params.seed if s.params.seed is not None else random.getrandbits(32)
-        seeds = [s.seed for s in batch]
-        self.sampler.assign(rows, row_ids, [s.params for s in batch], seeds, tokens, [len(c) for c in contexts],
-                            steps=[len(s.output_ids) for s in batch])
-        logits = logits[:n]
-        first = self.sampler.sample(logits, rows, row_ids)
-        self.next_token.index_copy_(0, rows, first.clamp(min=0))
-        self.positions.index_copy_(0, rows, lengths)
-        self.growing.index_fill_(0, rows, 1)
-        for seq in batch:
-            seq.launched += 1
-        self._push(first, list(enumerate(batch)))
-        self.counters.prefill_batches += 1
-        self.counters.prefill_sequences += len(batch)
-
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
 
@@ -372,7 +320,7 @@ class Engine:
     def _place(self, seq: Sequence) -> None:
         """Give ``seq`` a row and blocks (``slots.place``); the next step prefills it."""
         self.slots.place(seq)
-        seq.parked = False
+        seq.parked, seq.prefilled = False, 0
         self._unfilled.append(seq)
 
     def _resume(self) -> None:

@@ -36,6 +36,7 @@ class Sequence:
         self.received = 0  # tokens read back (including a final stop token)
         self.parked = False  # no more steps will be launched for it
         self.seed: int | None = None  # the sampling seed, drawn at the first prefill unless the request gave one
+        self.prefilled = 0  # context positions its cache row holds from prefill (chunk by chunk for a long prompt)
         self._prefix = 0  # window-scheme offsets into output_ids
         self._read = 0
         self._backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust object
