@@ -165,12 +165,13 @@ def summarize(outcomes: list[Outcome], elapsed: float, cfg: LoadConfig) -> dict[
     tokens = sum(o.output_tokens for o in ok)
     tpot = [(o.e2e - o.ttft) / (o.output_tokens - 1) for o in ok if o.ttft is not None and o.output_tokens > 1]
     series = {"ttft_s": [o.ttft for o in ok if o.ttft is not None], "tpot_s": tpot,
-              "itl_s": [x for o in ok for x in o.itl], "e2e_s": [o.e2e for o in ok if o.e2e is not None]}
+              "itl_s": [x for o in ok for x in o.itl], "e2e_s": [o.e2e for o in ok if o.e2e is not None],
+              "itl_max_s": [max(o.itl) for o in ok if o.itl]}  # each stream's longest stall
     return {
         "config": dataclasses.asdict(cfg), "duration_s": elapsed, "requests": len(outcomes), "statuses": statuses,
         "request_throughput": len(ok) / elapsed, "output_token_throughput": tokens / elapsed, "output_tokens": tokens,
         "latency": {name: {"mean": statistics.fmean(v) if v else None, "p50": _pct(v, 50), "p90": _pct(v, 90),
-                           "p99": _pct(v, 99)} for name, v in series.items()},
+                           "p99": _pct(v, 99), "max": max(v, default=None)} for name, v in series.items()},
     }
 
 

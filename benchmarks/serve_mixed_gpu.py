@@ -1,0 +1,92 @@
+"""Short requests' inter-token latency with and without long prompts arriving among them, on one server,
+Llama-3.1-8B shape with random bf16 weights.
+
+    python benchmarks/serve_mixed_gpu.py --tokenizer TOKENIZER_DIR [--long-words 6000] [--long 4]
+
+One ``quantdeploy serve`` (the random model saved as in ``serve_gpu.py``), at its default settings but
+for ``--max-seq-len``, which must hold the long prompts. First the short load alone (``--concurrency``
+streams of 32-word prompts, ``--output-len`` tokens each), then the same short load again with
+``--long`` requests of ``--long-words``-word prompts (~1.2 tokens a word with SmolLM2's tokenizer) sent
+two at a time alongside. For the short requests it reports the inter-token latency (p50/p90/p99 over
+all gaps) and the longest gap each request saw (p50/p99/max over requests), in both runs and as ratios:
+a long prompt prefilled whole stalls every decoding row for its prefill; prefilled in chunks
+(``serve --prefill-chunk-tokens``, default 2,048) a row waits one chunk at a time. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.serve_gpu import save_random_model
+from benchmarks.serve_throughput import _free_port, stop, wait_healthy
+from quantdeploy.bench import loadtest
+from quantdeploy.eval.report import machine_info
+
+
+async def _loads(configs: list[loadtest.LoadConfig]) -> list[dict]:
+    return list(await asyncio.gather(*(loadtest.run(c) for c in configs)))
+
+
+def _line(name: str, result: dict) -> str:
+    itl, worst = result["latency"]["itl_s"], result["latency"]["itl_max_s"]
+    ms = lambda v: f"{1e3 * v:8.1f}" if v is not None else f"{'-':>8s}"  # noqa: E731
+    return (f"{name:22s} {result['statuses']!s:16s} {ms(itl['p50'])} {ms(itl['p90'])} {ms(itl['p99'])} "
+            f"{ms(worst['p50'])} {ms(worst['p99'])} {ms(worst['max'])}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--folder", default="/tmp/quantdeploy-llama8b-random")
+    p.add_argument("--requests", type=int, default=128, help="short requests per run")
+    p.add_argument("--concurrency", type=int, default=32, help="short streams at once")
+    p.add_argument("--output-len", default="128", help="tokens per short request")
+    p.add_argument("--long", type=int, default=4, help="long requests in the mixed run (two at a time)")
+    p.add_argument("--long-words", type=int, default=6000)
+    p.add_argument("--max-seq-len", type=int, default=8448, help="serve --max-seq-len: must hold the long prompts")
+    p.add_argument("--prefill-chunk-tokens", type=int, help="serve --prefill-chunk-tokens (default: serve's)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="2-layer model: a smoke test of the script")
+    args = p.parse_args()
+    folder = Path(args.folder + ("-tiny" if args.tiny else ""))
+    save_random_model(folder, args.tokenizer, args.device, args.tiny)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "quantdeploy", "serve", str(folder), "--port", str(port), "--device", args.device,
+           "--max-seq-len", str(args.max_seq_len)]
+    if args.prefill_chunk_tokens is not None:
+        cmd += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    short = loadtest.LoadConfig(url=url, requests=args.requests, concurrency=args.concurrency, prompt_len="32",
+                                output_len=args.output_len)
+    long = loadtest.LoadConfig(url=url, requests=args.long, concurrency=2, prompt_len=str(args.long_words),
+                               output_len="16", seed=1, timeout=900.0)
+    try:
+        wait_healthy(url, server, 900, lambda: server.stderr.read()[-2000:])
+        asyncio.run(_loads([loadtest.LoadConfig(url=url, requests=args.concurrency, concurrency=args.concurrency,
+                                                prompt_len="32", output_len="8")]))  # warm-up
+        alone = asyncio.run(_loads([short]))[0]
+        mixed, longs = asyncio.run(_loads([short, long]))
+    finally:
+        stop(server)
+    print(f"{'short requests':22s} {'statuses':16s} {'ITL p50':>8s} {'ITL p90':>8s} {'ITL p99':>8s} "
+          f"{'worst50':>8s} {'worst99':>8s} {'worstmax':>8s}   (ms; worst = a request's longest gap)")
+    print(_line("alone", alone))
+    print(_line(f"with {args.long} long prompts", mixed))
+    ratio = {k: mixed["latency"][s][q] / alone["latency"][s][q] for k, s, q in
+             (("itl_p99", "itl_s", "p99"), ("worst_p99", "itl_max_s", "p99"), ("worst_max", "itl_max_s", "max"))}
+    print("with / alone: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    print(f"long requests: {longs['statuses']}, TTFT p50 {longs['latency']['ttft_s']['p50']:.2f} s")
+    print(json.dumps({**machine_info(), "config": vars(args), "alone": alone, "mixed": mixed, "long": longs,
+                      "ratios": ratio}))
+
+
+if __name__ == "__main__":
+    main()
