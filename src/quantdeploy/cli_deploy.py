@@ -22,6 +22,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def report_requantization(args: argparse.Namespace) -> None:
     """What ``--requantize`` cost: the KL divergence from our checkpoint to the model the GGUF file holds
     (its converted modules dequantized by the gguf package), on held-out text."""
+    import copy
     import json
     from pathlib import Path
 
@@ -36,7 +37,8 @@ def report_requantization(args: argparse.Namespace) -> None:
     if not names:
         print("--requantize: every module was held exactly; nothing was converted")
         return
-    ours, converted = qd.load(args.checkpoint), qd.load(args.checkpoint)
+    ours = qd.load(args.checkpoint)
+    converted = copy.deepcopy(ours)  # the same model, its converted modules swapped for the file's
     config = json.loads((Path(args.checkpoint) / "config.json").read_text())
     gguf_export.with_gguf_weights(converted.model, config, gguf_file, names)
     text = args.kld_text or str(default_text_path())
