@@ -127,12 +127,12 @@ def test_context_errors_are_clear(engine):
 def test_decode_attention_is_checked_by_name(tiny_bundle):
     from quantdeploy.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="split_kv decode attention needs a CUDA device"):
-        Engine.from_bundle(tiny_bundle, "cpu", decode_attention="split_kv")
     with pytest.raises(ConfigError, match="unknown decode attention 'flash'; available: split_kv, reduce, sdpa"):
         Engine.from_bundle(tiny_bundle, "cpu", decode_attention="flash")
     engine = Engine.from_bundle(tiny_bundle, "cpu", max_seq_len=64)
-    assert engine.model.layers[0].attention.decode_attention == "sdpa"  # eager CPU: the cached prefix only
+    assert engine.model.layers[0].attention.decode_attention == "sdpa"  # eager CPU: the longest row's positions
+    compiled = Engine.from_bundle(tiny_bundle, "cpu", max_seq_len=64, compile=True)
+    assert compiled.model.layers[0].attention.decode_attention == "split_kv"  # the cache's op: the same, compiled
 
 
 def test_every_decode_bucket_compiles_past_dynamos_default_recompile_limit(tiny_bundle):

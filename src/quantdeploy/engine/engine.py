@@ -27,8 +27,9 @@ Decode runs over rows ``0..n-1`` (n rounded up to a bucket) with a fixed shape, 
 CUDA graphs need: on CUDA the decode step is ``torch.compile``d with ``mode="reduce-overhead"``
 (one graph per batch bucket), and its attention kernel reads each row's own positions only, the
 lengths being a device tensor (``kernels/triton_attention.py``), so a step costs what the sequences
-hold, not what the cache reserves; on CPU it runs eagerly and attends over the cached prefix of the
-longest row. On CUDA a prefill of up to 4096 padded tokens
+hold, not what the cache reserves; on CPU it runs eagerly (or compiled, with ``compile=True``) and
+attends over the cached positions of the longest row (``kernels/paged_attention_cpu.py`` when compiled).
+On CUDA a prefill of up to 4096 padded tokens
 replays a CUDA graph of its bucketed shape (``engine/prefill_graphs.py``): eagerly, launching its
 kernels took longer than running them.
 """

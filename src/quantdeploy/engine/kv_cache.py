@@ -16,8 +16,10 @@ every layer, changed in place between steps. Block 0 is the scratch block: every
 no block backs points at it, so the writes that belong to nobody (padding rows and positions of a
 prefill, parked rows of a decode step) land there, and nothing reads it as part of a sequence.
 
-Reading: a decode step on CUDA reads each row's own positions through the table (``attend``, the
-split-KV kernel); elsewhere ``read`` gathers a row's blocks into ``[rows, Hkv, length, D]``.
+Reading: a decode step reads through the table with ``attend``, a registered op a compiled step keeps
+whole: on CUDA the split-KV kernel reads each row's own positions, on the CPU the longest row's blocks
+are gathered; otherwise ``read`` gathers a row's blocks into ``[rows, Hkv, length, D]``. Either way a
+step costs what the sequences hold, not ``max_seq_len``.
 
 When the checkpoint quantizes the KV cache (``self_attn.k_scale`` / ``v_scale``, see
 ``quant/kv_cache.py``), blocks hold int8 or FP8 E4M3 codes with the static per-head scales: half the
@@ -39,7 +41,8 @@ import torch
 from torch import nn
 
 from quantdeploy.errors import ConfigError
-from quantdeploy.quant.kv_cache import dequantize_kv, quantize_kv
+from quantdeploy.kernels.paged_attention_cpu import gather_blocks
+from quantdeploy.quant.kv_cache import quantize_kv
 
 log = logging.getLogger(__name__)
 
@@ -176,23 +179,18 @@ class PagedKVCache(nn.Module):
 
     def attend(self, q: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Decode attention of ``q [B, H, D]`` (one query per row, rows ``0..B-1``) over each row's first
-        ``lengths [B]`` cached positions, reading no others (``kernels/triton_attention.py``; CUDA)."""
+        ``lengths [B]`` cached positions, a registered op torch.compile keeps whole: on CUDA the split-KV
+        kernel reads each row's own positions (``kernels/triton_attention.py``), on the CPU the blocks of
+        the longest row are gathered (``kernels/paged_attention_cpu.py``)."""
         scales = (self.k_scale, self.v_scale) if self.quant else (None, None)
-        return torch.ops.quantdeploy.decode_attention(q, self.k_cache, self.v_cache, self.block_table, lengths, *scales)
+        op = torch.ops.quantdeploy.decode_attention if q.is_cuda else torch.ops.quantdeploy.decode_attention_cpu
+        return op(q, self.k_cache, self.v_cache, self.block_table, lengths, *scales)
 
     def read(self, rows: slice | torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[rows, Hkv, length, D]`` in ``dtype``, gathered through the table."""
         blocks = self.block_table[rows, :blocks_for(length)]  # [B, nb]
-        return self._gather(self.k_cache, blocks, length, dtype, self.k_scale if self.quant else None), \
-            self._gather(self.v_cache, blocks, length, dtype, self.v_scale if self.quant else None)
-
-    @staticmethod
-    def _gather(pool: torch.Tensor, blocks: torch.Tensor, length: int, dtype: torch.dtype,
-                scale: torch.Tensor | None) -> torch.Tensor:
-        b, nb = blocks.shape
-        _, heads, _, dim = pool.shape
-        x = pool[blocks].transpose(1, 2).reshape(b, heads, nb * BLOCK_TOKENS, dim)[:, :, :length]
-        return dequantize_kv(x, scale, dtype) if scale is not None else x
+        return (gather_blocks(self.k_cache, blocks, length, dtype, self.k_scale if self.quant else None),
+                gather_blocks(self.v_cache, blocks, length, dtype, self.v_scale if self.quant else None))
 
     def zero_blocks(self, blocks: list[int]) -> None:
         """Clear ``blocks`` (a failed sequence's non-finite values must not reach the next owner: 0 × NaN)."""
@@ -202,15 +200,17 @@ class PagedKVCache(nn.Module):
 
 
 def choose_decode_attention(name: str | None, device: torch.device, compiled: bool) -> str:
-    """The decode attention to run: ``name``, checked, or the default for ``device``."""
-    fast = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """The decode attention to run: ``name``, checked, or the default for ``device``: ``split_kv`` (the
+    cache's ``attend``: each row's own positions on CUDA, the longest row's on the CPU) on CUDA and for a
+    compiled step on the CPU, else ``sdpa`` (over the longest row's positions, gathered)."""
     if name is None:
-        name = "split_kv" if fast else ("reduce" if compiled else "sdpa")
+        name = "split_kv" if compiled or device.type == "cuda" else "sdpa"
     if name not in DECODE_ATTENTION:
         raise ConfigError(f"unknown decode attention '{name}'; available: {', '.join(DECODE_ATTENTION)}")
-    if name == "split_kv":
-        if not fast:
-            raise ConfigError(f"split_kv decode attention needs a CUDA device and the triton package (device: "
-                              f"{device}); use 'sdpa' or 'reduce'")
+    if name == "split_kv" and device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("split_kv decode attention on CUDA needs the triton package; use 'sdpa' or 'reduce'")
         import quantdeploy.kernels.triton_attention  # noqa: F401 - registers quantdeploy::decode_attention
+    elif name == "split_kv" and device.type not in ("cpu", "meta"):
+        raise ConfigError(f"split_kv decode attention runs on CUDA and the CPU, not on {device}; use 'sdpa'")
     return name
