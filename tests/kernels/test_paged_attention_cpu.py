@@ -10,23 +10,14 @@ import torch
 from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.kernels.paged_attention_cpu import decode_attention_cpu
-from quantdeploy.quant.kv_cache import quantize_kv
-from tests.kernels.test_triton_attention_gpu import _paged, _reference
+from tests.kernels.test_triton_attention_gpu import _case, _paged, _reference
 
 
 @pytest.mark.parametrize("kv", [None, "int8", "fp8_e4m3"])
 @pytest.mark.parametrize("case", [(3, 8, 2, 32, 200), (1, 4, 4, 16, 64), (5, 9, 3, 8, 130)], ids=str)
 def test_the_op_equals_the_masked_attention_over_contiguous_rows(case, kv):
-    batch, heads, kv_heads, dim, positions = case
-    g = torch.Generator().manual_seed(batch * positions)
-    q = torch.randn(batch, heads, dim, generator=g)
-    k = torch.randn(batch + 1, kv_heads, positions, dim, generator=g)
-    v = torch.randn_like(k)
-    scale = None
-    if kv:
-        scale = torch.rand(kv_heads, generator=g) * 0.02 + 0.01
-        k, v = quantize_kv(k, scale, kv), quantize_kv(v, scale, kv)
-    lengths = torch.randint(1, positions + 1, (batch,), generator=g)
+    g = torch.Generator().manual_seed(case[0] * case[-1])
+    q, k, v, scale, lengths = _case(*case, kv, g)
     got = decode_attention_cpu(q, *_paged(k, v, g), lengths, scale, scale)
     expected = _reference(q, k, v, lengths, scale, scale)
     assert torch.allclose(got, expected, atol=1e-5)

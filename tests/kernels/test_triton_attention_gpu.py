@@ -51,6 +51,22 @@ def _paged(k, v, g):  # noqa: ANN001, ANN202
     return pools[0], pools[1], table
 
 
+def _case(batch, heads, kv_heads, dim, positions, kv, g):  # noqa: ANN001, ANN202
+    """Random q and contiguous caches of ``batch + 1`` rows (codes with per-head scales when ``kv``), and
+    lengths from 1 to the whole cache (the last row's), on ``g``'s device."""
+    device = g.device
+    q = torch.randn(batch, heads, dim, device=device, generator=g)
+    k = torch.randn(batch + 1, kv_heads, positions, dim, device=device, generator=g)
+    v = torch.randn_like(k)
+    scale = None
+    if kv:
+        scale = torch.rand(kv_heads, device=device, generator=g) * 0.02 + 0.01
+        k, v = quantize_kv(k, scale, kv), quantize_kv(v, scale, kv)
+    lengths = torch.randint(1, positions + 1, (batch,), device=device, generator=g)
+    lengths[-1] = positions
+    return q, k, v, scale, lengths
+
+
 CASES = [  # batch, heads, kv heads, head dim, cache positions
     (1, 32, 8, 128, 8192),  # the 8B shape at batch 1: many splits
     (64, 32, 8, 128, 512),  # the 8B shape at batch 64: one split

@@ -205,22 +205,13 @@ def test_the_weight_only_kernels_match_the_reference_in_the_interpreter():
 ATTENTION_INTERPRETED = textwrap.dedent("""
     import torch
     from quantdeploy.kernels.triton_attention import decode_attention_impl
-    from quantdeploy.quant.kv_cache import quantize_kv
-    from tests.kernels.test_triton_attention_gpu import _paged, _reference
+    from tests.kernels.test_triton_attention_gpu import _case, _paged, _reference
 
     g = torch.Generator().manual_seed(0)
     # (rows, heads, kv heads, head dim, positions, cache codes): one split and two, grouped heads, int8 codes
-    for batch, heads, kv_heads, dim, positions, kv in ((2, 8, 2, 64, 300, None), (3, 9, 3, 64, 200, "int8"),
-                                                       (1, 4, 4, 32, 700, None)):
-        q = torch.randn(batch, heads, dim, generator=g)
-        k = torch.randn(batch + 1, kv_heads, positions, dim, generator=g)
-        v = torch.randn_like(k)
-        scale = None
-        if kv:
-            scale = torch.rand(kv_heads, generator=g) * 0.02 + 0.01
-            k, v = quantize_kv(k, scale, kv), quantize_kv(v, scale, kv)
-        lengths = torch.randint(1, positions + 1, (batch,), generator=g)
-        lengths[-1] = positions
+    for case in ((2, 8, 2, 64, 300, None), (3, 9, 3, 64, 200, "int8"), (1, 4, 4, 32, 700, None)):
+        batch, _, _, _, positions, kv = case
+        q, k, v, scale, lengths = _case(*case, g)
         expected = _reference(q, k, v, lengths, scale, scale)
         got = decode_attention_impl(q, *_paged(k, v, g), lengths, scale, scale)
         error = ((got - expected).norm() / expected.norm()).item()
