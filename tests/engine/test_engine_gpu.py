@@ -119,3 +119,16 @@ def test_prefill_graphs_with_a_quantized_model_and_kv_cache(tiny_bundle, tmp_pat
         runs.append([engine.generate(p, params).token_ids for p in prompts])
     assert engine.prefill_graphs.graphs  # the second engine replayed graphs
     assert runs[2:] == runs[:2]  # the same kernels, replayed: the same tokens, batched and alone
+
+
+def test_a_long_prompt_in_chunks_gives_the_tokens_of_a_whole_prefill_on_gpu():
+    """Compiled decode, CUDA-graph prefills and chunked prefill of a 300-token prompt among decoding rows
+    (chunks of 64, eager, at offsets into the paged cache) give the tokens of whole prefills."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    long_prompt = [5 + (7 * i) % 500 for i in range(300)]
+    runs = []
+    for chunk in (None, 64):
+        engine = Engine.from_bundle(_bundle(torch.float32, max_position_embeddings=512), "cuda", max_batch=4,
+                                    max_seq_len=512, prefill_chunk_tokens=chunk)
+        runs.append(_run(engine, params, PROMPTS[:2] + [long_prompt] + PROMPTS[2:3]))
+    assert runs[1] == runs[0]

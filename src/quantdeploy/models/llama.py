@@ -18,8 +18,13 @@ Three ways to run it:
 
 The KV cache is owned by the engine: it attaches one cache module per layer (``attach_cache``) with
 ``write(rows, positions, k, v)`` and ``read(row_slice, length, dtype)``; the model only calls those.
-Grouped-query attention never copies K/V: the ``H/Hkv`` query heads that share a KV head are folded
-into the query-length axis, so one SDPA call over ``[B, Hkv, rep*T, D]`` does the whole group.
+Grouped-query attention never copies K/V. Causal attention (``forward`` and ``prefill``: every row's
+queries at ``start..start+T-1`` over positions ``0..start+T-1``) is SDPA with ``is_causal`` or, for a
+chunk after a cached prefix, its bottom-right-aligned variant (``causal_lower_right``), and
+``enable_gqa``: no ``T x S`` mask is built or read, so flash attention applies (on an 8k prompt the
+boolean mask of one layer was 268 MB, read back as a bias by every layer of every chunk). A decode step
+with a mask folds the ``H/Hkv`` query heads that share a KV head into the query-length axis, so one SDPA
+call over ``[B, Hkv, rep*T, D]`` does the whole group.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from quantdeploy.errors import ModelSourceError
 
@@ -176,7 +182,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache_at: tuple | None) -> torch.Tensor:
-        """``x [B, T, dim]``; ``mask [B, 1, rep*T, S]`` bool (True = attend; rows per query group, built once in ``_run``). ``cache_at`` = (rows [B], positions [B, T],
+        """``x [B, T, dim]``; ``mask [B, 1, rep*T, S]`` bool (True = attend; rows per query group, built once in
+        ``_run``), or None: causal, the ``T`` queries being the last of the ``S`` positions. ``cache_at`` = (rows [B], positions [B, T],
         kv_rows: a slice or [B] tensor, kv_len) writes K/V into the cache and attends over the cached rows' first ``kv_len``
         positions (``kv_len`` None: a decode step of rows 0..B-1 through the cache's ``attend``, each row its own
         positions); None attends over this chunk only."""
@@ -193,6 +200,11 @@ class Attention(nn.Module):
                 y = self.kv_cache.attend(q[:, :, 0], positions[:, 0] + 1)  # [B, H, D]
                 return self.wo(y.reshape(b, 1, -1))
             k, v = self.kv_cache.read(kv_rows, kv_len, q.dtype)  # [B, Hkv, S, D]
+        if mask is None:  # causal: a whole sequence, or a chunk after the s - t positions cached before it
+            s = k.shape[2]
+            bias = causal_lower_right(t, s) if s != t else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=s == t, enable_gqa=True)
+            return self.wo(y.transpose(1, 2).reshape(b, t, -1))
         rep = self.n_heads // self.n_kv_heads
         # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep*T, D].
         qg = q.reshape(b, self.n_kv_heads, rep * t, self.head_dim)
@@ -256,7 +268,7 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
         sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
         rep = self.args.n_heads // self.args.n_kv_heads
-        if mask is not None:  # None: a split-KV decode step, whose kernel bounds each row by its length
+        if mask is not None:  # None: causal (a prefill), or a split-KV decode step, whose kernel bounds each row
             mask = mask[:, None].repeat(1, 1, rep, 1)  # [B, T, S] → [B, 1, rep*T, S]: the grouped query rows
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_at)
@@ -268,8 +280,7 @@ class Transformer(nn.Module):
         """Logits ``[B, T, vocab]`` of whole sequences ``tokens [B, T]`` (causal, no cache)."""
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(b, t)
-        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril().expand(b, t, t)
-        return self._run(tokens, positions, mask, None, last=None)
+        return self._run(tokens, positions, None, None, last=None)
 
     def prefill(self, tokens: torch.Tensor, rows: int | torch.Tensor, start: int = 0,
                 lengths: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
@@ -283,8 +294,7 @@ class Transformer(nn.Module):
         b, t = tokens.shape
         device = tokens.device
         positions = torch.arange(start, start + t, device=device).expand(b, t)  # [B, T]
-        kv_len = start + t
-        mask = (torch.arange(kv_len, device=device)[None, :] <= positions[0, :, None]).expand(b, t, kv_len)
+        kv_len = start + t  # attention is causal over the row's first kv_len positions (mask None)
         if isinstance(rows, int):
             rows, kv_rows = torch.full((1,), rows, dtype=torch.long, device=device), slice(rows, rows + 1)
         else:
@@ -292,7 +302,7 @@ class Transformer(nn.Module):
         last = None
         if last_only:
             last = lengths - 1 if lengths is not None else torch.full((b,), t - 1, dtype=torch.long, device=device)
-        return self._run(tokens, positions, mask, (rows, positions, kv_rows, kv_len), last)
+        return self._run(tokens, positions, None, (rows, positions, kv_rows, kv_len), last)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One step for cache rows ``0..n-1``: ``tokens [n]`` at ``positions [n]`` → logits ``[n, vocab]``."""
