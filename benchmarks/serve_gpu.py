@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt-len", default="32")
     p.add_argument("--output-len", default="64")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="cache positions per row (default: serve's)")
+    p.add_argument("--max-seq-len", type=int, help="cache positions per row (default: serve's own, not passed to it)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--engines", nargs="+", choices=("process", "thread"), default=["process"],
                    help="quantdeploy serve --engine for each server run (all against the one offline number)")

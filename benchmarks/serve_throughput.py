@@ -125,7 +125,9 @@ def stop(server: subprocess.Popen) -> None:
 def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict:
     port = _free_port()
     cmd = [sys.executable, "-m", "quantdeploy", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
-           "--max-queue", str(args.max_queue), "--max-seq-len", str(args.max_seq_len), "--device", args.device]
+           "--max-queue", str(args.max_queue), "--device", args.device]
+    if args.max_seq_len is not None:  # None: the server's default
+        cmd += ["--max-seq-len", str(args.max_seq_len)]
     if getattr(args, "one_bucket", False):
         cmd.append("--one-bucket")
     if getattr(args, "engine", None):
