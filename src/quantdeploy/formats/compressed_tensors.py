@@ -20,9 +20,14 @@ packed with an offset of ``2^(b-1)``; ours stores unsigned codes ``c`` with ``w 
   per-token int8 input activations; the smoothing factors are already folded into the exported norms.
 - Different specs on different modules: one config group per distinct spec (``mixed-precision`` when
   their formats differ); unquantized Linear layers go to ``ignore``.
+- A quantized KV cache (int8 or FP8 E4M3, static, symmetric, one scale per KV head and layer):
+  ``kv_cache_scheme`` with the ``attn_head`` strategy and the scales as ``self_attn.k_scale`` /
+  ``v_scale`` of shape ``[kv_heads, 1, 1]``, the names and shape compressed-tensors 0.17 registers on
+  each attention module. In range the codes agree; past the calibrated range an int8 key saturates at
+  -127 with us and at -128 there (compressed-tensors' int8 grid is asymmetric by one code).
 
-Refused: NF4 (no compressed-tensors type holds its 16-value table), quantized embeddings, KV-cache
-scales (not exported yet), and inputs whose width is not a whole number of int32 words.
+Refused: NF4 (no compressed-tensors type holds its 16-value table), quantized embeddings, and inputs
+whose width is not a whole number of int32 words.
 
 Where a consumer's dequantization differs from ours: our int scales are fp16 and we compute
 ``(c - z) * s`` in fp32 and round once to the compute dtype. compressed-tensors creates each scale in
@@ -51,6 +56,10 @@ COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "
           "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 
 
+KV_TYPES = {"int8": "int", "fp8_e4m3": "float"}  # our KV-cache dtypes -> compressed-tensors' type
+KV_SCALES = (".self_attn.k_scale", ".self_attn.v_scale")
+
+
 def _format_of(spec: QuantSpec) -> str:
     if spec.dtype == "fp8_e4m3":
         return "float-quantized"
@@ -62,9 +71,10 @@ def _format_of(spec: QuantSpec) -> str:
 def check_exportable(quant_config: dict[str, Any]) -> None:
     """Raise CheckpointError (one line: the module and what to do) for the first module or setting that
     compressed-tensors cannot hold exactly. Cheap: runs before anything is read or written."""
-    if quant_config.get("kv_cache"):
-        raise CheckpointError("the checkpoint has KV-cache scales, which the compressed-tensors export does not "
-                              "carry yet; export a checkpoint quantized without --kv-cache")
+    kv = quant_config.get("kv_cache") or {}
+    if kv and kv.get("dtype") not in KV_TYPES:
+        raise CheckpointError(f"the KV cache is {kv.get('dtype')}, which compressed-tensors does not hold; "
+                              f"quantize the KV cache as {' or '.join(KV_TYPES)} to export it")
     embed = {n for n, s in quant_config.get("modules", {}).items() if "embed" in n.rsplit(".", 1)[-1]}
     for name, spec_dict in quant_config.get("modules", {}).items():
         spec = QuantSpec.from_dict(spec_dict)
@@ -104,8 +114,17 @@ def _activation_args(spec: QuantSpec) -> dict[str, Any] | None:
             "observer_kwargs": {}}
 
 
+def _kv_cache_scheme(kv: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not kv:
+        return None
+    return {"num_bits": 8, "type": KV_TYPES[kv["dtype"]], "symmetric": True, "dynamic": False,
+            "strategy": "attn_head", "group_size": None, "actorder": None, "block_structure": None,
+            "observer": "minmax", "observer_kwargs": {}}
+
+
 def quantization_config(quant_config: dict[str, Any], unquantized: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` entry of config.json: one config group per distinct spec."""
+    """The ``quantization_config`` entry of config.json: one config group per distinct spec, and the KV
+    cache's scheme."""
     groups: dict[str, tuple[QuantSpec, list[str]]] = {}
     for name, spec_dict in sorted(quant_config.get("modules", {}).items()):
         spec = QuantSpec.from_dict(spec_dict)
@@ -118,7 +137,7 @@ def quantization_config(quant_config: dict[str, Any], unquantized: list[str]) ->
                                        "format": _format_of(spec)}
     return {"quant_method": FORMAT, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "config_groups": config_groups, "ignore": sorted(unquantized),
-            "kv_cache_scheme": None, "global_compression_ratio": None}
+            "kv_cache_scheme": _kv_cache_scheme(quant_config.get("kv_cache")), "global_compression_ratio": None}
 
 
 def pack_along_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -178,6 +197,8 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> int:
         exported.update({f"{name}.bias": v for k, v in local.items() if k == "bias"})
     owned = tuple(n + "." for n in modules)
     exported.update({k: v for k, v in tensors.items() if not k.startswith(owned)})
+    for k in [k for k in exported if k.endswith(KV_SCALES)]:  # [kv_heads] -> the attn_head shape [kv_heads, 1, 1]
+        exported[k] = exported[k].float().reshape(-1, 1, 1)
     if "lm_head" in modules:  # a quantized head is not the embedding any more: a consumer must not tie them
         model_config["tie_word_embeddings"] = False
     if not model_config.get("tie_word_embeddings", False):  # aliases are tied weights stored once by us
