@@ -257,11 +257,13 @@ def _print_mixed(record: dict) -> None:
                           f"predicted {a['predicted_kld']:.4f}, measured {record['measured_kld']:.4f}")
         return
     p = record["progressive"]
-    out_console.print(f"mixed precision: {p['average_bits']:.3f} bits per weight, validation KLD {p['measured_kld']:.4f}, "
-                      f"perplexity {100 * p['ppl_increase']:+.2f}%; layers per option {record['layers_per_option']}")
+    out_console.print(f"mixed precision: {p['average_bits']:.3f} bits per weight, validation KLD {p['measured_kld']:.4f} "
+                      f"(95% upper bound {p['kld_bound']:.4f}), perplexity {100 * p['ppl_increase']:+.2f}% "
+                      f"(bound {100 * p['ppl_bound']:+.2f}%); layers per option {record['layers_per_option']}")
     for step in p["path"]:
         out_console.print(f"  step {step['step']:4d}: {step['average_bits']:6.3f} bits  KLD {step['kld']:.4f} "
-                          f"(predicted {step['predicted_kld']:.4f})  perplexity {100 * step['ppl_increase']:+.2f}%")
+                          f"(bound {step['kld_bound']:.4f}, predicted {step['predicted_kld']:.4f})  "
+                          f"perplexity {100 * step['ppl_increase']:+.2f}%")
 
 
 # -------------------------------------------------------------------------------------------- eval
@@ -403,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured KLD at this average of stored bits per weight; sensitivities on 4 windows of "
                         "128 tokens of the --calib text (a forward pass per layer and candidate)")
     p.add_argument("--max-kld", type=number(0), help="mixed precision: the smallest model (layers moved from the "
-                   "original to int8, int4, int3, most robust first) whose KLD on validation windows is at most this")
+                   "original to int8, int4, int3, most robust first) whose KLD on 32 validation windows of the "
+                   "--calib text is at most this (its one-sided 95%% upper bound)")
     p.add_argument("--max-ppl-increase", type=number(0), help="mixed precision: as --max-kld, for perplexity (percent)")
     p.add_argument("--pin", action="append", metavar="REGEX=OPTION",
                    help="mixed precision: layers whose name matches REGEX take OPTION (a candidate such as "

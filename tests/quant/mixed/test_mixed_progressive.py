@@ -3,9 +3,10 @@ validation measurements (tiny Llama), from the API and the command line."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from quantdeploy.quant.mixed.progressive import moves, progressive
+from quantdeploy.quant.mixed.progressive import moves, progressive, upper_bound
 from quantdeploy.quant.mixed.sensitivity import KEEP, Sensitivity, measure
 from quantdeploy.quant.spec import QuantSpec
 
@@ -45,12 +46,12 @@ def test_the_accuracy_budget_keeps_the_longest_prefix_within_tolerance(tiny_bund
     assert set(nothing.choice.values()) == {KEEP} and nothing.measured_kld == 0.0
     middle_tolerance = everything.measured_kld / 4
     middle = progressive(model, sens, validation, max_kld=middle_tolerance, max_ppl_increase=None)
-    assert middle.measured_kld <= middle_tolerance
+    assert middle.measured_kld <= middle.kld_bound <= middle_tolerance  # the bound is what is held
     assert everything.average_bits < middle.average_bits < 32
     steps = [p["step"] for p in middle.path]
     assert steps == sorted(steps) and len(steps) <= 1 + len(moves(sens)).bit_length() + 1
-    chosen = max(p["step"] for p in middle.path if p["kld"] <= middle_tolerance)
-    assert all(p["kld"] > middle_tolerance for p in middle.path if p["step"] == chosen + 1)
+    chosen = max(p["step"] for p in middle.path if p["kld_bound"] <= middle_tolerance)
+    assert all(p["kld_bound"] > middle_tolerance for p in middle.path if p["step"] == chosen + 1)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -70,3 +71,11 @@ def test_max_kld_on_the_command_line_reports_the_path(tiny_llama_dir, data, tmp_
     code = cli.main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--max-kld", "0.05", "--bits-budget", "4",
                      "--calib", str(data / "text" / "wiki_en.train.txt"), "-o", str(tmp_path / "both")])
     assert code == 2 and "one budget" in capsys.readouterr().err
+
+
+def test_the_upper_bound_is_the_mean_plus_1645_standard_errors():
+    values = torch.tensor([0.01, 0.03, 0.02, 0.06], dtype=torch.float64)
+    expected = values.mean() + 1.645 * values.std() / 2  # 4 windows: the standard error is std / 2
+    assert upper_bound(values) == pytest.approx(float(expected))
+    assert upper_bound(torch.full((8,), 0.02, dtype=torch.float64)) == pytest.approx(0.02)  # no spread, no margin
+    assert upper_bound(torch.tensor([0.05], dtype=torch.float64)) == pytest.approx(0.05)

@@ -33,9 +33,10 @@ __all__ = ["MixedConfig", "plan_mixed", "Allocation", "Sensitivity", "KEEP"]
 class MixedConfig(Config):
     """Exactly one budget: bits_budget (average stored bits per weight over the target layers, scales and
     zeros counted), or an accuracy budget, max_kld and/or max_ppl_increase (a fraction: 0.02 is 2%),
-    met on validation windows the sensitivities did not see (``progressive.py``). candidates: the specs a
+    met (by the one-sided 95% upper bound) on ``validation_samples`` windows of the calibration text,
+    disjoint from those the sensitivities were measured on (``progressive.py``). candidates: the specs a
     layer may get besides keeping its weight; calibration: the windows the sensitivities are measured on
-    (4 of 128 tokens by default; an accuracy budget draws as many again, disjoint, for validation).
+    (4 of 128 tokens by default).
     pin: ``(regex, option)`` pairs fixing every target layer whose name the regex matches (``re.search``;
     the first matching pair wins) to ``option``, a candidate's description (``QuantSpec.describe``, as
     given) or ``"original"``; pinned layers are not searched, and their bits count against the budget."""
@@ -48,6 +49,7 @@ class MixedConfig(Config):
     max_ppl_increase: float | None = None
     candidates: tuple[QuantSpec, ...] = DEFAULT_CANDIDATES
     calibration: CalibrationConfig = CalibrationConfig(num_samples=4, seq_len=128)
+    validation_samples: int = 32  # windows of calibration.seq_len tokens checking an accuracy budget
     pin: tuple[tuple[str, str], ...] = ()
 
     def validate(self) -> None:
@@ -59,6 +61,8 @@ class MixedConfig(Config):
         for name in ("max_kld", "max_ppl_increase"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if accuracy and self.validation_samples < 2:
+            raise ConfigError(f"an accuracy budget needs at least 2 validation windows, got {self.validation_samples}")
         if not self.candidates:
             raise ConfigError("mixed precision needs at least one candidate spec")
         if any(c.activations is not None for c in self.candidates):
@@ -107,7 +111,7 @@ def plan_mixed(model: nn.Module, tokenizer, config: Config, mixed: MixedConfig,
     """Per-layer specs for ``config``'s targets under ``mixed``'s budget and the manifest's record."""
     options = _options(model, config, mixed)  # user errors before the calibration data is read
     accuracy = mixed.bits_budget is None
-    calib = mixed.calibration.replace(num_samples=mixed.calibration.num_samples * (2 if accuracy else 1))
+    calib = mixed.calibration.replace(num_samples=mixed.calibration.num_samples + (mixed.validation_samples if accuracy else 0))
     tokens = load_calibration(tokenizer, calib, needed_by="mixed precision").tokens
     sensitivity_windows = tokens[: mixed.calibration.num_samples]
     clip_search = bool(getattr(config, "clip_search", True))
@@ -116,13 +120,13 @@ def plan_mixed(model: nn.Module, tokenizer, config: Config, mixed: MixedConfig,
     record: dict = {"config": mixed.to_dict()}
     if accuracy:
         validation = tokens[mixed.calibration.num_samples:]
-        if validation.shape[0] == 0:
+        if validation.shape[0] < 2:
             raise ConfigError("the calibration text holds too few windows for a validation split; give more text")
         result = progressive(model, sens, validation, mixed.max_kld, mixed.max_ppl_increase, clip_search)
         choice = result.choice
         record["progressive"] = result.to_dict()
-        log.info("mixed precision: %.3f bits per weight, validation KLD %.4f, perplexity %+.2f%% (path: %s)",
-                 result.average_bits, result.measured_kld, 100 * result.ppl_increase,
+        log.info("mixed precision: %.3f bits per weight, validation KLD %.4f (95%% bound %.4f), perplexity %+.2f%% "
+                 "(path: %s)", result.average_bits, result.measured_kld, result.kld_bound, 100 * result.ppl_increase,
                  ", ".join(f"{p['average_bits']:.2f} bits: {p['kld']:.4f}" for p in result.path))
     else:
         alloc = allocate(sens, mixed.bits_budget)

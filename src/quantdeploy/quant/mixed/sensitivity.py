@@ -77,7 +77,11 @@ class _Reference:
 
     def kld_of(self, logp: torch.Tensor) -> float:
         """Mean KLD to the reference of a model's log-probabilities on the same tokens."""
-        return float((self.neg_entropy - (self.p * logp).sum(-1, dtype=torch.float64)).mean())
+        return float(self.window_kld(logp).mean())
+
+    def window_kld(self, logp: torch.Tensor) -> torch.Tensor:
+        """Each window's mean KLD to the reference ``[windows]`` (fp64)."""
+        return (self.neg_entropy - (self.p * logp).sum(-1, dtype=torch.float64)).mean(-1)
 
 
 def fake_weight(original: torch.Tensor, spec: QuantSpec, clip_search: bool):  # noqa: ANN201
