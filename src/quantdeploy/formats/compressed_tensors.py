@@ -23,8 +23,7 @@ packed with an offset of ``2^(b-1)``; ours stores unsigned codes ``c`` with ``w 
 - A quantized KV cache (int8 or FP8 E4M3, static, symmetric, one scale per KV head and layer):
   ``kv_cache_scheme`` with the ``attn_head`` strategy and the scales as ``self_attn.k_scale`` /
   ``v_scale`` of shape ``[kv_heads, 1, 1]``, the names and shape compressed-tensors 0.17 registers on
-  each attention module. In range the codes agree; past the calibrated range an int8 key saturates at
-  -127 with us and at -128 there (compressed-tensors' int8 grid is asymmetric by one code).
+  each attention module. The codes are the same on both sides, saturation included (int8 -128..127).
 
 Refused: NF4 (no compressed-tensors type holds its 16-value table), quantized embeddings, and inputs
 whose width is not a whole number of int32 words.
