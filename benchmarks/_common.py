@@ -53,17 +53,23 @@ def print_fidelity_table(res: dict, seconds: dict, extra: dict[str, str] | None 
 
 def ensure_peer_venv(venv: Path, what: str, packages: list[str], remove: tuple[str, ...] = ()) -> Path:
     """A peer tool's own virtual environment (``benchmarks/peers``), created on first use: torch first (the
-    CPU wheel we use, so pip keeps it), then ``packages``, then ``remove`` uninstalled; its python."""
+    CPU wheel we use, so pip keeps it), then ``packages``, then ``remove`` uninstalled; its python. The
+    request is written beside it: an environment made for other pins is made again, not reused (a
+    consumer check run on a stale one measured the wrong thing silently)."""
+    import json
+
     import torch
 
-    python = venv / "bin" / "python"
-    if python.exists():
+    python, marker = venv / "bin" / "python", venv / "quantdeploy-peer.json"
+    wanted = json.dumps({"torch": torch.__version__.split("+")[0], "packages": packages, "remove": list(remove)})
+    if python.exists() and marker.exists() and marker.read_text() == wanted:
         return python
-    print(f"creating the {what} environment {venv} (once) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    print(f"creating the {what} environment {venv} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     pip = [str(python), "-m", "pip"]
     subprocess.run(pip + ["install", "-q", f"torch=={torch.__version__.split('+')[0]}"], check=True)
     subprocess.run(pip + ["install", "-q", *packages], check=True)
     if remove:
         subprocess.run(pip + ["uninstall", "-y", "-q", *remove], check=True)
+    marker.write_text(wanted)
     return python
