@@ -45,9 +45,10 @@ PROMPTS = ["The history of the city", "In 1850 the river", "A recipe for bread n
            "Once upon a time, a", "The main exports of Brazil are", "def fibonacci(n):", "Paris is the capital of"]
 
 
-def vllm_agreement(python: Path, folder: Path, ckpt: Path, tmp: Path, dtype: str, max_tokens: int = 32) -> dict:
+def vllm_agreement(python: Path, folder: Path, ckpt: Path, tmp: Path, dtype: str, max_tokens: int = 32,
+                   kv_cache_dtype: str = "auto") -> dict:
     """vLLM's greedy tokens from ``folder`` against our engine's from ``ckpt``, both computing in ``dtype``
-    (see the module docstring)."""
+    (see the module docstring); ``kv_cache_dtype`` "fp8" makes vLLM use the folder's KV-cache scales."""
     import torch
 
     import quantdeploy as qd
@@ -57,7 +58,8 @@ def vllm_agreement(python: Path, folder: Path, ckpt: Path, tmp: Path, dtype: str
     ours = [c.token_ids for c in engine.generate(ids, qd.SamplingParams(max_tokens=max_tokens, ignore_eos=True))]
     (tmp / "prompts.json").write_text(json.dumps([{"prompt_token_ids": i} for i in ids]))
     proc = subprocess.run([str(python), str(HERE / "peers" / "vllm_worker.py"), "--model", str(folder), "--prompts",
-                           str(tmp / "prompts.json"), "--max-tokens", str(max_tokens), "--dtype", dtype], capture_output=True, text=True,
+                           str(tmp / "prompts.json"), "--max-tokens", str(max_tokens), "--dtype", dtype,
+                           "--kv-cache-dtype", kv_cache_dtype], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu",
                                "OMP_NUM_THREADS": str(os.cpu_count())})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -85,7 +87,7 @@ def vllm_agreement(python: Path, folder: Path, ckpt: Path, tmp: Path, dtype: str
     fp32_tokens = [c.token_ids for c in exact.generate(ids, qd.SamplingParams(max_tokens=max_tokens, ignore_eos=True))]
     return {"prompts_agree": agree, "prompts": len(ids), "divergences": gaps,
             "ours_vs_ours_fp32_agree": sum(a == b for a, b in zip(ours, fp32_tokens)),
-            **{k: res[k] for k in ("vllm", "quantization", "load_s", "generate_s")}}
+            **{k: res.get(k) for k in ("vllm", "quantization", "kv_cache", "load_s", "generate_s")}}
 
 
 def methods(qd, calib):  # noqa: ANN001, ANN201 - name -> config, or (config, KV-cache config)
@@ -158,8 +160,10 @@ def main() -> None:
                 ours = torch.cat([ours_model(ids[i:i + 1]).logits.float() for i in range(len(ids))])
             rows[name] = {"quantize_export_s": time.perf_counter() - t}
             if vllm_python is not None:
+                # vLLM takes the folder's KV-cache scales only when told to keep an fp8 cache
+                kv_dtype = "fp8" if kv is not None and kv.dtype.startswith("fp8") else "auto"
                 rows[name]["vllm"] = v = vllm_agreement(vllm_python, tmp / f"{name}-ct", tmp / name, tmp,
-                                                             args.vllm_dtype)
+                                                        args.vllm_dtype, kv_cache_dtype=kv_dtype)
                 print(f"{name:<22} {'vllm':>8} " + (f"refused: {v['error']}" if "error" in v else
                       f"{v['prompts_agree']}/{v['prompts']} prompts agree on 32 greedy tokens (ours {args.vllm_dtype} "
                       f"vs ours fp32: {v['ours_vs_ours_fp32_agree']}/{v['prompts']}); divergences {v['divergences']}"),

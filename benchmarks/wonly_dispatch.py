@@ -39,9 +39,8 @@ ROW_LIMIT = 16  # the row kernel is timed up to this many rows
 
 def row_grid(m: int, bits: int, chunk: int, sms: int) -> list[tuple]:
     rows = min(triton_next_pow2(m), 8)
-    words = (32, 64, 128) if bits == 8 else (32, 64)
     return [(rows, bn, chunk, w // chunk, warps, 4 * sms)
-            for bn, w, warps in itertools.product((4, 8, 16, 32), words, (2, 4))]
+            for bn, w, warps in itertools.product((8, 16, 32, 64), (32, 64, 128), (2, 4))]
 
 
 def tile_grid(m: int) -> list[tuple]:

@@ -21,7 +21,10 @@ registers (about 330 TFLOP/s against cuBLAS's 650-700), and dequantize + cuBLAS 
 dropped: the swapped product (``W @ x.T``, the dequantized tile as wgmma's register operand), 2-6% slower
 at 16 to 256 rows. Its first version loaded x's even and odd columns apart (strided, unvectorizable),
 converted each code with an integer-to-float instruction and dequantized into two half tiles; it ran at
-0.03-0.11x bf16 from 64 rows up (``results/kernels-gpu-llama8b-shapes-h200.txt``).
+0.03-0.11x bf16 from 64 rows up (``results/kernels-gpu-llama8b-shapes-h200.txt``). Also dropped: the row
+kernel's bf16-pair decode here (``q - z`` exact in bf16 to the tensor cores, K permuted to the pairs'
+order): 5.2 instructions per code against 9.0 in the SASS, yet 0.56x bf16 per layer at 16 rows against
+0.83x, 0.16x at 64 (``results/gemv4-bf16-pairs-h200.txt``): the instruction count is not this kernel's bound.
 """
 
 from __future__ import annotations

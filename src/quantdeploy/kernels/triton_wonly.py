@@ -10,10 +10,11 @@ A quantized layer must never be slower than its bf16 layer, and no single kernel
 
 ``ROUTES`` holds, per code width, the largest M each path takes: the path with the least time per 8B
 decoder layer (qkv + o + gate/up + down) in ``benchmarks/wonly_dispatch.py`` on an H200 against bf16
-``F.linear`` (``results/wonly-dispatch-h200.txt``). There, int4 g128 / int8 per layer: 1.56x / 1.41x bf16
-at one row, 1.23x / 0.99x at two, 0.89x / 0.81x at four, 0.83x / 0.77x at 8-16, 0.69x / 0.66x at 64, then
-0.55x at 256 rising to 0.98x / 0.96x at 4,096 by dequantize + cuBLAS. So "never slower than bf16" holds
-today at one and two rows only (int8: one); between them the tile kernel's tensor-core rate (``triton_gemm.py``) is the
+``F.linear`` (``results/wonly-dispatch-h200.txt``). There, int4 g128 / int8 per layer: 2.09x / 1.41x bf16
+at one row, 1.61x / 0.99x at two, 1.06x / 0.81x at four (int4 with the row kernel's bf16 pairs,
+``results/gemv4-bf16-pairs-h200.txt``), 0.83x / 0.77x at 8-16, 0.69x / 0.66x at 64, then 0.55x at 256
+rising to 0.98x / 0.96x at 4,096 by dequantize + cuBLAS. So "never slower than bf16" holds today up to
+four rows for int4 (the o projection alone: two) and at one for int8; between them the tile kernel's tensor-core rate (``triton_gemm.py``) is the
 limit, and the fix is a mixed-input GEMM that feeds the tensor cores at their full rate, not dispatch.
 
 The canonical layout is read as stored (no repacking), so the checkpoint and the kernels share one copy of
