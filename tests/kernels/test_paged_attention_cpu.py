@@ -1,6 +1,7 @@
 """The CPU decode-attention op over the paged cache: it equals the masked attention over the contiguous
-rows, never reads past the longest row (what lies there may be anything), and in the engine, eager and
-traced by dynamo as a compiled step traces it, gives the tokens of the eager SDPA path."""
+rows, never reads past the longest row, and a row in a bucket of its own reads only its own blocks (what
+lies past them may be anything); in the engine, eager and traced by dynamo as a compiled step traces it,
+it gives the tokens of the eager SDPA path."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def test_positions_past_the_longest_row_are_never_read():
         for block in table[row, 3:].tolist() + table[3].tolist() + [0]:
             k[block] = v[block] = float("nan")
     assert torch.equal(decode_attention_cpu(q, k, v, table, lengths, None, None), before)
+
+
+def test_a_short_row_beside_a_long_one_reads_only_its_own_blocks():
+    """Rows of 1, 2, 3 and 8 blocks (64 positions a block) fall in buckets 1, 2, 4, 8: each bucket's
+    longest row is its only one, so every row reads exactly its own blocks."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(4, 4, 16, generator=g)
+    k, v, table = _paged(*torch.randn(2, 4, 2, 512, 16, generator=g), g)
+    lengths = torch.tensor([5, 100, 150, 500])
+    before = decode_attention_cpu(q, k, v, table, lengths, None, None)
+    held = {0: 1, 1: 2, 2: 3, 3: 8}
+    for row, blocks in held.items():
+        for block in table[row, blocks:].tolist():
+            if block not in {b for r, n in held.items() for b in table[r, :n].tolist()}:
+                k[block] = v[block] = float("nan")
+    assert torch.equal(decode_attention_cpu(q, k, v, table, lengths, None, None), before)
+    assert not before.isnan().any()
 
 
 def test_the_engine_with_the_op_gives_the_eager_tokens_traced_or_not(tiny_bundle):

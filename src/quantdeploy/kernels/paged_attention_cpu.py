@@ -5,9 +5,11 @@ Why an op. A compiled step has static shapes, so attention written in torch ops 
 every position the cache reserves for a row (``max_seq_len``), whatever the sequences hold: the cost
 of a step grew with the context a server was started with. torch.compile keeps a registered op whole
 and calls it with real tensors, so the op can read the rows' lengths (a host read costs nothing on the
-CPU), gather the blocks of the longest row only and attend with a per-row mask: the work follows the
-sequences, as the split-KV kernel's does on CUDA (``kernels/triton_attention.py``), bounded by the
-longest running row rather than each row's own length. The math is the eager path's
+CPU) and gather only the blocks that hold positions: the work follows the sequences, as the split-KV
+kernel's does on CUDA (``kernels/triton_attention.py``). Rows are attended in buckets of similar lengths
+(block counts within a power of two), each bucket over its own longest row with a per-row mask, so a row
+reads less than twice the positions it holds whatever the longest running row holds (a short request
+beside an 8k one does not read 8k positions), for one batched call per bucket. The math is the eager path's
 (``scaled_dot_product_attention`` over the gathered keys and values, codes dequantized with the
 per-head scales as ``PagedKVCache.read`` does), so compiled and eager decode agree.
 """
@@ -31,24 +33,42 @@ def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor, length: int, dtype: 
     return dequantize_kv(x, scale, dtype) if scale is not None else x
 
 
-@torch.library.custom_op("quantdeploy::decode_attention_cpu", mutates_args=(), device_types="cpu")
-def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                         lengths: torch.Tensor, k_scale: torch.Tensor | None,
-                         v_scale: torch.Tensor | None) -> torch.Tensor:
-    """``q [B, H, D]`` of rows ``0..B-1`` against their first ``lengths [B]`` positions, held in the blocks
-    ``block_table [rows >= B, nb]`` names of ``k_cache``/``v_cache`` ``[blocks, Hkv, block, D]``."""
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+            lengths: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    """``q [b, H, D]`` against the first ``lengths`` positions held in ``blocks [b, nb]``: the blocks of the
+    longest of these rows gathered, the others masked."""
     b, heads, dim = q.shape
     kv_heads, block = k_cache.shape[1], k_cache.shape[2]
-    longest = int(lengths.max()) if b else 0
-    if longest == 0:
-        return torch.zeros_like(q)
-    blocks = block_table[:b, :-(-longest // block)]
+    longest = int(lengths.max())
+    blocks = blocks[:, :-(-longest // block)]
     k = gather_blocks(k_cache, blocks, longest, q.dtype, k_scale)
     v = gather_blocks(v_cache, blocks, longest, q.dtype, v_scale)
     rep = heads // kv_heads
     mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :].expand(b, 1, rep, longest)
     y = F.scaled_dot_product_attention(q.reshape(b, kv_heads, rep, dim), k, v, attn_mask=mask)
     return y.reshape(b, heads, dim)
+
+
+@torch.library.custom_op("quantdeploy::decode_attention_cpu", mutates_args=(), device_types="cpu")
+def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                         lengths: torch.Tensor, k_scale: torch.Tensor | None,
+                         v_scale: torch.Tensor | None) -> torch.Tensor:
+    """``q [B, H, D]`` of rows ``0..B-1`` against their first ``lengths [B]`` positions, held in the blocks
+    ``block_table [rows >= B, nb]`` names of ``k_cache``/``v_cache`` ``[blocks, Hkv, block, D]``. Rows go
+    in buckets by the power of two at or above their block count, each bucket attending over its own
+    longest row: a row reads less than twice the blocks it holds (a row without positions gives zeros)."""
+    b, block = q.shape[0], k_cache.shape[2]
+    buckets: dict[int, list[int]] = {}
+    for row, count in enumerate(((lengths[:b] + block - 1) // block).tolist()):
+        if count:
+            buckets.setdefault(1 << (count - 1).bit_length(), []).append(row)
+    if len(buckets) == 1 and len(rows := next(iter(buckets.values()))) == b:  # one bucket: no gather of rows
+        return _attend(q, k_cache, v_cache, block_table[:b], lengths[:b], k_scale, v_scale)
+    out = torch.zeros_like(q)
+    for rows in buckets.values():
+        idx = torch.tensor(rows)
+        out[idx] = _attend(q[idx], k_cache, v_cache, block_table[idx], lengths[idx], k_scale, v_scale)
+    return out
 
 
 @decode_attention_cpu.register_fake
