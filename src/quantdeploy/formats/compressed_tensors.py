@@ -175,8 +175,6 @@ def module_tensors(name: str, spec: QuantSpec, t: dict[str, torch.Tensor], shape
 def export(source: str | Path, out: str | Path, overwrite: bool = False) -> int:
     """Write the quantdeploy checkpoint ``source`` as a compressed-tensors folder ``out`` (atomically; a
     re-export is byte-identical). Returns the folder's size in bytes."""
-    from safetensors.torch import save_file
-
     source, out = Path(source), Path(out)
     if not ckpt.is_checkpoint(source):
         raise CheckpointError(f"{source} is not a quantdeploy checkpoint; run quantize first, then export it")
@@ -204,15 +202,33 @@ def export(source: str | Path, out: str | Path, overwrite: bool = False) -> int:
         exported.update({a: tensors[k].clone() for a, k in quant_config.get("aliases", {}).items()})
     model_config["quantization_config"] = quantization_config(quant_config, list(quant_config.get("ignore", [])))
 
-    def write(folder: Path) -> None:
-        for name in COPIED:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, folder / name)
-        (folder / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
-        save_file({k: exported[k].contiguous() for k in sorted(exported)}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
+    return ckpt.write_folder(out, lambda folder: write_hf_folder(source, folder, model_config, exported), overwrite,
+                             is_export, WHAT)
 
-    return ckpt.write_folder(out, write, overwrite, is_export, WHAT)
+
+def write_hf_folder(source: Path, folder: Path, model_config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    extra: dict[str, dict[str, Any]] | None = None) -> None:
+    """What a transformers-style loader reads, into ``folder``: the tokenizer and generation files of
+    ``source`` copied, ``config.json`` (and any ``extra`` JSON files by name), and ``model.safetensors``
+    with the tensors in name order (so that a re-export is byte-identical)."""
+    from safetensors.torch import save_file
+
+    for name in COPIED:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    for name, content in {"config.json": model_config, **(extra or {})}.items():
+        (folder / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def quant_method(path: Path) -> str | None:
+    """``quantization_config.quant_method`` of the folder's config.json, or None."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("quantization_config", {}).get("quant_method") if isinstance(config, dict) else None
 
 
 WHAT = "compressed-tensors export (a config.json whose quantization_config is compressed-tensors')"
@@ -220,8 +236,4 @@ WHAT = "compressed-tensors export (a config.json whose quantization_config is co
 
 def is_export(path: Path) -> bool:
     """A folder this exporter wrote (what ``--overwrite`` may replace)."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("quantization_config", {}).get("quant_method") == FORMAT
+    return quant_method(path) == FORMAT
