@@ -28,7 +28,8 @@ CUDA graphs need: on CUDA the decode step is ``torch.compile``d with ``mode="red
 (one graph per batch bucket), and its attention kernel reads each row's own positions only, the
 lengths being a device tensor (``kernels/triton_attention.py``), so a step costs what the sequences
 hold, not what the cache reserves; on CPU it runs eagerly (or compiled, with ``compile=True``) and
-attends over the cached positions of the longest row (``kernels/paged_attention_cpu.py`` when compiled).
+attends over the cached positions of the longest row (compiled: rows in buckets of similar lengths,
+``kernels/paged_attention_cpu.py``).
 On CUDA a prefill of up to 4096 padded tokens
 replays a CUDA graph of its bucketed shape (``engine/prefill_graphs.py``): eagerly, launching its
 kernels took longer than running them.

@@ -180,8 +180,8 @@ class PagedKVCache(nn.Module):
     def attend(self, q: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Decode attention of ``q [B, H, D]`` (one query per row, rows ``0..B-1``) over each row's first
         ``lengths [B]`` cached positions, a registered op torch.compile keeps whole: on CUDA the split-KV
-        kernel reads each row's own positions (``kernels/triton_attention.py``), on the CPU the blocks of
-        the longest row are gathered (``kernels/paged_attention_cpu.py``)."""
+        kernel reads each row's own positions (``kernels/triton_attention.py``), on the CPU rows in buckets
+        of similar lengths each gather their longest row's blocks (``kernels/paged_attention_cpu.py``)."""
         scales = (self.k_scale, self.v_scale) if self.quant else (None, None)
         op = torch.ops.quantdeploy.decode_attention if q.is_cuda else torch.ops.quantdeploy.decode_attention_cpu
         return op(q, self.k_cache, self.v_cache, self.block_table, lengths, *scales)
