@@ -8,7 +8,8 @@ SASS disassembled, and the longest loop's instructions counted by opcode.
 At a few rows these kernels are bound by their instruction rate as much as by the weight's bytes (an H200
 moves ~2 int4 codes per byte at 4 TB/s while issuing ~1e12 warp instructions a second), so this count is
 the lever the row kernel's bf16 pairs pulled (``results/gemv4-bf16-pairs-h200.txt``). A diagnostic: it
-says nothing of memory or latency; the timings are ``wonly_dispatch.py``'s on the device.
+says nothing of memory or latency; the timings are ``wonly_dispatch.py``'s on the device. The counts
+depend on the Triton (and its ptxas) installed: the record's are Triton 3.6's, the device's version.
 """
 
 from __future__ import annotations

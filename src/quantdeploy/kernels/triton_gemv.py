@@ -18,8 +18,8 @@ and j + 4 of a word land in the mantissas of a bf16 pair under an exponent of 12
 ``128 + q`` exact), one packed FMA subtracts ``128 + z`` (exact), and four packed FMAs multiply by x and add;
 each word's pair is summed in fp32 and scaled in fp32 per chunk. Compiled for sm_90, that is 3.2
 instructions per code in the main loop against 7.1 for the fp32 decode (``benchmarks/results/gemv4-bf16-
-pairs-h200.txt``): on an H200 at one row, per 8B decoder layer, 56 µs against bf16 ``F.linear``'s 118
-(2.09x), gate/up 55% of the copy bandwidth (the fp32 decode: 1.56x, 40%). The products are rounded to
+pairs-h200.txt``): on an H200 at one row, per 8B decoder layer, 55 µs against bf16 ``F.linear``'s 115
+(2.09x), gate/up 58% of the copy bandwidth (the fp32 decode: 1.56x, 40%). The products are rounded to
 bf16 (8 bits) and four of them added in bf16 before the fp32 sum: an error of the order of x's own bf16
 rounding, which the reference (weights rounded to bf16, fp32 accumulation) does not have. fp16 and fp32 x,
 int8 codes, and Triton's interpreter (which runs no PTX) take the fp32 decode, exact in the weights.
