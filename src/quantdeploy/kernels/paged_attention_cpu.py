@@ -62,7 +62,7 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     for row, count in enumerate(((lengths[:b] + block - 1) // block).tolist()):
         if count:
             buckets.setdefault(1 << (count - 1).bit_length(), []).append(row)
-    if len(buckets) == 1 and len(rows := next(iter(buckets.values()))) == b:  # one bucket: no gather of rows
+    if list(buckets.values()) == [list(range(b))]:  # every row in one bucket: no gather of rows
         return _attend(q, k_cache, v_cache, block_table[:b], lengths[:b], k_scale, v_scale)
     out = torch.zeros_like(q)
     for rows in buckets.values():
