@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from quantdeploy.bench.decode import measure_bandwidth
 from quantdeploy.eval.report import machine_info
 from quantdeploy.kernels import reference
+from quantdeploy.kernels.triton_split import counters
 from quantdeploy.kernels.triton_wonly import wonly_mm
 from quantdeploy.quant.primitives import quantize_weight
 from quantdeploy.quant.spec import QuantSpec
@@ -60,10 +61,11 @@ def main() -> None:
             group = qw.spec.group_for(k)
             zeros = None if qw.spec.symmetric else t["zeros"]
             wbytes = sum(v.numel() * v.element_size() for v in t.values())
+            locks = counters(w.device, torch.cuda.get_device_properties(w.device).multi_processor_count)
             for m in args.m:
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
                 base = bench(lambda: F.linear(x, w16))
-                ours = bench(lambda: wonly_mm(x, t["qweight"], t["scales"], zeros, qw.spec.bits, group))
+                ours = bench(lambda: wonly_mm(x, t["qweight"], t["scales"], zeros, qw.spec.bits, group, locks))
                 ref = bench(lambda: reference.qlinear(x, qw, None)) if args.reference else None
                 moved = wbytes + 2 * m * (k + n)
                 row = {"shape": shape, "k": k, "n": n, "format": fmt, "m": m, "bf16_us": base, "ours_us": ours,

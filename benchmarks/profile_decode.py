@@ -1,7 +1,7 @@
 """Where a GPU decode step's time goes: per-kernel CUDA time of the engine's compiled decode step on the
 Llama-3.1-8B shape, and what cuBLAS achieves on each of the step's matmul shapes alone.
 
-    python benchmarks/profile_decode.py [--batch 1]
+    python benchmarks/profile_decode.py [--batch 1] [--quant w4g128]
 
 The per-shape table answers "how close to the copy bandwidth can one bf16 matmul at this batch get";
 the kernel table answers "what else runs in a step". A diagnostic, not a benchmark record.
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from benchmarks.engine_gpu import llama31_8b_config, random_hf_model
+from benchmarks.engine_gpu import llama31_8b_config, quant_configs, random_hf_model
 from quantdeploy.bench.decode import measure_bandwidth
 from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
@@ -48,6 +48,8 @@ def matmul_table(batch: int, bandwidth: float) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--quant", default="bf16", choices=["bf16", "w4g128", "w8", "nf4", "fp8"],
+                   help="weight format of the profiled engine (RTN on the random weights)")
     p.add_argument("--no-cudnn-sdpa", action="store_true", help="keep SDPA off the cuDNN backend")
     args = p.parse_args()
     if args.no_cudnn_sdpa:
@@ -57,6 +59,11 @@ def main() -> None:
     matmul_table(args.batch, bandwidth)
     hf = random_hf_model(llama31_8b_config(), "cuda")
     bundle = ModelBundle(model=hf, tokenizer=None, source=SourceInfo(path="random", kind="memory"))
+    config = quant_configs()[args.quant]
+    if config is not None:
+        import quantdeploy as qd
+
+        bundle = qd.quantize(bundle, config, device="cuda")
     engine = Engine.from_bundle(bundle, "cuda", max_batch=args.batch, max_seq_len=256)
     for i in range(args.batch):
         engine.add(list(range(100, 164 + i)), SamplingParams(max_tokens=100, ignore_eos=True))
@@ -69,7 +76,7 @@ def main() -> None:
         for _ in range(10):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from quantdeploy.bench.decode import measure_bandwidth
 from quantdeploy.eval.report import machine_info
 from quantdeploy.kernels.triton_gemm import gemm_config, gemm_impl
 from quantdeploy.kernels.triton_gemv import gemv_config, gemv_impl
+from quantdeploy.kernels.triton_split import counters
 from quantdeploy.kernels.triton_wonly import ROUTES, route, run, wonly_mm
 from quantdeploy.quant.primitives import quantize_weight
 from quantdeploy.quant.spec import QuantSpec
@@ -94,21 +95,22 @@ def main() -> None:
         q, s, z = qw.tensors["qweight"], qw.tensors["scales"], qw.tensors.get("zeros")
         bits, group = spec.bits, spec.group_for(k)
         wbytes = sum(v.numel() * v.element_size() for v in qw.tensors.values())
+        locks = counters(w.device, sms)  # the layer's split-K counters, as TritonWeightOnly holds them
         for m in args.m:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             row = {"format": fmt, "shape": shape, "m": m, "bf16_us": bench(lambda: F.linear(x, w16)),
                    "dispatched": route(bits, m)}
-            row["dispatched_us"] = bench(lambda: wonly_mm(x, q, s, z, bits, group))
+            row["dispatched_us"] = bench(lambda: wonly_mm(x, q, s, z, bits, group, locks))
             for path in ("row", "tile", "dequant"):
                 if path != "row" or m <= ROW_LIMIT:
-                    row[f"{path}_us"] = bench(lambda: run(path, x, q, s, z, bits, group))
+                    row[f"{path}_us"] = bench(lambda: run(path, x, q, s, z, bits, group, locks))
             found = {}
             if args.sweep and m <= ROW_LIMIT:
                 chunk = gemv_config(m, n, k, bits, group, sms)[2]
-                found["row"] = [(bench(lambda: gemv_impl(x, q, s, z, bits, group, sms, c)), c)
+                found["row"] = [(bench(lambda: gemv_impl(x, q, s, z, bits, group, sms, c, locks)), c)
                                 for c in row_grid(m, bits, chunk, sms)]
             if args.sweep and m >= 8:
-                found["tile"] = [(bench(lambda: gemm_impl(x, q, s, z, bits, group, sms, c)), c) for c in tile_grid(m)]
+                found["tile"] = [(bench(lambda: gemm_impl(x, q, s, z, bits, group, sms, c, locks)), c) for c in tile_grid(m)]
             base = row["bf16_us"]
             moved = wbytes + 2 * m * (k + n)
             cells = " ".join(f"{path} {row[f'{path}_us']:7.1f} ({base / row[f'{path}_us']:.2f}x)"

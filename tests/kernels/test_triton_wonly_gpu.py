@@ -102,3 +102,37 @@ def test_few_row_kernel_with_k_split_matches_the_reference(rows, symmetric):
         expected = reference.qlinear(x.float(), qw, None)
         got = gemv_impl(x, t["qweight"], t["scales"], t.get("zeros"), 4, 8, 132).float()
         assert ((got - expected).norm() / expected.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("path,rows", [("row", 1), ("row", 4), ("tile", 16)])
+def test_split_k_sums_in_the_kernel_leave_the_counters_zeroed_and_replay_in_a_cuda_graph(path, rows):
+    """The last program of each tile adds the splits' partial sums (``triton_split.py``): every launch
+    equals the reference, is bit-identical to the others whichever program finished last, leaves the
+    layer's counters at zero, and replays the same from a CUDA graph (the engine's decode step)."""
+    from quantdeploy.kernels.triton_split import counters
+    from quantdeploy.kernels.triton_wonly import run
+
+    torch.manual_seed(rows)
+    n, k = 4096, 14336  # the 8B down projection: few outputs, long K, split at a few rows
+    qw = _on_gpu(quantize_weight(torch.randn(n, k) * 0.02, QuantSpec(dtype="int4", group_size=128)))
+    t = qw.tensors
+    locks = counters(torch.device("cuda"), torch.cuda.get_device_properties(0).multi_processor_count)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    expected = reference.qlinear(x.float(), qw, None)
+    first = run(path, x, t["qweight"], t["scales"], None, 4, 128, locks)
+    assert ((first.float() - expected).norm() / expected.norm()).item() < 1e-2
+    for _ in range(20):
+        assert torch.equal(run(path, x, t["qweight"], t["scales"], None, 4, 128, locks), first)
+    assert not locks.any()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        run(path, x, t["qweight"], t["scales"], None, 4, 128, locks)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = run(path, x, t["qweight"], t["scales"], None, 4, 128, locks)
+    for _ in range(20):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, first)
+    assert not locks.any()

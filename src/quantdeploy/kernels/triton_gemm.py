@@ -9,7 +9,8 @@ the checkpoint stores), turned into ``(q - z) * s`` in fp32, rounded to x's dtyp
 rounds, and accumulated as ``x_tile @ w_tile.T`` in fp32. x is read whole and contiguous per row.
 ``BLOCK_K`` divides the group (or the group is the row), so one scale and zero serve a row of the tile;
 groups that no tile of 16 or more divides take a scale per code (a gather, for odd grids only).
-At few tiles (small M on a narrow layer) K is split and the partial sums added after.
+At few tiles (small M on a narrow layer) K is split; the last program of a tile adds the partial sums
+(``triton_split.py``).
 
 The dequantization costs per code what the row kernel pays, but once per ``BLOCK_M`` rows. Codes become
 floats by setting exponent bits, not by conversion instructions (a quarter of the float rate on Hopper).
@@ -32,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from quantdeploy.kernels.triton_split import buffers, store_or_reduce
 
 
 MAGIC = tl.constexpr(8388608.0)  # 2^23: a code OR-ed into the mantissa of this float reads as 2^23 + q
@@ -75,10 +78,10 @@ def _fit_block_k(block_k: int, group: int, k: int) -> int:
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, row_words, tiles_per_split, stride_xm,
-                 stride_os, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
+def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, n_groups, row_words,
+                 tiles_per_split, stride_xm, stride_part, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
                  EVEN: tl.constexpr, FINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     # programs that share a column of weight tiles run together (L2 reuse of the codes across row tiles)
@@ -116,8 +119,8 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, row_wor
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    out = out_ptr + pid_k * stride_os + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_or_reduce(acc, out_ptr, part_ptr, lock_ptr, pid, tl.num_programs(1), offs_m[:, None] * N + offs_n[None, :],
+                    mask_m[:, None] & mask_n[None, :], stride_part, SPLIT)
 
 
 def gemm_config(m: int, n: int, k: int, bits: int, group: int, sms: int,
@@ -139,9 +142,11 @@ def gemm_config(m: int, n: int, k: int, bits: int, group: int, sms: int,
 
 
 def gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-              group: int, sms: int, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+              group: int, sms: int, config: tuple[int, int, int, int, int] | None = None,
+              locks: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` with ``W [N, K]`` stored as ``bits``-bit codes, ``K`` a multiple of the codes per
-    int32 word (see the module docstring). ``config`` overrides ``gemm_config`` (the benchmarks' sweep)."""
+    int32 word (see the module docstring). ``config`` overrides ``gemm_config`` (the benchmarks' sweep);
+    ``locks``: the layer's split-K counters (``triton_split.counters``)."""
     m, k = x.shape
     n = qweight.shape[0]
     block_m, block_n, block_k, warps, stages = config or gemm_config(m, n, k, bits, group, sms,
@@ -154,16 +159,17 @@ def gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     while programs * split < 2 * sms and split * 2 <= tiles // 4 and tiles % (split * 2) == 0:
         split *= 2
     per_split = tiles // split
-    out = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    out, partials, locks = buffers(split, m, n, x, locks, programs)
     if m == 0:
-        return out[0].to(x.dtype)
+        return out
     _gemm_kernel[(programs, split)](x, qweight.view(torch.int32), scales, zeros if zeros is not None else scales,
-                                    out, m, n, k, scales.shape[1], k * bits // 32, per_split, x.stride(0), m * n,
+                                    out, partials, locks, m, n, k, scales.shape[1], k * bits // 32, per_split,
+                                    x.stride(0), m * n,
                                     BITS=bits, GROUP=group, SYMMETRIC=zeros is None, IEEE=x.dtype == torch.float32,
                                     EVEN=k % block_k == 0, FINE=group < k and group % block_k != 0,
-                                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, SPLIT=split > 1,
                                     num_warps=warps, num_stages=stages)
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+    return out
 
 
 @triton.jit

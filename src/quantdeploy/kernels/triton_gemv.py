@@ -19,7 +19,8 @@ and j + 4 of a word land in the mantissas of a bf16 pair under an exponent of 12
 each word's pair is summed in fp32 and scaled in fp32 per chunk. Compiled for sm_90, that is 3.2
 instructions per code in the main loop against 7.1 for the fp32 decode (``benchmarks/results/gemv4-bf16-
 pairs-h200.txt``): on an H200 at one row, per 8B decoder layer, 55 µs against bf16 ``F.linear``'s 115
-(2.09x), gate/up 58% of the copy bandwidth (the fp32 decode: 1.56x, 40%). The products are rounded to
+(2.09x), gate/up 58% of the copy bandwidth (the fp32 decode: 1.56x, 40%); with the split-K sums inside
+the kernel (``triton_split.py``) 48.8 µs against 118.8 (2.43x), gate/up 65%. The products are rounded to
 bf16 (8 bits) and four of them added in bf16 before the fp32 sum: an error of the order of x's own bf16
 rounding, which the reference (weights rounded to bf16, fp32 accumulation) does not have. fp16 and fp32 x,
 int8 codes, and Triton's interpreter (which runs no PTX) take the fp32 decode, exact in the weights.
@@ -36,6 +37,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from quantdeploy.kernels.triton_split import buffers, store_or_reduce
 
 #: Triton's CPU interpreter runs no inline PTX: there the bf16 pairs (``_dot8_pairs``) give way to fp32 math
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -151,10 +154,10 @@ def _zero_pair(z):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, n_groups, tiles_per_split, row_words, stride_xm,
-                 stride_os, BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, n_groups, tiles_per_split, row_words,
+                 stride_xm, stride_part, BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                  SYMMETRIC: tl.constexpr, EVEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr):
+                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr):
     """``ROWS`` rows of x. A program owns ``BLOCK_N`` output channels and a run of K tiles; a tile is
     ``CHUNKS`` chunks of ``CHUNK`` int32 words, a chunk never straddling a group, so the codes of a tile
     are ``[BLOCK_N, CHUNKS, CHUNK]``, their scales ``[BLOCK_N, CHUNKS]`` and x ``[ROWS, CHUNKS, CHUNK,
@@ -225,8 +228,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, n_groups, tiles_per_
         total = tl.sum(tl.sum(acc, axis=3), axis=2)  # [ROWS, BLOCK_N]
     if PER_CHANNEL:
         total = total * s_row[None, :]
-    out = out_ptr + pid_k * stride_os + offs_r[:, None] * N + offs_n[None, :]
-    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_n[None, :])
+    store_or_reduce(total, out_ptr, part_ptr, lock_ptr, pid_n + tl.num_programs(0) * tl.program_id(2),
+                    tl.num_programs(1), offs_r[:, None] * N + offs_n[None, :], mask_r[:, None] & mask_n[None, :],
+                    stride_part, SPLIT)
 
 
 def gemv_config(rows: int, n: int, k: int, bits: int, group: int, sms: int) -> tuple[int, int, int, int, int, int]:
@@ -254,10 +258,11 @@ def gemv_config(rows: int, n: int, k: int, bits: int, group: int, sms: int) -> t
 
 
 def gemv_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              bits: int, group: int, sms: int,
-              config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+              bits: int, group: int, sms: int, config: tuple[int, int, int, int, int, int] | None = None,
+              locks: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` for int4/int8 codes, ``K`` and ``group`` multiples of the codes per word, one pass
-    over the weight per ``ROWS`` rows of x. ``config`` overrides ``gemv_config`` (the benchmarks' sweep)."""
+    over the weight per ``ROWS`` rows of x. ``config`` overrides ``gemv_config`` (the benchmarks' sweep);
+    ``locks``: the layer's split-K counters (``triton_split.counters``)."""
     m, k = x.shape
     n = qweight.shape[0]
     block_rows, block_n, chunk, chunks, warps, min_programs = config or gemv_config(m, n, k, bits, group, sms)
@@ -271,11 +276,12 @@ def gemv_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         split *= 2
     per_split = triton.cdiv(tiles, split)
     even = row_words == per_split * split * chunks * chunk  # every split's tiles inside the row, whole
-    out = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_rows))
-    _gemv_kernel[grid](x, qweight.view(torch.int32), scales, zeros if zeros is not None else scales, out, m, n,
-                       scales.shape[1], per_split, row_words, x.stride(0), m * n, BITS=bits, GROUP=group,
+    out, partials, locks = buffers(split, m, n, x, locks, grid[0] * grid[2])
+    _gemv_kernel[grid](x, qweight.view(torch.int32), scales, zeros if zeros is not None else scales, out, partials,
+                       locks, m, n, scales.shape[1], per_split, row_words, x.stride(0), m * n, BITS=bits, GROUP=group,
                        PER_CHANNEL=group >= k, SYMMETRIC=zeros is None, EVEN=even, ROWS=block_rows,
                        BLOCK_N=block_n, CHUNK=chunk, CHUNKS=chunks,
-                       PAIRS=bits == 4 and x.dtype == torch.bfloat16 and not INTERPRETED, num_warps=warps, num_stages=2)
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+                       PAIRS=bits == 4 and x.dtype == torch.bfloat16 and not INTERPRETED, SPLIT=split > 1,
+                       num_warps=warps, num_stages=2)
+    return out

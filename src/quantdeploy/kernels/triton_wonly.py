@@ -10,12 +10,13 @@ A quantized layer must never be slower than its bf16 layer, and no single kernel
 
 ``ROUTES`` holds, per code width, the largest M each path takes: the path with the least time per 8B
 decoder layer (qkv + o + gate/up + down) in ``benchmarks/wonly_dispatch.py`` on an H200 against bf16
-``F.linear`` (``results/wonly-dispatch-h200.txt``). There, int4 g128 / int8 per layer: 2.09x / 1.41x bf16
-at one row, 1.61x / 0.99x at two, 1.06x / 0.81x at four (int4 with the row kernel's bf16 pairs,
-``results/gemv4-bf16-pairs-h200.txt``), 0.83x / 0.77x at 8-16, 0.69x / 0.66x at 64, then 0.55x at 256
+``F.linear`` (``results/wonly-dispatch-h200.txt``). There, int4 g128 per layer (split-K sums inside the
+kernels, ``results/splitk-in-kernel-h200.txt``): 2.43x bf16 at one row, 1.79x at two, 1.06x at four, 0.86x
+at 16, 0.70x at 64; int8 (before that change): 1.41x, 0.99x, 0.81x, 0.77x at 8-16, 0.66x at 64; then 0.55x at 256
 rising to 0.98x / 0.96x at 4,096 by dequantize + cuBLAS. So "never slower than bf16" holds today up to
-four rows for int4 (the o projection alone: two) and at one for int8; between them the tile kernel's tensor-core rate (``triton_gemm.py``) is the
-limit, and the fix is a mixed-input GEMM that feeds the tensor cores at their full rate, not dispatch.
+four rows for int4 (the o projection alone: two) and at one for int8; between them the tile kernel's
+tensor-core rate (``triton_gemm.py``) is the limit, and the fix is a mixed-input GEMM that feeds the
+tensor cores at their full rate, not dispatch.
 
 The canonical layout is read as stored (no repacking), so the checkpoint and the kernels share one copy of
 the weight. Tile sizes come from fixed rules of (M, N, K), not from autotuning: autotuning benchmarks at
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from quantdeploy.kernels.triton_gemm import dequantize_impl, gemm_impl
 from quantdeploy.kernels.triton_gemv import gemv_impl
+from quantdeploy.kernels.triton_split import counters
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,13 @@ def _sms(device: torch.device) -> int:
 
 
 def run(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-        bits: int, group: int) -> torch.Tensor:
-    """``x [M, K] @ W.T`` by the named path (the benchmarks time each path at every M through this)."""
+        bits: int, group: int, locks: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W.T`` by the named path (the benchmarks time each path at every M through this);
+    ``locks``: the layer's split-K counters (``triton_split.counters``; without them, a zeroed buffer per call)."""
     if path == "row":
-        return gemv_impl(x, qweight, scales, zeros, bits, group, _sms(x.device))
+        return gemv_impl(x, qweight, scales, zeros, bits, group, _sms(x.device), locks=locks)
     if path == "tile":
-        return gemm_impl(x, qweight, scales, zeros, bits, group, _sms(x.device))
+        return gemm_impl(x, qweight, scales, zeros, bits, group, _sms(x.device), locks=locks)
     if path == "dequant":
         return F.linear(x, dequantize_impl(qweight, scales, zeros, bits, group, x.shape[1], x.dtype))
     raise ValueError(f"unknown path {path!r}")
@@ -68,14 +71,15 @@ def run(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 @torch.library.custom_op("quantdeploy::wonly_mm", mutates_args=())
 def wonly_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-             bits: int, group: int) -> torch.Tensor:
+             bits: int, group: int, locks: torch.Tensor | None = None) -> torch.Tensor:
+    """``locks`` is written inside a launch and left as it was found (all zero), so it is not a mutated input."""
     if x.shape[0] == 0:
         return x.new_empty((0, qweight.shape[0]))
-    return run(route(bits, x.shape[0]), x, qweight, scales, zeros, bits, group)
+    return run(route(bits, x.shape[0]), x, qweight, scales, zeros, bits, group, locks)
 
 
 @wonly_mm.register_fake
-def _(x, qweight, scales, zeros, bits, group):  # noqa: ANN001, ANN202 - the shapes torch.compile needs
+def _(x, qweight, scales, zeros, bits, group, locks=None):  # noqa: ANN001, ANN202 - the shapes torch.compile needs
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
@@ -100,11 +104,13 @@ class TritonWeightOnly:
         self.bits = qw.spec.bits
         self.group = qw.spec.group_for(qw.shape[1])
         self.zeros = None if qw.spec.symmetric else qw.tensors["zeros"]
+        self.locks = counters(qw.tensors["qweight"].device, _sms(qw.tensors["qweight"].device))
         log.debug("kernels: triton %s %s, routes by rows %s", qw.spec.describe(), tuple(qw.shape), ROUTES[self.bits])
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         t = self.qw.tensors
-        y = torch.ops.quantdeploy.wonly_mm(rows, t["qweight"], t["scales"], self.zeros, self.bits, self.group)
+        y = torch.ops.quantdeploy.wonly_mm(rows, t["qweight"], t["scales"], self.zeros, self.bits, self.group,
+                                           self.locks)
         y = y.reshape(*x.shape[:-1], -1)
         return y if bias is None else y + bias
