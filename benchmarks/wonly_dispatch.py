@@ -39,9 +39,10 @@ ROW_LIMIT = 16  # the row kernel is timed up to this many rows
 
 
 def row_grid(m: int, bits: int, chunk: int, sms: int) -> list[tuple]:
+    """Row-kernel configs: channels, words per tile, warps, and the grid K is split up to (programs per SM)."""
     rows = min(triton_next_pow2(m), 8)
-    return [(rows, bn, chunk, w // chunk, warps, 4 * sms)
-            for bn, w, warps in itertools.product((8, 16, 32, 64), (32, 64, 128), (2, 4))]
+    return [(rows, bn, chunk, w // chunk, warps, per_sm * sms)
+            for bn, w, warps, per_sm in itertools.product((8, 16, 32, 64), (32, 64, 128), (2, 4), (4, 8, 16))]
 
 
 def tile_grid(m: int) -> list[tuple]:
@@ -95,7 +96,7 @@ def main() -> None:
         q, s, z = qw.tensors["qweight"], qw.tensors["scales"], qw.tensors.get("zeros")
         bits, group = spec.bits, spec.group_for(k)
         wbytes = sum(v.numel() * v.element_size() for v in qw.tensors.values())
-        locks = counters(w.device, sms)  # the layer's split-K counters, as TritonWeightOnly holds them
+        locks = counters(w.device, 4 * sms)  # split-K counters, enough for the sweep's grids of up to 16 per SM
         for m in args.m:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             row = {"format": fmt, "shape": shape, "m": m, "bf16_us": bench(lambda: F.linear(x, w16)),
