@@ -31,6 +31,8 @@ def test_quantize_inspect_eval_generate(tiny_llama_dir, tmp_path, data):
     proc = run("inspect", out, "--verify")
     assert proc.returncode == 0, proc.stderr
     assert "int4-asym-g32" in proc.stdout and "hashes verified" in proc.stdout
+    assert "not a mixed-precision checkpoint" in error_line(run("inspect", out, "--plots", tmp_path / "plots"))
+    assert not (tmp_path / "plots").exists()
     proc = run("eval", out, "--baseline", tiny_llama_dir, "--text", data / "text" / "wiki_en.test.txt",
                "--tokens", "512", "--window", "128", "--json", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr

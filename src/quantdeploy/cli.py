@@ -323,7 +323,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from quantdeploy.formats.checkpoint import folder_size, read_checkpoint
 
     path = Path(args.checkpoint)
-    _, manifest = read_checkpoint(path)  # every file's sha256 against the manifest, as every load does
+    quant_config, manifest = read_checkpoint(path)  # every file's sha256 against the manifest, as every load does
+    if args.plots and "mixed" not in quant_config:
+        raise ConfigError(f"{path} is not a mixed-precision checkpoint (no per-layer plan to plot); quantize with "
+                          "--bits-budget or --max-kld to get one")
     info = qd.describe(qd.load(path))
     table = Table(title=str(path))
     for header in ("module", "spec", "shape", "bits/weight", "bytes"):
@@ -337,6 +340,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out_console.print(f"size on disk: {folder_size(path) / 1e6:.1f} MB; source: {manifest['source'].get('path')} "
                       f"({manifest['source'].get('kind')}); created {manifest.get('created_at')} with quantdeploy "
                       f"{manifest.get('quantdeploy_version')}; hashes verified")
+    if args.plots:
+        from quantdeploy.eval.mixed_report import write_mixed_plots
+
+        written = write_mixed_plots(quant_config["mixed"], Path(args.plots))
+        out_console.print(f"plots: {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -437,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--verify", action="store_true",
                    help="check every file's sha256 against the manifest (always done now, as on every load; kept for scripts)")
+    p.add_argument("--plots", metavar="DIR",
+                   help="a mixed-precision checkpoint: write its per-layer sensitivity heatmap and bits-vs-KLD plot here")
     p.set_defaults(func=cmd_inspect)
 
     cli_deploy.add_commands(sub)

@@ -73,6 +73,9 @@ def test_bits_budget_on_the_command_line(tiny_llama_dir, data, tmp_path, capsys)
     assert "mixed precision:" in capsys.readouterr().out
     config = json.loads((tmp_path / "q" / "quant_config.json").read_text())
     assert config["mixed"]["allocation"]["average_bits"] <= 5
+    assert cli.main(["inspect", str(tmp_path / "q"), "--plots", str(tmp_path / "plots")]) == 0
+    assert "plots:" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["bits_vs_kld.png", "sensitivity.png"]
     code = cli.main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits-budget", "5", "-o",
                      str(tmp_path / "nocalib")])
     assert code == 2 and "--bits-budget" in capsys.readouterr().err

@@ -29,7 +29,7 @@ class Allocation:
         return dataclasses.asdict(self)
 
 
-def _average_bits(sens: Sensitivity, choice: dict[str, str]) -> float:
+def average_bits(sens: Sensitivity, choice: dict[str, str]) -> float:
     total = sum(sens.numel.values())
     return sum(sens.bits[n][o] * sens.numel[n] for n, o in choice.items()) / total
 
@@ -45,24 +45,24 @@ def allocate(sens: Sensitivity, budget: float) -> Allocation:
     if not sens.cost:
         raise ConfigError("no layers to allocate bits to")
     cheapest = {n: min(sens.bits[n], key=sens.bits[n].get) for n in sens.cost}
-    floor = _average_bits(sens, cheapest)
+    floor = average_bits(sens, cheapest)
     if floor > budget + 1e-9:
         raise ConfigError(f"a bit budget of {budget} is below the {floor:.3f} bits per weight of the smallest "
                           "candidate on every layer (pinned layers as pinned); raise --bits-budget, add a smaller "
                           "candidate or pin fewer layers")
     lo, hi = 0.0, 1.0
-    while _average_bits(sens, _choose(sens, hi)) > budget:
+    while average_bits(sens, _choose(sens, hi)) > budget:
         hi *= 4
     for _ in range(60):  # the cheapest price whose choice fits
         mid = (lo + hi) / 2
-        if _average_bits(sens, _choose(sens, mid)) > budget:
+        if average_bits(sens, _choose(sens, mid)) > budget:
             lo = mid
         else:
             hi = mid
     choice = _choose(sens, hi)
     total = sum(sens.numel.values())
     while True:  # spend what the price left: the upgrade saving the most KLD per bit that still fits
-        room = (budget - _average_bits(sens, choice)) * total
+        room = (budget - average_bits(sens, choice)) * total
         best, best_rate = None, 0.0
         for n, o in choice.items():
             for other, c in sens.cost[n].items():
@@ -74,4 +74,4 @@ def allocate(sens: Sensitivity, budget: float) -> Allocation:
             break
         choice[best[0]] = best[1]
     predicted = sum(sens.cost[n][o] for n, o in choice.items())
-    return Allocation(choice=choice, average_bits=_average_bits(sens, choice), predicted_kld=predicted, budget=budget)
+    return Allocation(choice=choice, average_bits=average_bits(sens, choice), predicted_kld=predicted, budget=budget)
