@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from quantdeploy.eval.mixed_report import front, heuristic_point, options_of, uniform_points, write_mixed_plots
+from quantdeploy.eval.mixed_report import front, heuristic_point, slots, uniform_points, write_mixed_plots
 from quantdeploy.quant.mixed.allocate import allocate
 from quantdeploy.quant.mixed.sensitivity import KEEP, Sensitivity
 
@@ -38,7 +38,7 @@ def test_the_front_spends_more_bits_for_less_predicted_kld():
 
 def test_uniform_and_heuristic_points_are_the_sums_they_name():
     sens = _sensitivity()
-    assert options_of(sens) == ["int3-sym-g64", "int4-sym-g128", "int4-sym-g32", "int8-sym-per-channel"]
+    assert [label for label, _ in slots(sens)] == ["int3-sym-g64", "int4-sym-g128", "int4-sym-g32", "int8-sym-per-channel"]
     uniform = uniform_points(sens)
     bits, kld = uniform["int4-sym-g32"]
     assert bits == pytest.approx(4.5)
@@ -50,6 +50,18 @@ def test_uniform_and_heuristic_points_are_the_sums_they_name():
                                      for n in sens.cost))
     # the solver at the heuristic's bits predicts no more than the heuristic (it may choose the same)
     assert allocate(sens, hbits).predicted_kld <= hkld + 1e-12
+
+
+def test_a_candidate_that_reads_differently_by_layer_is_one_column():
+    """RTN's groups of 128 are groups of 96 on a 576-wide layer: the same candidate, one column."""
+    sens = _sensitivity()
+    narrow = "model.layers.2.self_attn.q_proj"
+    sens.cost[narrow] = {("int4-sym-g96" if o == "int4-sym-g128" else o): c for o, c in sens.cost[narrow].items()}
+    sens.bits[narrow] = {("int4-sym-g96" if o == "int4-sym-g128" else o): b for o, b in sens.bits[narrow].items()}
+    columns = dict(slots(sens))
+    assert columns["int4-sym-g128/int4-sym-g96"][narrow] == "int4-sym-g96"
+    label, _ = heuristic_point(sens)
+    assert label.endswith("rest int4-sym-g128/int4-sym-g96")
 
 
 def test_a_pinned_layer_keeps_its_pin_in_the_uniform_points():

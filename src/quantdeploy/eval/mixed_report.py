@@ -20,7 +20,6 @@ measured points show by how much (``quantdeploy eval`` measures any of them on h
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -46,24 +45,24 @@ def _point(sens: Sensitivity, choice: dict[str, str]) -> tuple[float, float]:
     return average_bits(sens, choice), sum(sens.cost[n][o] for n, o in choice.items())
 
 
-def options_of(sens: Sensitivity) -> list[str]:
-    """Every candidate some layer may take (not ``KEEP``), fewest stored bits first."""
-    bits: dict[str, float] = {}
-    for n, opts in sens.bits.items():
-        for o, b in opts.items():
-            if o != KEEP:
-                bits[o] = max(bits.get(o, 0.0), b)
-    return sorted(bits, key=bits.get)
+def slots(sens: Sensitivity) -> list[tuple[str, dict[str, str]]]:
+    """The candidates as columns: ``(label, layer -> option)``, fewest stored bits first. A layer's options
+    are the planner's candidates in order (after ``KEEP``); one candidate may read differently by layer (a
+    group of 128 is 96 on a 576-wide layer), so a column is the candidate's position, labelled by the
+    descriptions it takes. A pinned layer (one option) keeps its pin in every column."""
+    own = {n: [o for o in opts if o != KEEP] for n, opts in sens.cost.items()}
+    width = max(len(o) for o in own.values())
+    columns = []
+    for i in range(width):
+        choice = {n: own[n][i] if len(own[n]) == width else min(sens.cost[n], key=sens.bits[n].get) for n in own}
+        label = "/".join(sorted({choice[n] for n in own if len(own[n]) == width}))
+        columns.append((label, choice))
+    return sorted(columns, key=lambda c: average_bits(sens, c[1]))
 
 
 def uniform_points(sens: Sensitivity) -> dict[str, tuple[float, float]]:
-    """Each candidate on every layer that may take it (a pinned layer keeps its pin): ``(average bits,
-    predicted KLD)``."""
-    points = {}
-    for o in options_of(sens):
-        choice = {n: o if o in opts else min(opts, key=sens.bits[n].get) for n, opts in sens.cost.items()}
-        points[o] = _point(sens, choice)
-    return points
+    """Each candidate on every layer: ``(average bits, predicted KLD)``, by column label."""
+    return {label: _point(sens, choice) for label, choice in slots(sens)}
 
 
 def _block(name: str) -> int | None:
@@ -72,18 +71,17 @@ def _block(name: str) -> int | None:
 
 
 def heuristic_point(sens: Sensitivity) -> tuple[str, tuple[float, float]] | None:
-    """"First and last decoder blocks at the most bits, the rest at the fewest-bit 4-bit option" (the rule
-    of thumb mixed precision is measured against); None without blocks or a 4-bit option on every layer."""
-    uniform = uniform_points(sens)
-    fours = [o for o in uniform if o.startswith("int4") or o.startswith("nf4")]
+    """"First and last decoder blocks at the most bits, the rest at the fewest-bit 4-bit candidate" (the
+    rule of thumb mixed precision is measured against); None without blocks or a 4-bit candidate."""
+    columns = slots(sens)
+    fours = [(label, choice) for label, choice in columns if label.startswith(("int4", "nf4"))]
     blocks = [b for b in map(_block, sens.cost) if b is not None]
-    if not fours or not blocks or len(uniform) < 2:
+    if not fours or not blocks or len(columns) < 2:
         return None
-    wide = max(uniform, key=lambda o: uniform[o][0])
-    narrow = min(fours, key=lambda o: uniform[o][0])
+    wide, narrow = columns[-1], fours[0]  # columns are sorted by bits
     ends = {min(blocks), max(blocks)}
-    choice = {n: wide if _block(n) in ends else narrow for n in sens.cost}
-    return f"blocks {min(blocks)} and {max(blocks)} {wide}, rest {narrow}", _point(sens, choice)
+    choice = {n: (wide if _block(n) in ends else narrow)[1][n] for n in sens.cost}
+    return f"blocks {min(blocks)} and {max(blocks)} {wide[0]}, rest {narrow[0]}", _point(sens, choice)
 
 
 def front(sens: Sensitivity, steps: int = 24) -> list[tuple[float, float]]:
@@ -110,17 +108,19 @@ def write_mixed_plots(record: dict[str, Any], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     sens, choice = sensitivity_of(record), chosen(record)
     layers = list(sens.cost)
-    options, uniform = options_of(sens), uniform_points(sens)
-    grid = [[sens.cost[n].get(o, math.nan) for o in options] for n in layers]
+    columns = slots(sens)
+    grid = [[sens.cost[n][choice_i[n]] for _, choice_i in columns] for n in layers]
     positive = [c for row in grid for c in row if c > 0]
-    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(options), max(4.0, 0.045 * len(layers) + 1.5)))
-    image = ax.imshow([[max(c, min(positive)) if c == c else math.nan for c in row] for row in grid], aspect="auto",
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(columns), max(4.0, 0.045 * len(layers) + 1.5)))
+    image = ax.imshow([[max(c, min(positive)) for c in row] for row in grid], aspect="auto",
                       cmap="viridis", norm=LogNorm(vmin=min(positive), vmax=max(positive)), interpolation="nearest")
-    picks = [(options.index(choice[n]), i) for i, n in enumerate(layers) if choice.get(n) in options]
+    picks = [(next(j for j, (_, c) in enumerate(columns) if c[n] == choice[n]), i)
+             for i, n in enumerate(layers) if any(c[n] == choice[n] for _, c in columns)]  # not kept whole
     if picks:
         ax.scatter(*zip(*picks), s=6, c="red", marker="s", label="chosen")
         ax.legend(loc="upper right", fontsize=7)
-    ax.set_xticks(range(len(options)), [f"{o}\n{uniform[o][0]:.2f} bits" for o in options], fontsize=7)
+    ax.set_xticks(range(len(columns)), [f"{label.replace('/', chr(10))}\n{average_bits(sens, c):.2f} bits"
+                                        for label, c in columns], fontsize=7)
     ticks = [i for i, n in enumerate(layers) if i == 0 or _block(n) != _block(layers[i - 1])]
     ax.set_yticks(ticks, [f"block {_block(layers[i])}" if _block(layers[i]) is not None else layers[i] for i in ticks],
                   fontsize=6)
@@ -134,7 +134,7 @@ def write_mixed_plots(record: dict[str, Any], folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bits, kld = zip(*front(sens))
     ax.plot(bits, kld, "-", color="gray", label="allocations at other budgets (predicted)")
-    for name, (b, k) in uniform.items():
+    for name, (b, k) in uniform_points(sens).items():
         ax.scatter(b, k, marker="o")
         ax.annotate(f"uniform {name}", (b, k), textcoords="offset points", xytext=(4, 4), fontsize=7)
     heuristic = heuristic_point(sens)
