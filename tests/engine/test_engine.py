@@ -132,7 +132,12 @@ def test_decode_attention_is_checked_by_name(tiny_bundle):
     engine = Engine.from_bundle(tiny_bundle, "cpu", max_seq_len=64)
     assert engine.model.layers[0].attention.decode_attention == "sdpa"  # eager CPU: the longest row's positions
     compiled = Engine.from_bundle(tiny_bundle, "cpu", max_seq_len=64, compile=True)
-    assert compiled.model.layers[0].attention.decode_attention == "split_kv"  # the cache's op: the same, compiled
+    assert compiled.model.layers[0].attention.decode_attention == "reduce"  # few positions: fused in the graph
+    from quantdeploy.engine.kv_cache import CPU_REDUCE_MAX_POSITIONS, choose_decode_attention
+
+    # past the crossover, the cache's op (the rows' own blocks); the tiny model holds 512 positions at most
+    assert choose_decode_attention(None, torch.device("cpu"), True, CPU_REDUCE_MAX_POSITIONS + 1) == "split_kv"
+    assert choose_decode_attention(None, torch.device("cpu"), True, CPU_REDUCE_MAX_POSITIONS) == "reduce"
 
 
 def test_every_decode_bucket_compiles_past_dynamos_default_recompile_limit(tiny_bundle):

@@ -97,8 +97,9 @@ class Engine(Prefill):
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
         "split_kv" (``kernels/triton_attention.py``: each row reads only its own positions; the default on
-        CUDA with triton), "reduce" (``models.llama.reduce_attention`` over ``kv_len`` positions under a
-        mask; the default when compiled elsewhere) or "sdpa" (the default otherwise).
+        CUDA with triton, and compiled on the CPU past ``kv_cache.CPU_REDUCE_MAX_POSITIONS`` positions a
+        row), "reduce" (``models.llama.reduce_attention`` over ``kv_len`` positions under a mask; the
+        default compiled on the CPU up to that many) or "sdpa" (the default otherwise).
         ``buckets``: the batch sizes a decode step is padded to (default ``BUCKETS``); each is one
         compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,).
         ``max_prefill_tokens``: the most (padded) prompt tokens one prefill forward takes; sequences added
@@ -143,7 +144,7 @@ class Engine(Prefill):
         self.compiled = (device.type == "cuda") if compile is None else compile
         self._compiled_buckets: set[int] = set()
         self._decode = self.model.decode
-        attention = choose_decode_attention(decode_attention, device, self.compiled)
+        attention = choose_decode_attention(decode_attention, device, self.compiled, self.max_seq_len)
         log.debug("decode attention: %s", attention)
         for layer in self.model.layers:
             layer.attention.decode_attention = attention

@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 DECODE_ATTENTION = ("split_kv", "reduce", "sdpa")  # see models.llama.Attention and PagedKVCache.attend
 BLOCK_TOKENS = 64  # positions per block: the decode kernel's tile (kernels.triton_attention.BLOCK_N)
+# A compiled CPU decode step up to this many reserved positions per row attends inside the graph ("reduce":
+# every reserved position, fused C++), past it through the cache's op (the rows' own blocks, plus the op's
+# fixed cost of ~100 µs a layer). Bundled SmolLM2 int4, 2 cores (AMD EPYC), ms per step op / reduce:
+# 256 positions 11.0 / 8.2 at one row, 27.8 / 25.2 at eight; 1,024 positions 10.6 / 10.2 and 29.0 / 36.3.
+CPU_REDUCE_MAX_POSITIONS = 512
 SCRATCH = 0  # the block that table entries without a block of their own point at
 # The share of the free device memory the pool may take by default; the rest is for activations (a
 # 32k-token prefill of the 8B shape needs ~29 GB of them) and the CUDA graphs.
@@ -199,11 +204,15 @@ class PagedKVCache(nn.Module):
             pool.view(torch.uint8).index_fill_(0, index, 0)
 
 
-def choose_decode_attention(name: str | None, device: torch.device, compiled: bool) -> str:
+def choose_decode_attention(name: str | None, device: torch.device, compiled: bool, max_seq_len: int) -> str:
     """The decode attention to run: ``name``, checked, or the default for ``device``: ``split_kv`` (the
     cache's ``attend``: each row's own positions on CUDA, the longest row's on the CPU) on CUDA and for a
-    compiled step on the CPU, else ``sdpa`` (over the longest row's positions, gathered)."""
-    if name is None:
+    compiled step on the CPU whose rows reserve more than ``CPU_REDUCE_MAX_POSITIONS``; ``reduce`` (fused
+    into the compiled step, over every reserved position) for a compiled CPU step with fewer; else ``sdpa``
+    (over the longest row's positions, gathered)."""
+    if name is None and compiled and device.type == "cpu":
+        name = "reduce" if max_seq_len <= CPU_REDUCE_MAX_POSITIONS else "split_kv"
+    elif name is None:
         name = "split_kv" if compiled or device.type == "cuda" else "sdpa"
     if name not in DECODE_ATTENTION:
         raise ConfigError(f"unknown decode attention '{name}'; available: {', '.join(DECODE_ATTENTION)}")
