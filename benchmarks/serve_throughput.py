@@ -132,6 +132,10 @@ def serve_and_load(model: str, max_batch: int, args: argparse.Namespace) -> dict
         cmd.append("--one-bucket")
     if getattr(args, "engine", None):
         cmd += ["--engine", args.engine]
+    if getattr(args, "dtype", None):
+        cmd += ["--dtype", args.dtype]
+    if getattr(args, "compile", False):
+        cmd.append("--compile")
     if getattr(args, "prefill_wait_steps", None) is not None:
         cmd += ["--prefill-wait-steps", str(args.prefill_wait_steps)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -1,7 +1,7 @@
 """Our server against vLLM's CPU build on the same checkpoint, the same cores and the same load, in one run.
 
     HF_HUB_OFFLINE=1 python benchmarks/serve_vs_vllm_cpu.py --model bundled --method rtn-w4-sym-g128 \
-        [--requests 200 --concurrency 16 --output-len 32] [--rounds 2]
+        [--requests 200 --concurrency 16 --output-len 32] [--rounds 2] [--dtype bfloat16]
 
 The model is quantized with ``--method`` (or served unquantized with ``--method none``), saved, and
 exported to compressed-tensors; vLLM (``vllm-cpu`` 0.32.0 in an environment of its own, see
@@ -74,6 +74,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=16)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="our server with --compile (its decode step compiled)")
+    p.add_argument("--one-bucket", action="store_true", help="our server with --one-bucket (one compiled graph)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="our server's compute dtype (--dtype; default: "
+                   "the checkpoint's); vLLM always runs bf16")
     p.add_argument("--vllm-version", default="0.32.0")
     p.add_argument("--peer-venv", type=Path, default=Path.home() / ".cache" / "quantdeploy" / "peers")
     args = p.parse_args()

@@ -57,6 +57,25 @@ def test_saved_checkpoint_generates_the_same_greedy_tokens_in_a_new_process(tiny
     assert json.loads(proc.stdout)["ids"] == in_memory
 
 
+def test_dtype_sets_the_engines_compute_dtype(tiny_llama_dir):
+    """generate --dtype bfloat16: the engine's tokens in bf16 (the tiny model is stored in fp32)."""
+    import torch
+
+    from quantdeploy.engine import Engine, SamplingParams
+
+    params = SamplingParams(max_tokens=12)
+    for dtype in ("bfloat16", "float32"):
+        engine = Engine.load(str(tiny_llama_dir), "cpu", getattr(torch, dtype), max_batch=1)
+        assert engine.model.norm.weight.dtype == getattr(torch, dtype)
+        expected = engine.generate("The history of the city", params).token_ids
+        proc = run("generate", tiny_llama_dir, "The history of the city", "--max-new-tokens", "12", "--json",
+                   "--device", "cpu", "--dtype", dtype)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["ids"] == expected
+    assert "--transformers runs the model as loaded" in error_line(
+        run("generate", tiny_llama_dir, "hi", "--transformers", "--dtype", "bfloat16"))
+
+
 def test_recipe_file_and_flag_override(tiny_llama_dir, tmp_path):
     (tmp_path / "r.yaml").write_text("method: rtn\nbits: 8\ngroup_size: null\ntargets:\n  exclude: [down_proj]\n")
     proc = run("quantize", tiny_llama_dir, "--recipe", tmp_path / "r.yaml", "--bits", "4", "-o", tmp_path / "q")

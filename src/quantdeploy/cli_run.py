@@ -21,6 +21,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import quantdeploy as qd
 
     if args.transformers:  # any architecture transformers runs; greedy only
+        if args.dtype:
+            raise ConfigError("--dtype sets the engine's compute dtype; --transformers runs the model as loaded")
         bundle = qd.load(args.model)
         text, ids = qd.generate(bundle, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
         print(json.dumps({"text": text, "ids": ids}) if args.json else text)
@@ -32,7 +34,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop=tuple(args.stop or ()))
-    engine = Engine.load(args.model, args.device, max_batch=1, max_seq_len=args.max_seq_len)
+    engine = Engine.load(args.model, args.device, engine_dtype(args), max_batch=1, max_seq_len=args.max_seq_len)
     if args.json:
         done = engine.generate(args.prompt, params, chat=args.chat)
         print(json.dumps({"text": done.text, "ids": done.token_ids, "finish_reason": done.finish_reason}))
@@ -70,7 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              max_seq_len=args.max_seq_len)
     cfg.seq_len()  # a cache too short for the runs is refused before anything loads
     console = Console(stderr=True)
-    record = decode.run(args.model, original, device, cfg, compile=True if args.compile else None,
+    record = decode.run(args.model, original, device, cfg, engine_dtype(args), compile=True if args.compile else None,
                         on_result=lambda name, _: console.print(f"[dim]{name} done[/dim]"))
     table = Table(title=f"quantdeploy bench on {device} (copy bandwidth {record['bandwidth_gbs']:.1f} GB/s)")
     for header in decode.HEADERS:
@@ -109,7 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_body_bytes=args.max_body_bytes, shutdown_deadline_s=args.shutdown_deadline,
                          prefill_wait_steps=args.prefill_wait_steps)
     device = str(resolve_device(args.device))
-    options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=True if args.compile else None,
+    options = dict(dtype=engine_dtype(args), max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                   compile=True if args.compile else None,
                    buckets=(args.max_batch,) if args.one_bucket else None, prefill_graph_tokens=args.prefill_graph_tokens,
                    kv_cache_tokens=args.kv_cache_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens or None)
     in_process = args.engine == "process" or (args.engine == "auto" and device.startswith("cuda"))
@@ -175,9 +178,18 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def engine_dtype(args: argparse.Namespace):  # noqa: ANN201 - a torch.dtype or None
+    import torch
+
+    return getattr(torch, args.dtype) if args.dtype else None
+
+
 def _add_engine_flags(p: argparse.ArgumentParser, compile_flag: bool = True, max_seq_len_flag: bool = True) -> None:
     """The engine settings that generate, bench and serve share."""
     p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the engine's compute dtype (default: the checkpoint's). bfloat16 on a CPU with AVX-512 "
+                        "BF16 decodes an fp32 model about twice as fast (measured on the bundled model)")
     if max_seq_len_flag:
         p.add_argument("--max-seq-len", type=count(2), help="context window to allocate (default: min(model's, 2048))")
     if compile_flag:
