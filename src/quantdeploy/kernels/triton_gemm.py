@@ -79,9 +79,10 @@ def _fit_block_k(block_k: int, group: int, k: int) -> int:
 
 @triton.jit
 def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, n_groups, row_words,
-                 tiles_per_split, stride_xm, stride_part, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
-                 EVEN: tl.constexpr, FINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
+                 tiles_per_split, stride_xm, stride_part, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 SYMMETRIC: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr, FINE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 SPLIT: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     # programs that share a column of weight tiles run together (L2 reuse of the codes across row tiles)
