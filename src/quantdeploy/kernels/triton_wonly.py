@@ -12,9 +12,9 @@ A quantized layer must never be slower than its bf16 layer, and no single kernel
 decoder layer (qkv + o + gate/up + down) in ``benchmarks/wonly_dispatch.py`` on an H200 against bf16
 ``F.linear`` (``results/wonly-dispatch-h200.txt``). There, int4 g128 per layer (split-K sums inside the
 kernels, ``results/splitk-in-kernel-h200.txt``): 2.43x bf16 at one row, 1.79x at two, 1.06x at four, 0.86x
-at 16, 0.70x at 64; int8 per channel 1.56x, 1.20x, 0.87x, then
-(before that change) 0.77x at 8-16, 0.66x at 64; then 0.55x at 256
-rising to 0.98x / 0.96x at 4,096 by dequantize + cuBLAS. So "never slower than bf16" holds today up to
+at 16, 0.70x at 64; int8 per channel 1.56x, 1.20x and 0.87x at one, two and four rows, 0.77x at 8-16 and
+0.66x at 64 (those two before that change); both 0.55x at 256, rising to 0.98x / 0.96x at 4,096 by
+dequantize + cuBLAS. So "never slower than bf16" holds today up to
 four rows for int4 (the o projection alone: two) and up to two for int8; between them the tile kernel's
 tensor-core rate (``triton_gemm.py``) is the limit, and the fix is a mixed-input GEMM that feeds the
 tensor cores at their full rate, not dispatch.
