@@ -4,8 +4,8 @@
 
 For each shape (qkv 4096->6144, o 4096->4096, gate/up 4096->28672, down 14336->4096, head 4096->128256),
 each M and each format it times, replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``,
-median): bf16 ``F.linear``, our Triton op (``kernels/triton_wonly.py``, the kernel it dispatches to at
-that M) and the reference path (dequantize, then cuBLAS), all in this process on one card. It reports µs, the bytes the kernel must move (weights, x
+median): bf16 ``F.linear``, our prepared layer (``kernels.prepare(qw, "triton")``: the Triton weight-only op,
+``kernels/triton_wonly.py``, or FP8 W8A8, ``kernels/fp8_w8a8.py``, at the kernel it dispatches to at that M) and the reference path (dequantize, then cuBLAS), all in this process on one card. It reports µs, the bytes the kernel must move (weights, x
 and the output) over its time in GB/s and as a fraction of the copy bandwidth measured here, TFLOP/s,
 and each time as a ratio to bf16 (> 1: faster). The last line is JSON (machine, card, commit, rows).
 """
@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from quantdeploy.bench.decode import measure_bandwidth
 from quantdeploy.eval.report import machine_info
+from quantdeploy import kernels
 from quantdeploy.kernels import reference
-from quantdeploy.kernels.triton_split import counters
-from quantdeploy.kernels.triton_wonly import wonly_mm
 from quantdeploy.quant.primitives import quantize_weight
 from quantdeploy.quant.spec import QuantSpec
 
@@ -30,7 +29,10 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
           "head": (4096, 128256)}
 FORMATS = {"w4g128": QuantSpec(dtype="int4", group_size=128), "w4g128-asym": QuantSpec(dtype="int4", group_size=128,
                                                                                       symmetric=False),
-           "w8": QuantSpec(dtype="int8", group_size=None)}
+           "w8": QuantSpec(dtype="int8", group_size=None),
+           "nf4g64": QuantSpec(dtype="nf4", group_size=64, double_quant=True),
+           "fp8": QuantSpec(dtype="fp8_e4m3", group_size=None),
+           "fp8-w8a8": QuantSpec(dtype="fp8_e4m3", group_size=None, activations="fp8_e4m3")}
 
 
 def main() -> None:
@@ -57,15 +59,12 @@ def main() -> None:
         w16 = w.to(torch.bfloat16)
         for fmt in args.formats:
             qw = quantize_weight(w, FORMATS[fmt])
-            t = qw.tensors
-            group = qw.spec.group_for(k)
-            zeros = None if qw.spec.symmetric else t["zeros"]
-            wbytes = sum(v.numel() * v.element_size() for v in t.values())
-            locks = counters(w.device, torch.cuda.get_device_properties(w.device).multi_processor_count)
+            prepared = kernels.prepare(qw, "triton")  # the layer as the engine runs it
+            wbytes = sum(v.numel() * v.element_size() for v in qw.tensors.values())
             for m in args.m:
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
                 base = bench(lambda: F.linear(x, w16))
-                ours = bench(lambda: wonly_mm(x, t["qweight"], t["scales"], zeros, qw.spec.bits, group, locks))
+                ours = bench(lambda: prepared(x, None))
                 ref = bench(lambda: reference.qlinear(x, qw, None)) if args.reference else None
                 moved = wbytes + 2 * m * (k + n)
                 row = {"shape": shape, "k": k, "n": n, "format": fmt, "m": m, "bf16_us": base, "ours_us": ours,
@@ -75,7 +74,7 @@ def main() -> None:
                 print(f"{shape:8s} {fmt:12s} {m:5d} {base:9.1f} {ours:9.1f} {row['ours_gbs']:9.0f} "
                       f"{100 * row['of_copy']:7.1f}% {row['ours_tflops']:8.1f} {row['vs_bf16']:7.2f}x"
                       + (f" {ref:9.1f}" if ref is not None else ""), flush=True)
-            del qw, t
+            del qw, prepared
         del w, w16
         torch.cuda.empty_cache()
     print(json.dumps({**machine_info(), "benchmark": "kernels_gpu", "bandwidth_gbs": bandwidth,

@@ -27,14 +27,15 @@ from quantdeploy.eval.report import machine_info
 from quantdeploy.kernels.triton_gemm import gemm_config, gemm_impl
 from quantdeploy.kernels.triton_gemv import gemv_config, gemv_impl
 from quantdeploy.kernels.triton_split import counters
-from quantdeploy.kernels.triton_wonly import ROUTES, route, run, wonly_mm
+from quantdeploy.kernels.triton_wonly import ROUTES, TritonWeightOnly, route, run, wonly_mm
 from quantdeploy.quant.primitives import quantize_weight
 from quantdeploy.quant.spec import QuantSpec
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 FORMATS = {"w4g128": QuantSpec(dtype="int4", group_size=128),
            "w4g128-asym": QuantSpec(dtype="int4", group_size=128, symmetric=False),
-           "w8": QuantSpec(dtype="int8", group_size=None)}
+           "w8": QuantSpec(dtype="int8", group_size=None),
+           "nf4g64": QuantSpec(dtype="nf4", group_size=64, double_quant=True)}
 ROW_LIMIT = 16  # the row kernel is timed up to this many rows
 
 
@@ -93,25 +94,27 @@ def main() -> None:
         w = torch.randn(n, k, device=device) * 0.02
         w16 = w.to(torch.bfloat16)
         qw = quantize_weight(w, spec)
-        q, s, z = qw.tensors["qweight"], qw.tensors["scales"], qw.tensors.get("zeros")
-        bits, group = spec.bits, spec.group_for(k)
-        wbytes = sum(v.numel() * v.element_size() for v in qw.tensors.values())
+        prepared = TritonWeightOnly(qw)  # NF4: scales decoded once, the levels' table (lut)
+        q, s, z, lut = qw.tensors["qweight"], prepared.scales, prepared.zeros, prepared.lut
+        bits, group, kind = spec.bits, spec.group_for(k), "nf4" if lut is not None else spec.bits
+        wbytes = sum(t.numel() * t.element_size() for t in (q, s, z) if t is not None)  # what the kernels read
         locks = counters(w.device, 4 * sms)  # split-K counters, enough for the sweep's grids of up to 16 per SM
         for m in args.m:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             row = {"format": fmt, "shape": shape, "m": m, "bf16_us": bench(lambda: F.linear(x, w16)),
-                   "dispatched": route(bits, m)}
-            row["dispatched_us"] = bench(lambda: wonly_mm(x, q, s, z, bits, group, locks))
+                   "dispatched": route(kind, m)}
+            row["dispatched_us"] = bench(lambda: wonly_mm(x, q, s, z, bits, group, locks, lut))
             for path in ("row", "tile", "dequant"):
                 if path != "row" or m <= ROW_LIMIT:
-                    row[f"{path}_us"] = bench(lambda: run(path, x, q, s, z, bits, group, locks))
+                    row[f"{path}_us"] = bench(lambda: run(path, x, q, s, z, bits, group, locks, lut))
             found = {}
             if args.sweep and m <= ROW_LIMIT:
                 chunk = gemv_config(m, n, k, bits, group, sms)[2]
-                found["row"] = [(bench(lambda: gemv_impl(x, q, s, z, bits, group, sms, c, locks)), c)
+                found["row"] = [(bench(lambda: gemv_impl(x, q, s, z, bits, group, sms, c, locks, lut)), c)
                                 for c in row_grid(m, bits, chunk, sms)]
             if args.sweep and m >= 8:
-                found["tile"] = [(bench(lambda: gemm_impl(x, q, s, z, bits, group, sms, c, locks)), c) for c in tile_grid(m)]
+                found["tile"] = [(bench(lambda: gemm_impl(x, q, s, z, bits, group, sms, c, locks, lut)), c)
+                                 for c in tile_grid(m)]
             base = row["bf16_us"]
             moved = wbytes + 2 * m * (k + n)
             cells = " ".join(f"{path} {row[f'{path}_us']:7.1f} ({base / row[f'{path}_us']:.2f}x)"
@@ -122,7 +125,8 @@ def main() -> None:
             for path, results in found.items():
                 results = sorted((t, c) for t, c in results if t is not None)
                 row[f"{path}_best"] = results[:3]
-                chosen = gemv_config(m, n, k, bits, group, sms) if path == "row" else gemm_config(m, n, k, bits, group, sms)
+                chosen = (gemv_config(m, n, k, bits, group, sms, lut is not None) if path == "row"
+                          else gemm_config(m, n, k, bits, group, sms))
                 print(f"    {path} sweep best: " + "; ".join(f"{t:.1f} us ({base / t:.2f}x) {c}" for t, c in results[:3])
                       + f"  [code picks {chosen}]", flush=True)
             rows.append(row)

@@ -145,6 +145,30 @@ def test_the_tile_kernel_and_the_dequantizer_compile_at_every_row_bucket(bits, s
     assert count == 7
 
 
+@pytest.mark.parametrize("dtype", ["nf4", "fp8_e4m3", "fp8_e4m3-w8a8"])
+def test_the_nf4_and_fp8_kernels_compile_without_spills_at_the_8b_shapes(dtype):
+    from quantdeploy.kernels.fp8_w8a8 import fp8_w8a8_mm
+    from quantdeploy.kernels.triton_wonly import TritonWeightOnly, run
+    from quantdeploy.quant.primitives import quantize_weight
+    from quantdeploy.quant.spec import QuantSpec
+
+    count = 0
+    for (n, k), m in itertools.product(((6144, 4096), (28672, 4096), (4096, 14336)), (1, 3, 16, 256)):
+        torch.manual_seed(0)
+        w = torch.randn(n, k) * 0.05
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        path = "row" if m <= 4 else "tile" if m <= 128 else "dequant"
+        if dtype == "fp8_e4m3-w8a8":  # the row quantizer, the row kernel on E4M3 x; more rows: cuBLASLt
+            if m <= 4:
+                qw = quantize_weight(w, QuantSpec(dtype="fp8_e4m3", group_size=None, activations="fp8_e4m3"))
+                count += _compiles_all(_launches(fp8_w8a8_mm, x, qw.tensors["qweight"], qw.tensors["scales"].reshape(-1)))
+            continue
+        prepared = TritonWeightOnly(quantize_weight(w, QuantSpec(dtype=dtype, group_size=64 if dtype == "nf4" else None)))
+        count += _compiles_all(_launches(run, path, x, prepared.qw.tensors["qweight"], prepared.scales, None,
+                                         prepared.bits, prepared.group, None, prepared.lut, prepared.fp8))
+    assert count == 12  # W8A8: the row quantizer and the row kernel at two row counts
+
+
 @pytest.mark.parametrize("cache_dtype", [None, torch.int8, torch.float8_e4m3fn], ids=["unquantized", "int8", "fp8"])
 def test_the_decode_attention_kernels_compile(cache_dtype):
     from quantdeploy.kernels.triton_attention import decode_attention_impl
@@ -200,6 +224,92 @@ def test_the_weight_only_kernels_match_the_reference_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("\n") == 16, done.stdout
+
+
+NF4_INTERPRETED = textwrap.dedent("""
+    import torch
+    from quantdeploy.kernels import reference
+    from quantdeploy.kernels.triton_wonly import TritonWeightOnly, nf4_scales, run
+    from quantdeploy.quant.primitives import quantize_weight
+    from quantdeploy.quant.spec import QuantSpec
+
+    # (n, k, group, double_quant, rows): split K, tails of K and N, one to nine rows
+    for n, k, group, dq, m in ((40, 256, 64, True, 1), (24, 640, 128, False, 3), (16, 4104, 8, True, 2),
+                               (18, 384, 64, False, 9)):
+        torch.manual_seed(m)
+        qw = quantize_weight(torch.randn(n, k) * 0.05, QuantSpec(dtype="nf4", group_size=group, double_quant=dq))
+        prepared = TritonWeightOnly(qw)
+        assert prepared.scales.dtype == torch.float16 and prepared.lut.shape == (16,)
+        x = torch.randn(m, 2 * k)[:, ::2]
+        expected = reference.qlinear(x, qw, None)
+        for path in ("row", "tile", "dequant"):
+            y = run(path, x.contiguous(), qw.tensors["qweight"], prepared.scales, None, 4, group, None, prepared.lut)
+            error = ((y - expected).norm() / expected.norm()).item()
+            print(path, n, k, group, dq, m, error)
+            assert error < 1e-3, (path, n, k, group, dq, m, error)  # the fp16 scales: 2^-12 on average
+        y = prepared(x, None)
+        assert ((y - expected).norm() / expected.norm()).item() < 1e-3
+""")
+
+
+FP8_INTERPRETED = textwrap.dedent("""
+    import torch
+    from quantdeploy.kernels import reference
+    from quantdeploy.kernels.fp8_w8a8 import quantize_rows
+    from quantdeploy.kernels.triton_gemv import gemv_impl
+    from quantdeploy.kernels.triton_wonly import run
+    from quantdeploy.quant.primitives import quantize_activations, quantize_weight
+    from quantdeploy.quant.spec import QuantSpec
+
+    # weight-only E4M3 (n, k, group, rows) through every path, then W8A8 through the row kernel
+    for n, k, group, m in ((40, 256, None, 1), (24, 640, 128, 3), (16, 4104, None, 2), (18, 384, 64, 9)):
+        torch.manual_seed(m)
+        qw = quantize_weight(torch.randn(n, k) * 0.05, QuantSpec(dtype="fp8_e4m3", group_size=group))
+        t, g = qw.tensors, qw.spec.group_for(k)
+        x = torch.randn(m, 2 * k)[:, ::2]
+        expected = reference.qlinear(x, qw, None)
+        for path in ("row", "tile", "dequant"):
+            y = run(path, x.contiguous(), t["qweight"], t["scales"], None, 8, g, None, None, True)
+            error = ((y - expected).norm() / expected.norm()).item()
+            print(path, n, k, g, m, error)
+            assert error < 1e-5, (path, n, k, g, m, error)
+    for n, k, m in ((48, 256, 1), (32, 4112, 3)):
+        torch.manual_seed(m)
+        qw = quantize_weight(torch.randn(n, k) * 0.05, QuantSpec(dtype="fp8_e4m3", group_size=None,
+                                                                 activations="fp8_e4m3"))
+        x = torch.randn(m, k)
+        expected = reference.qlinear(x, qw, None)
+        xq, xs = quantize_activations(x, "fp8_e4m3")  # the op's own quantizer: bit for bit on the GPU (below)
+        y = gemv_impl(xq, qw.tensors["qweight"], qw.tensors["scales"], None, 8, k, 8, fp8=True) * xs
+        error = ((y - expected).norm() / expected.norm()).item()
+        print("w8a8", n, k, m, error)
+        assert error < 1e-5, (n, k, m, error)
+    for m, k in ((1, 256), (5, 4104), (3, 9000)):  # the scales; the interpreter's own fp32 -> E4M3 cast
+        torch.manual_seed(k)                        # rounds some values wrongly (127.24 -> 64): codes on the GPU
+        x = torch.randn(m, k, dtype=torch.bfloat16) * 3
+        x[-1] = 0  # a zero row: scale 1
+        assert torch.equal(quantize_rows(x)[1], quantize_activations(x, "fp8_e4m3")[1]), (m, k)
+        print("quantize", m, k)
+""")
+
+
+def test_the_fp8_kernels_match_the_reference_in_the_interpreter():
+    """E4M3 weights through the row and tile kernels and the dequantizer, W8A8 (E4M3 x quantized per
+    token, E4M3 products accumulated in fp32) through the row kernel, and the per-token quantizer bit for
+    bit against the reference's, in Triton's interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", FP8_INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("\n") == 17, done.stdout
+
+
+def test_the_nf4_kernels_match_the_reference_in_the_interpreter():
+    """NF4 through the row and tile kernels and the dequantizer (codes indexing the 16 levels, scales
+    decoded from double quantization once), and through the prepared layer, in Triton's interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", NF4_INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("\n") == 12, done.stdout
 
 
 ATTENTION_INTERPRETED = textwrap.dedent("""

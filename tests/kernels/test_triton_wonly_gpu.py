@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 SPECS = [QuantSpec(dtype="int4", group_size=g, symmetric=s) for g in (32, 64, 128) for s in (True, False)] + [
     QuantSpec(dtype="int4", group_size=None), QuantSpec(dtype="int8", group_size=None),
-    QuantSpec(dtype="int8", group_size=128, symmetric=False)]
+    QuantSpec(dtype="int8", group_size=128, symmetric=False), QuantSpec(dtype="fp8_e4m3", group_size=None),
+    QuantSpec(dtype="fp8_e4m3", group_size=128)]
 
 
 def _on_gpu(qw: QuantizedWeight) -> QuantizedWeight:
@@ -41,10 +42,64 @@ def test_kernel_matches_the_reference(spec, rows):
         assert error < tolerance, (dtype, error)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 600])  # row, tile and dequantize + cuBLAS
+def test_nf4_matches_the_reference(rows, double_quant):
+    """NF4 codes index the 16 levels in the kernels; the scales (double-quantized or fp32) are decoded
+    once to fp16 at preparation: a relative error of about 2^-12 beside the fp32 oracle."""
+    torch.manual_seed(rows)
+    n, k = 320, 640
+    qw = _on_gpu(quantize_weight(torch.randn(n, k) * 0.05, QuantSpec(dtype="nf4", group_size=64,
+                                                                     double_quant=double_quant)))
+    prepared = kernels.prepare(qw, "triton")
+    assert prepared.backend == "triton" and prepared.scales.dtype == torch.float16
+    for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-3)):
+        x = torch.randn(rows, 2 * k, device="cuda", dtype=dtype)[:, ::2]
+        expected = reference.qlinear(x.float(), qw, None)
+        error = ((prepared(x, None).float() - expected).norm() / expected.norm()).item()
+        assert error < tolerance, (dtype, error)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 600])  # the row kernel up to 4, cuBLASLt's FP8 GEMM above
+def test_fp8_w8a8_matches_the_reference(rows):
+    """W8A8 FP8: x quantized per token to E4M3 as the reference does; the row kernel sums the exact E4M3
+    products in fp32 (fp32 x: 1e-5), ``_scaled_mm`` rounds its output to bf16 (every dtype: 1e-2)."""
+    from quantdeploy.kernels.fp8_w8a8 import ROW_ROWS
+
+    torch.manual_seed(rows)
+    n, k = 320, 640
+    qw = _on_gpu(quantize_weight(torch.randn(n, k) * 0.05, QuantSpec(dtype="fp8_e4m3", group_size=None,
+                                                                     activations="fp8_e4m3")))
+    prepared = kernels.prepare(qw, "triton")
+    assert type(prepared).__name__ == "FP8W8A8"
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(rows, 2 * k, device="cuda", dtype=dtype)[:, ::2]
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        expected = reference.qlinear(x.float(), qw, bias.float())
+        error = ((prepared(x, bias).float() - expected).norm() / expected.norm()).item()
+        tolerance = 1e-5 if dtype == torch.float32 and rows <= ROW_ROWS else 1e-2
+        assert error < tolerance, (dtype, error)
+
+
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 14336), (64, 1000)])
+def test_the_fp8_row_quantizer_equals_the_reference_bit_for_bit(shape):
+    from quantdeploy.kernels.fp8_w8a8 import quantize_rows
+    from quantdeploy.quant.primitives import quantize_activations
+
+    torch.manual_seed(shape[1])
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(shape, device="cuda", dtype=dtype) * 3
+        if shape[0] > 1:
+            x[-1] = 0  # a zero row: scale 1
+        q, s = quantize_rows(x)
+        q_ref, s_ref = quantize_activations(x, "fp8_e4m3")
+        assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
 def test_a_named_backend_that_cannot_serve_is_an_error():
     from quantdeploy.errors import ConfigError
 
-    qw = _on_gpu(quantize_weight(torch.randn(64, 128), QuantSpec(dtype="nf4", group_size=64)))
+    qw = _on_gpu(quantize_weight(torch.randn(64, 128), QuantSpec(dtype="int3", group_size=64)))
     with pytest.raises(ConfigError, match="triton backend cannot run"):
         kernels.prepare(qw, "triton")
     assert kernels.prepare(qw, "auto") is None  # auto: the reference path, logged
@@ -57,8 +112,9 @@ def test_engine_greedy_tokens_with_the_kernel_equal_the_reference_path(tiny_bund
 
     prompts = ["The history of", "In 1850 the city", "A", "Mathematics is the study of numbers and"]
     params = SamplingParams(max_tokens=32, ignore_eos=True)
-    for config in (qd.RTNConfig(bits=4, group_size=32), qd.RTNConfig(bits=8), qd.RTNConfig(bits=4, group_size=64,
-                                                                                              symmetric=False)):
+    for config in (qd.RTNConfig(bits=4, group_size=32), qd.RTNConfig(bits=8),
+                   qd.RTNConfig(bits=4, group_size=64, symmetric=False), qd.NF4Config(group_size=64),
+                   qd.FP8Config(), qd.FP8Config(activations=True)):
         q = qd.quantize(tiny_bundle, config)
         runs = {}
         for backend in ("reference", "triton"):

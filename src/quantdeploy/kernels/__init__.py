@@ -1,8 +1,9 @@
 """The kernels facade: one entry point per operation, the backend chosen by name or automatically.
 
 Backends: ``reference`` (torch only, every device, the oracle), ``cpu_packed`` (PyTorch's packed
-int8/int4 weight-only CPU kernels, ``cpu_packed.py``) and ``triton`` (int4/int8 weight-only on CUDA,
-dequantized in registers, ``triton_wonly.py``; imported only when a CUDA weight asks for it). ``prepare``
+int8/int4 weight-only CPU kernels, ``cpu_packed.py``) and ``triton`` (on CUDA: int4/int8/NF4/FP8
+weight-only, dequantized in registers, ``triton_wonly.py``; FP8 W8A8 on the FP8 tensor cores,
+``fp8_w8a8.py``; imported only when a CUDA weight asks for it). ``prepare``
 readies a weight once for a fast backend on the weight's device; the result is called like
 ``prepared(x, bias)``. ``auto`` picks the fast backend where the weight's device and spec allow and the
 reference path otherwise (logged at debug level); a backend asked for by name that cannot serve the
@@ -48,16 +49,19 @@ def prepare(qw: QuantizedWeight, backend: str = "auto") -> PreparedWeight | None
     if backend in ("auto", "cpu_packed") and device.type == "cpu" and cpu_packed.supports(qw):
         return cpu_packed.pack(qw)
     if backend in ("auto", "triton") and device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        from quantdeploy.kernels import triton_wonly
+        from quantdeploy.kernels import fp8_w8a8, triton_wonly
 
         if triton_wonly.supports(qw):
             return triton_wonly.TritonWeightOnly(qw)
+        if fp8_w8a8.supports(qw):
+            return fp8_w8a8.FP8W8A8(qw)
     if backend == "cpu_packed":
         raise ConfigError(f"the cpu_packed backend cannot run {qw.spec.describe()} on {device} "
                           "(it takes int8 per-channel or int4 g32-g256 on CPU)")
     if backend == "triton":
-        raise ConfigError(f"the triton backend cannot run {qw.spec.describe()} on {device} (it takes int4/int8 "
-                          "weight-only layers on a CUDA device, with the triton package installed)")
+        raise ConfigError(f"the triton backend cannot run {qw.spec.describe()} on {device} (it takes int4/int8/NF4/"
+                          "FP8 weight-only layers, and FP8 W8A8 per channel on FP8 tensor cores, on a CUDA device "
+                          "with the triton package installed)")
     log.debug("kernels: reference path for %s %s", qw.spec.describe(), tuple(qw.shape))
     return None
 

@@ -13,7 +13,7 @@ once per tile and shared by every channel the program holds, and the scale is ap
 once and each extra row costs a fused multiply-add per code (a pass over the weight per row would cost
 the whole layer again), so the dispatch sends it up to four rows.
 
-int4 codes against bf16 x (the case decode runs) go two at a time (``_dot8_pairs``, inline PTX): codes j
+int4 codes against bf16 x (the case decode runs) go two at a time (``dot8_pairs``, inline PTX): codes j
 and j + 4 of a word land in the mantissas of a bf16 pair under an exponent of 128 (one LOP3 for two codes,
 ``128 + q`` exact), one packed FMA subtracts ``128 + z`` (exact), and four packed FMAs multiply by x and add;
 each word's pair is summed in fp32 and scaled in fp32 per chunk. Compiled for sm_90, that is 3.2
@@ -24,6 +24,12 @@ the kernel (``triton_split.py``) 48.8 µs against 118.8 (2.43x), gate/up 65%. Th
 bf16 (8 bits) and four of them added in bf16 before the fp32 sum: an error of the order of x's own bf16
 rounding, which the reference (weights rounded to bf16, fp32 accumulation) does not have. fp16 and fp32 x,
 int8 codes, and Triton's interpreter (which runs no PTX) take the fp32 decode, exact in the weights.
+
+NF4 codes index 16 levels: with bf16 x a table in registers (``triton_codes._DOT8_NF4``: ``prmt`` lookups, 2.75
+instructions a code to its bf16 level, then the same packed FMAs), 1.61x bf16 per 8B layer at one row on
+an H200 (``results/nf4-fp8-kernels-h200.txt``); with fp16/fp32 x (and in the interpreter) a load per code
+from a 16-entry table, exact in fp32 (a load per code was 0.54x bf16 at bf16, hence the register table).
+E4M3 codes (FP8 weight-only, and W8A8 with E4M3 x) convert per byte, exactly, and sum in fp32.
 
 History (``benchmarks/results/gemv4-row-kernel-h200.txt``): the first row kernel held many channels and a
 short stretch of K, converted x per code through shared memory, and lost to bf16 on three of four 8B
@@ -38,132 +44,27 @@ import torch
 import triton
 import triton.language as tl
 
+from quantdeploy.kernels.triton_codes import MAGIC, decode_dot, dot8_pairs, fp8_dot, lut_dot, nf4_pairs, zero_pair
 from quantdeploy.kernels.triton_split import buffers, store_or_reduce
 
-#: Triton's CPU interpreter runs no inline PTX: there the bf16 pairs (``_dot8_pairs``) give way to fp32 math
+#: Triton's CPU interpreter runs no inline PTX: there the bf16 pairs (``dot8_pairs``) give way to fp32 math
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-#: 2^23 as a float: a code ``q`` OR-ed into its mantissa reads as ``2^23 + q``
-MAGIC = tl.constexpr(8388608.0)
-
-
-@triton.jit
-def _eight(x):
-    """``x [..., 8]`` as its eight slices ``x[..., j]`` (splits of the last axis, inside each thread)."""
-    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [4, 2]))  # j even, j odd
-    a0, a1 = tl.split(tl.reshape(a, a.shape[:-1] + [2, 2]))
-    b0, b1 = tl.split(tl.reshape(b, b.shape[:-1] + [2, 2]))
-    a00, a01 = tl.split(a0)
-    a10, a11 = tl.split(a1)
-    b00, b01 = tl.split(b0)
-    b10, b11 = tl.split(b1)
-    return a00, b00, a10, b10, a01, b01, a11, b11
-
-
-@triton.jit
-def _four(x):
-    """``x [..., 4]`` as its four slices ``x[..., j]``."""
-    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [2, 2]))  # j even, j odd
-    a0, a1 = tl.split(a)
-    b0, b1 = tl.split(b)
-    return a0, b0, a1, b1
-
-
-@triton.jit
-def _code(words, shift: tl.constexpr, mask: tl.constexpr, z):
-    """``q - z`` in fp32 for the code at ``shift``: the code under a float exponent of 2^23, exactly."""
-    return ((words >> shift) & mask | 0x4B000000).to(tl.float32, bitcast=True) - z
-
-
-@triton.jit
-def _decode_dot(words, x, z, BITS: tl.constexpr):
-    """``sum_j (q_j - z) * x[..., j]`` over the codes of each word; ``words`` and ``x`` (with a last axis of
-    the codes per word) broadcast against each other: the rows' axis, where there are several, is x's."""
-    CODE: tl.constexpr = (1 << BITS) - 1
-    if BITS == 4:
-        x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)  # x at k = 8 * word + j
-        part = _code(words, 0, CODE, z) * x0
-        part += _code(words, 4, CODE, z) * x1
-        part += _code(words, 8, CODE, z) * x2
-        part += _code(words, 12, CODE, z) * x3
-        part += _code(words, 16, CODE, z) * x4
-        part += _code(words, 20, CODE, z) * x5
-        part += _code(words, 24, CODE, z) * x6
-        part += _code(words, 28, CODE, z) * x7
-    else:
-        x0, x1, x2, x3 = _four(x)  # x at k = 4 * word + j
-        part = _code(words, 0, CODE, z) * x0
-        part += _code(words, 8, CODE, z) * x1
-        part += _code(words, 16, CODE, z) * x2
-        part += _code(words, 24, CODE, z) * x3
-    return part
-
-
-#: ``sum_j (q_j - z) x_j`` over the eight int4 codes of a word in bf16x2 arithmetic, added up in fp32.
-#: Operands: $1 the word, $2..$5 x as bf16 pairs (x_j low half, x_{j+4} high half), $6 ``-(128 + z)`` as a
-#: bf16 pair. Codes j and j + 4 (bits 4j and 4j + 16) land in the mantissas of a bf16 pair under an exponent
-#: of 128 (one LOP3: ``128 + q`` each, exact), then one packed FMA per pair subtracts ``128 + z`` (exact) and
-#: four more multiply by x and add, two codes an instruction; the pair's halves are summed in fp32.
-_DOT8_BF16 = tl.constexpr("""{
-.reg .b32 t1, t2, t3, c0, c1, c2, c3, a, m, g, one, nz;
-mov.b32 m, 0x000F000F;
-mov.b32 g, 0x43004300;
-mov.b32 one, 0x3F803F80;
-mov.b32 nz, 0x80008000;
-shr.u32 t1, $1, 4;
-shr.u32 t2, $1, 8;
-shr.u32 t3, $1, 12;
-lop3.b32 c0, $1, m, g, 0xEA;
-lop3.b32 c1, t1, m, g, 0xEA;
-lop3.b32 c2, t2, m, g, 0xEA;
-lop3.b32 c3, t3, m, g, 0xEA;
-fma.rn.bf16x2 c0, c0, one, $6;
-fma.rn.bf16x2 c1, c1, one, $6;
-fma.rn.bf16x2 c2, c2, one, $6;
-fma.rn.bf16x2 c3, c3, one, $6;
-fma.rn.bf16x2 a, c0, $2, nz;
-fma.rn.bf16x2 a, c1, $3, a;
-fma.rn.bf16x2 a, c2, $4, a;
-fma.rn.bf16x2 a, c3, $5, a;
-shl.b32 t1, a, 16;
-and.b32 t2, a, 0xFFFF0000;
-add.f32 $0, t1, t2;
-}""")
-
-
-@triton.jit
-def _pair(lo, hi):
-    """Two bf16 tensors as one int32 tensor of bf16 pairs (``lo`` in the low half)."""
-    return lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
-
-
-@triton.jit
-def _dot8_pairs(words, x, zp):
-    """``_decode_dot`` for int4 codes and bf16 x (last axis the word's eight x values), in bf16x2."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x)
-    return tl.inline_asm_elementwise(_DOT8_BF16, "=f,r,r,r,r,r,r",
-                                     [words, _pair(x0, x4), _pair(x1, x5), _pair(x2, x6), _pair(x3, x7), zp],
-                                     dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _zero_pair(z):
-    """``-(128 + z)`` as a bf16 pair, int32 (``z`` the zero point, float)."""
-    h = (-(128.0 + z)).to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    return (h | (h << 16)).to(tl.int32, bitcast=True)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, n_groups, tiles_per_split, row_words,
                  stride_xm, stride_part, BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                  SYMMETRIC: tl.constexpr, EVEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr):
+                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr,
+                 LUT: tl.constexpr, FP8: tl.constexpr):
     """``ROWS`` rows of x. A program owns ``BLOCK_N`` output channels and a run of K tiles; a tile is
     ``CHUNKS`` chunks of ``CHUNK`` int32 words, a chunk never straddling a group, so the codes of a tile
     are ``[BLOCK_N, CHUNKS, CHUNK]``, their scales ``[BLOCK_N, CHUNKS]`` and x ``[ROWS, CHUNKS, CHUNK,
     codes per word]`` (converted once, shared by every channel). ``EVEN``: the splits' tiles cover the row
     exactly, so nothing along K is masked (a mask that varies along a row stops its loads from being
-    vectorized). One row keeps x three-dimensional: a leading axis of one still changes Triton's layouts
+    vectorized). ``LUT``: 4-bit codes index a table of 16 fp32 values at ``z_ptr`` (NF4), scaled per group;
+    ``FP8``: the bytes are E4M3 values (x may be E4M3 too: W8A8, its row scales applied by the caller).
+    One row keeps x three-dimensional: a leading axis of one still changes Triton's layouts
     (a fifth more instructions per tile, measured in the compiled SASS)."""
     PER_WORD: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
@@ -175,15 +76,15 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, 
     mask_r = offs_r < M
     chunk = pid_k * tiles_per_split * CHUNKS + tl.arange(0, CHUNKS)
     last = tl.minimum((pid_k + 1) * tiles_per_split * CHUNKS, tl.cdiv(row_words, CHUNK))  # past this split
-    if PAIRS:  # -(128 + z) as bf16 pairs for _dot8_pairs; symmetric codes are centred on 2^(bits-1)
-        z = _zero_pair(tl.full((1, 1, 1), 1 << (BITS - 1), tl.float32))
+    if PAIRS:  # -(128 + z) as bf16 pairs for dot8_pairs; symmetric codes are centred on 2^(bits-1)
+        z = zero_pair(tl.full((1, 1, 1), 1 << (BITS - 1), tl.float32))
     else:  # 2^23 + z for _code
         z = MAGIC + (1 << (BITS - 1))
     if PER_CHANNEL:  # one scale (and zero) per channel: the scale applied once, after the sum over K
         s_row = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if not SYMMETRIC:
             z = tl.load(z_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None, None]
-            z = _zero_pair(z) if PAIRS else MAGIC + z
+            z = zero_pair(z) if PAIRS else MAGIC + z
     if ROWS == 1:
         acc = tl.zeros((BLOCK_N, CHUNKS, CHUNK), dtype=tl.float32)  # summed over K once, at the end
         x_row = x_ptr + tl.program_id(2) * stride_xm
@@ -213,13 +114,30 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, 
             s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
             if not SYMMETRIC:
                 zt = tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)[:, :, None]
-                zt = _zero_pair(zt) if PAIRS else MAGIC + zt
+                zt = zero_pair(zt) if PAIRS else MAGIC + zt
         if ROWS == 1:
-            part = _dot8_pairs(words, x[None], zt) if PAIRS else _decode_dot(words, x[None], zt, BITS)
+            if FP8:
+                part = fp8_dot(words, x[None])
+            elif LUT and PAIRS:
+                part = nf4_pairs(words, x[None])
+            elif LUT:
+                part = lut_dot(words, x[None], z_ptr)
+            elif PAIRS:
+                part = dot8_pairs(words, x[None], zt)
+            else:
+                part = decode_dot(words, x[None], zt, BITS)
             acc += part if PER_CHANNEL else part * s[:, :, None]
         else:
-            part = (_dot8_pairs(words[None], x[:, None], zt[None]) if PAIRS
-                    else _decode_dot(words[None], x[:, None], zt, BITS))
+            if FP8:
+                part = fp8_dot(words[None], x[:, None])
+            elif LUT and PAIRS:
+                part = nf4_pairs(words[None], x[:, None])
+            elif LUT:
+                part = lut_dot(words[None], x[:, None], z_ptr)
+            elif PAIRS:
+                part = dot8_pairs(words[None], x[:, None], zt[None])
+            else:
+                part = decode_dot(words[None], x[:, None], zt, BITS)
             acc += part if PER_CHANNEL else part * s[None, :, :, None]
         chunk += CHUNKS
     if ROWS == 1:
@@ -233,13 +151,16 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, 
                     stride_part, SPLIT)
 
 
-def gemv_config(rows: int, n: int, k: int, bits: int, group: int, sms: int) -> tuple[int, int, int, int, int, int]:
+def gemv_config(rows: int, n: int, k: int, bits: int, group: int, sms: int,
+                lut: bool = False) -> tuple[int, int, int, int, int, int]:
     """``(ROWS, BLOCK_N, CHUNK, CHUNKS, warps, min_programs)``. Chunks of up to 16 words that divide the
     group; K split until the grid has four programs per SM. Channels per program, words per tile and
     warps by N and rows: the fastest of ``benchmarks/wonly_dispatch.py --sweep`` on an H200 at the 8B
     shapes, int4 g128 in bf16 pairs (``results/gemv4-bf16-pairs-h200.txt``). One row: up to 4,096 outputs
     32 channels x 32 words on 2 warps (o, down), up to 16,384 8 x 64 on 2 (qkv), wider 64 x 32 on 4
-    (gate/up); two rows 16 / 8 / 16 channels; four rows 16 channels up to 4,096 outputs, else 32."""
+    (gate/up); two rows 16 / 8 / 16 channels; four rows 16 channels up to 4,096 outputs, else 32. ``lut``
+    (NF4 through table loads, for fp16/fp32 x: a load per code, more registers per code): more warps, up to
+    eight words x rows per thread (the int4 tiles spill or hold 250 registers there)."""
     per_word = 32 // bits
     if group >= k:  # per channel: any chunk, the tail masked
         chunk = 16
@@ -254,18 +175,24 @@ def gemv_config(rows: int, n: int, k: int, bits: int, group: int, sms: int) -> t
         block_n, words, warps = (16, 32, 2) if n <= 4096 else (8, 32, 2) if n <= 16384 else (16, 64, 4)
     else:
         block_n, words, warps = (16, 32, 2) if n <= 4096 else (32, 32, 4)
+    if lut:
+        warps = max(warps, min(8, block_rows * block_n * words // 256))
     return block_rows, block_n, chunk, max(1, words // chunk), warps, 4 * sms
 
 
 def gemv_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               bits: int, group: int, sms: int, config: tuple[int, int, int, int, int, int] | None = None,
-              locks: torch.Tensor | None = None) -> torch.Tensor:
+              locks: torch.Tensor | None = None, lut: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
     """``x [M, K] @ W.T`` for int4/int8 codes, ``K`` and ``group`` multiples of the codes per word, one pass
     over the weight per ``ROWS`` rows of x. ``config`` overrides ``gemv_config`` (the benchmarks' sweep);
-    ``locks``: the layer's split-K counters (``triton_split.counters``)."""
+    ``locks``: the layer's split-K counters (``triton_split.counters``); ``lut``: 16 fp32 values the 4-bit
+    codes index (NF4; ``scales`` then per group, no zeros); ``fp8``: the codes are E4M3 bytes (x bf16/fp16/fp32,
+    or E4M3 itself: then the output is fp32, unscaled by x's row scales)."""
     m, k = x.shape
     n = qweight.shape[0]
-    block_rows, block_n, chunk, chunks, warps, min_programs = config or gemv_config(m, n, k, bits, group, sms)
+    pairs = bits == 4 and x.dtype == torch.bfloat16 and not INTERPRETED  # the bf16x2 decodes (int4 and NF4)
+    block_rows, block_n, chunk, chunks, warps, min_programs = config or gemv_config(m, n, k, bits, group, sms,
+                                                                                    lut is not None and not pairs)
     if x.stride(1) != 1:
         x = x.contiguous()
     row_words = k * bits // 32
@@ -278,10 +205,11 @@ def gemv_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     even = row_words == per_split * split * chunks * chunk  # every split's tiles inside the row, whole
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_rows))
     out, partials, locks = buffers(split, m, n, x, locks, grid[0] * grid[2])
-    _gemv_kernel[grid](x, qweight.view(torch.int32), scales, zeros if zeros is not None else scales, out, partials,
+    table = lut if lut is not None else zeros if zeros is not None else scales
+    _gemv_kernel[grid](x, qweight.view(torch.int32), scales, table, out, partials,
                        locks, m, n, scales.shape[1], per_split, row_words, x.stride(0), m * n, BITS=bits, GROUP=group,
                        PER_CHANNEL=group >= k, SYMMETRIC=zeros is None, EVEN=even, ROWS=block_rows,
                        BLOCK_N=block_n, CHUNK=chunk, CHUNKS=chunks,
-                       PAIRS=bits == 4 and x.dtype == torch.bfloat16 and not INTERPRETED, SPLIT=split > 1,
-                       num_warps=warps, num_stages=2)
+                       PAIRS=pairs,
+                       SPLIT=split > 1, LUT=lut is not None, FP8=fp8, num_warps=warps, num_stages=2)
     return out

@@ -19,6 +19,10 @@ four rows for int4 (the o projection alone: two) and up to two for int8; between
 tensor-core rate (``triton_gemm.py``) is the limit, and the fix is a mixed-input GEMM that feeds the
 tensor cores at their full rate, not dispatch.
 
+NF4 and FP8 weight-only (``results/nf4-fp8-kernels-h200.txt``): per 8B layer at one row NF4 g64 1.61x bf16
+and FP8 per channel 1.37x; the 8B-shape engine at batch 1 1.24x and 1.19x. From 16 rows NF4 is 0.29-0.47x (dequantize
++ cuBLAS) and FP8 0.52-0.88x: slower than bf16, as int4 and int8 are there.
+
 The canonical layout is read as stored (no repacking), so the checkpoint and the kernels share one copy of
 the weight. Tile sizes come from fixed rules of (M, N, K), not from autotuning: autotuning benchmarks at
 its first call, which must not happen inside a CUDA-graph capture.
@@ -37,17 +41,22 @@ import torch.nn.functional as F
 from quantdeploy.kernels.triton_gemm import dequantize_impl, gemm_impl
 from quantdeploy.kernels.triton_gemv import gemv_impl
 from quantdeploy.kernels.triton_split import counters
+from quantdeploy.quant import nf4
 
 log = logging.getLogger(__name__)
 
-#: per code width, ``(largest M, path)`` in order; above the last bound, dequantize + cuBLAS (the crossover
-#: at 128-256 rows for both widths, measured; see the module docstring).
-ROUTES: dict[int, tuple[tuple[int, str], ...]] = {4: ((4, "row"), (128, "tile")), 8: ((4, "row"), (128, "tile"))}
+#: per code kind (the width, or "nf4"), ``(largest M, path)`` in order; above the last bound, dequantize +
+#: cuBLAS (the crossover at 128-256 rows for both widths, measured; see the module docstring). NF4's tile
+#: path looks its codes up in memory (a load per code: 0.07-0.24x bf16 per 8B layer at 16-64 rows on an
+#: H200, below dequantize + cuBLAS's 0.31x), so NF4 goes from the row kernel to dequantize + cuBLAS.
+#: FP8 weight-only takes int8's routes.
+ROUTES: dict[int | str, tuple[tuple[int, str], ...]] = {4: ((4, "row"), (128, "tile")), 8: ((4, "row"), (128, "tile")),
+                                                        "nf4": ((4, "row"),), "fp8": ((4, "row"), (128, "tile"))}
 
 
-def route(bits: int, m: int, routes: dict[int, tuple[tuple[int, str], ...]] | None = None) -> str:
-    """The path (``row``, ``tile`` or ``dequant``) an M-row call on ``bits``-bit codes takes."""
-    for bound, path in (routes or ROUTES)[bits]:
+def route(kind: int | str, m: int, routes: dict | None = None) -> str:
+    """The path (``row``, ``tile`` or ``dequant``) an M-row call on codes of ``kind`` (bits, or "nf4") takes."""
+    for bound, path in (routes or ROUTES)[kind]:
         if m <= bound:
             return path
     return "dequant"
@@ -58,37 +67,54 @@ def _sms(device: torch.device) -> int:
 
 
 def run(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-        bits: int, group: int, locks: torch.Tensor | None = None) -> torch.Tensor:
+        bits: int, group: int, locks: torch.Tensor | None = None, lut: torch.Tensor | None = None,
+        fp8: bool = False) -> torch.Tensor:
     """``x [M, K] @ W.T`` by the named path (the benchmarks time each path at every M through this);
-    ``locks``: the layer's split-K counters (``triton_split.counters``; without them, a zeroed buffer per call)."""
+    ``locks``: the layer's split-K counters (``triton_split.counters``; without them, a zeroed buffer per call);
+    ``lut``: the 16 values NF4's codes index (then no zeros); ``fp8``: the codes are E4M3 bytes."""
     if path == "row":
-        return gemv_impl(x, qweight, scales, zeros, bits, group, _sms(x.device), locks=locks)
+        return gemv_impl(x, qweight, scales, zeros, bits, group, _sms(x.device), locks=locks, lut=lut, fp8=fp8)
     if path == "tile":
-        return gemm_impl(x, qweight, scales, zeros, bits, group, _sms(x.device), locks=locks)
+        return gemm_impl(x, qweight, scales, zeros, bits, group, _sms(x.device), locks=locks, lut=lut, fp8=fp8)
     if path == "dequant":
-        return F.linear(x, dequantize_impl(qweight, scales, zeros, bits, group, x.shape[1], x.dtype))
+        return F.linear(x, dequantize_impl(qweight, scales, zeros, bits, group, x.shape[1], x.dtype, lut, fp8))
     raise ValueError(f"unknown path {path!r}")
 
 
 @torch.library.custom_op("quantdeploy::wonly_mm", mutates_args=())
 def wonly_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-             bits: int, group: int, locks: torch.Tensor | None = None) -> torch.Tensor:
+             bits: int, group: int, locks: torch.Tensor | None = None, lut: torch.Tensor | None = None,
+             fp8: bool = False) -> torch.Tensor:
     """``locks`` is written inside a launch and left as it was found (all zero), so it is not a mutated input."""
     if x.shape[0] == 0:
         return x.new_empty((0, qweight.shape[0]))
-    return run(route(bits, x.shape[0]), x, qweight, scales, zeros, bits, group, locks)
+    kind = "fp8" if fp8 else bits if lut is None else "nf4"
+    return run(route(kind, x.shape[0]), x, qweight, scales, zeros, bits, group, locks, lut, fp8)
 
 
 @wonly_mm.register_fake
-def _(x, qweight, scales, zeros, bits, group, locks=None):  # noqa: ANN001, ANN202 - the shapes torch.compile needs
+def _(x, qweight, scales, zeros, bits, group, locks=None, lut=None, fp8=False):  # noqa: ANN001, ANN202 - shapes for torch.compile
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
+def nf4_scales(qw) -> torch.Tensor:  # noqa: ANN001 - a QuantizedWeight
+    """NF4's per-group absmax as the kernels read it, made once at load: double-quantized scales decoded
+    (the 8-bit codes' map lookup, block scale and offset are per group, not per code), stored as fp16
+    when every value is a normal fp16 (relative rounding ≤ 2^-11, below the bf16 rounding of the weights
+    the reference path multiplies by), else fp32. Costs 0.25 bits per weight at groups of 64 over the
+    stored 0.127 of double quantization."""
+    t = qw.tensors
+    absmax = nf4.dequantize_scales(t) if t["scales"].dtype == torch.uint8 else t["scales"].float()
+    a = absmax.abs()
+    fits = bool(((a == 0) | ((a >= torch.finfo(torch.float16).tiny) & (a <= torch.finfo(torch.float16).max))).all())
+    return (absmax.half() if fits else absmax).contiguous()
+
+
 def supports(qw) -> bool:  # noqa: ANN001 - a QuantizedWeight
-    """int4/int8 weight-only on CUDA, read as int32 words: K and the group multiples of the codes per word."""
+    """int4/int8/NF4/FP8 weight-only on CUDA, read as int32 words: K and the group multiples of the codes per word."""
     spec = qw.spec
     q = qw.tensors["qweight"]
-    if spec.dtype not in ("int4", "int8") or spec.activations is not None or q.device.type != "cuda":
+    if spec.dtype not in ("int4", "int8", "nf4", "fp8_e4m3") or spec.activations is not None or q.device.type != "cuda":
         return False
     per_word = 32 // spec.bits
     group = spec.group_for(qw.shape[1])
@@ -96,7 +122,8 @@ def supports(qw) -> bool:  # noqa: ANN001 - a QuantizedWeight
 
 
 class TritonWeightOnly:
-    """A prepared int4/int8 weight-only layer (the canonical tensors used as stored: nothing is copied)."""
+    """A prepared int4/int8/NF4/FP8 weight-only layer. The codes are used as stored (nothing is copied);
+    NF4's scales are decoded once (``nf4_scales``) and its 16 levels sit on the device."""
 
     backend = "triton"
 
@@ -104,14 +131,19 @@ class TritonWeightOnly:
         self.qw = qw
         self.bits = qw.spec.bits
         self.group = qw.spec.group_for(qw.shape[1])
-        self.zeros = None if qw.spec.symmetric else qw.tensors["zeros"]
-        self.locks = counters(qw.tensors["qweight"].device, _sms(qw.tensors["qweight"].device))
-        log.debug("kernels: triton %s %s, routes by rows %s", qw.spec.describe(), tuple(qw.shape), ROUTES[self.bits])
+        device = qw.tensors["qweight"].device
+        nf4_codes = qw.spec.dtype == "nf4"
+        self.fp8 = qw.spec.dtype == "fp8_e4m3"
+        self.zeros = None if qw.spec.symmetric or nf4_codes or self.fp8 else qw.tensors["zeros"]
+        self.scales = nf4_scales(qw) if nf4_codes else qw.tensors["scales"]
+        self.lut = nf4.nf4_levels(device) if nf4_codes else None
+        self.locks = counters(device, _sms(device))
+        log.debug("kernels: triton %s %s, routes by rows %s", qw.spec.describe(), tuple(qw.shape),
+                  ROUTES["nf4" if nf4_codes else "fp8" if self.fp8 else self.bits])
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        t = self.qw.tensors
-        y = torch.ops.quantdeploy.wonly_mm(rows, t["qweight"], t["scales"], self.zeros, self.bits, self.group,
-                                           self.locks)
+        y = torch.ops.quantdeploy.wonly_mm(rows, self.qw.tensors["qweight"], self.scales, self.zeros, self.bits,
+                                           self.group, self.locks, self.lut, self.fp8)
         y = y.reshape(*x.shape[:-1], -1)
         return y if bias is None else y + bias

@@ -228,7 +228,9 @@ def quantize_activations(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, tor
     if dtype == "int8":
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # times the fp32 reciprocal, not divided: what torch's CUDA division by a scalar computes, spelled out,
+    # so the CPU, the GPU and the Triton quantizer (kernels/fp8_w8a8.py) agree bit for bit
+    scale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
