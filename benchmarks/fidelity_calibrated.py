@@ -6,6 +6,12 @@
 ``--suite weights`` (default): for each bit width (default 4 and 3, group 64, symmetric) RTN, GPTQ and
 AWQ(+RTN), with the KLD cut relative to RTN at the same spec.
 
+``--suite best``: the best of each width, AWQ scaling with GPTQ rounding (``awq+gptq``) beside RTN at the same
+grid: int8 per channel (GPTQ alone: AWQ's scaling buys nothing at 8 bits), int4 asymmetric g128 (4.19 bits per
+weight: fp16 scales and 8-bit zeros per 128) and symmetric g64 (4.25), int3 asymmetric and symmetric g64.
+``--hqq`` adds HQQ's calibration-free W4 g64 (``hqq`` in its own environment, ``fidelity_peers.run_hqq``;
+4.5 bits per weight as it stores them: fp16 scale and zero per 64), scored in the same pass.
+
 ``--suite w8a8``: weight-and-activation int8/fp8 and the KV cache: int8 weight-only RTN (the reference
 row), SmoothQuant W8A8 with round-to-nearest and with GPTQ weights (alpha searched per layer), FP8 W8A8,
 and SmoothQuant+GPTQ with an int8 and an fp8 KV cache (scales measured on the same calibration data).
@@ -30,7 +36,8 @@ def main() -> None:
 
     p = fidelity_parser(__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    p.add_argument("--suite", choices=("weights", "w8a8"), default="weights")
+    p.add_argument("--suite", choices=("weights", "best", "w8a8"), default="weights")
+    p.add_argument("--hqq", action="store_true", help="also HQQ W4 g64 (the calibration-free peer)")
     args = p.parse_args()
 
     base = qd.load_model(args.model)
@@ -38,6 +45,8 @@ def main() -> None:
     models, seconds = {}, {}
     if args.suite == "w8a8":
         w8a8_suite(qd, base, calib, models, seconds)
+    if args.suite == "best":
+        best_suite(qd, base, calib, models, seconds)
     for bits in args.bits if args.suite == "weights" else ():
         rtn = qd.RTNConfig(bits=bits, group_size=args.group_size)
         for name, config in ((f"rtn-w{bits}", rtn),
@@ -46,13 +55,45 @@ def main() -> None:
             t0 = time.perf_counter()
             models[name] = qd.quantize(base, config).model
             seconds[name] = round(time.perf_counter() - t0, 1)
+    peer = {}
+    if args.hqq:
+        import tempfile
+        from pathlib import Path
+
+        import torch
+        from fidelity_peers import load_peer_weights, run_hqq
+        from safetensors.torch import load_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            base.model.save_pretrained(Path(tmp) / "model")
+            peer = run_hqq(Path(tmp) / "model", 4, 64, Path(tmp) / "hqq.safetensors", torch.get_num_threads())
+            print(f"hqq: {peer}", flush=True)
+            if "error" not in peer:
+                models["hqq w4 asym g64"] = load_peer_weights(base.model, load_file(Path(tmp) / "hqq.safetensors"))
+                seconds["hqq w4 asym g64"] = peer["seconds"]
     tokens = tokenize_prefix(base.tokenizer, load_text(args.text), args.tokens)
     res = evaluate(models, base.model, tokens, EvalProtocol(max_tokens=args.tokens, window=1024))
-    cuts = {name: f"{1 - res[name]['kld_mean'] / res['rtn-w' + name.split('-w')[1]]['kld_mean']:+.0%}"
-            for name in models if args.suite == "weights" and not name.startswith("rtn")}
+    rtn_of = {"weights": lambda name: "rtn-w" + name.split("-w")[1], "best": lambda name: "rtn " + name.split(" ", 1)[1]}
+    cuts = {name: f"{1 - res[name]['kld_mean'] / res[rtn_of[args.suite](name)]['kld_mean']:+.0%}"
+            for name in models if args.suite in rtn_of and not name.startswith(("rtn", "hqq"))}
     print_fidelity_table(res, seconds, cuts, "vs RTN")
-    print(json.dumps({"benchmark": "fidelity_calibrated", **machine_info(), "config": vars(args),
+    print(json.dumps({"benchmark": "fidelity_calibrated", **machine_info(), "config": vars(args), "hqq": peer,
                       "quantize_seconds": seconds, "results": res}))
+
+
+def best_suite(qd, base, calib, models: dict, seconds: dict) -> None:
+    grids = {"w8 per-channel": dict(bits=8, group_size=None), "w4 asym g128": dict(bits=4, group_size=128, symmetric=False),
+             "w4 sym g64": dict(bits=4, group_size=64), "w3 asym g64": dict(bits=3, group_size=64, symmetric=False),
+             "w3 sym g64": dict(bits=3, group_size=64)}
+    for name, grid in grids.items():
+        best = (qd.GPTQConfig(**grid, calibration=calib) if grid["bits"] == 8
+                else qd.AWQConfig(quantizer=qd.GPTQConfig(**grid), calibration=calib))
+        for label, config in ((f"rtn {name}", qd.RTNConfig(**grid)),
+                              (f"{'gptq' if grid['bits'] == 8 else 'awq+gptq'} {name}", best)):
+            t0 = time.perf_counter()
+            models[label] = qd.quantize(base, config).model
+            seconds[label] = round(time.perf_counter() - t0, 1)
+            print(f"quantized {label} in {seconds[label]} s", flush=True)
 
 
 def w8a8_suite(qd, base, calib, models: dict, seconds: dict) -> None:

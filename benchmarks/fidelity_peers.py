@@ -1,5 +1,6 @@
-"""Our GPTQ and AWQ side by side with llm-compressor's: same model, spec and calibration samples, all
-scored by our evaluation code in one pass, with the quantization times on the same CPU.
+"""Our GPTQ and AWQ side by side with llm-compressor's (and HQQ's calibration-free 4-bit, ``--methods ... hqq``):
+same model, spec and calibration samples, all scored by our evaluation code in one pass, with the quantization
+times on the same CPU.
 
     HF_HUB_OFFLINE=1 python benchmarks/fidelity_peers.py --calib ../shared/data/text/wiki_en.train.txt \
         --text ../shared/data/text/wiki_en.test.txt --samples 16 --seq-len 512 --tokens 32768
@@ -60,6 +61,26 @@ def run_peer(python: Path, model_dir: Path, tokens_file: Path, method: str, bits
 from _common import fidelity_parser  # benchmarks/ is on sys.path when run as a script
 
 
+HQQ_VERSION = "0.2.8"
+
+
+def run_hqq(model_dir: Path, bits: int, group: int, out: Path, threads: int,
+            venv_root: Path = Path.home() / ".cache" / "quantdeploy" / "peers") -> dict:
+    """HQQ (calibration-free) in its own environment (``peers/hqq_worker.py``): its effective weights at
+    ``out``; the worker's JSON line, or ``{"error": ...}``."""
+    from _common import ensure_peer_venv
+
+    python = ensure_peer_venv(venv_root / f"hqq-{HQQ_VERSION}", "hqq", [f"hqq=={HQQ_VERSION}"])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(python), str(HERE / "peers" / "hqq_worker.py"), "--model", str(model_dir), "--bits", str(bits),
+           "--group-size", str(group), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        return {"error": tail[0][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def load_peer_weights(model, state: dict):
     """A copy of ``model`` with the peer's effective weights in place."""
     model = copy.deepcopy(model)
@@ -82,7 +103,8 @@ def main() -> None:
 
     p = fidelity_parser(__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--methods", nargs="+", default=["gptq", "awq"], choices=["gptq", "awq"])
+    p.add_argument("--methods", nargs="+", default=["gptq", "awq"], choices=["gptq", "awq", "hqq"],
+                   help="hqq: HQQ's calibration-free 4-bit (its own environment; no method of ours beside it)")
     p.add_argument("--repeat", type=int, default=1, help="time each GPTQ/AWQ run this often (median reported)")
     p.add_argument("--peer-version", default="0.14.0.1")
     p.add_argument("--peer-venv", type=Path, default=Path.home() / ".cache" / "quantdeploy" / "peers")
@@ -92,7 +114,8 @@ def main() -> None:
     base = qd.load_model(args.model)
     calib_config = qd.CalibrationConfig(source=args.calib, num_samples=args.samples, seq_len=args.seq_len)
     calib = load_calibration(base.tokenizer, calib_config)
-    python = ensure_peer_venv(args.peer_venv / f"llmcompressor-{args.peer_version}", args.peer_version)
+    python = (ensure_peer_venv(args.peer_venv / f"llmcompressor-{args.peer_version}", args.peer_version)
+              if {"gptq", "awq"} & set(args.methods) else None)
 
     rtn = qd.RTNConfig(bits=args.bits, group_size=args.group_size, pin_group_size=True)
     ours = {"rtn": rtn,
@@ -115,6 +138,14 @@ def main() -> None:
         save_file({"input_ids": calib.tokens.contiguous()}, tokens_file)
         models["ours-rtn"] = timed_ours("rtn")
         for name in args.methods:
+            if name == "hqq":
+                out = Path(tmp) / "hqq.safetensors"
+                peers[name] = info = run_hqq(model_dir, args.bits, args.group_size, out, threads, args.peer_venv)
+                print(f"hqq: {info}", flush=True)
+                if "error" not in info:
+                    samples["hqq"] = [info["seconds"]]
+                    models["hqq"] = load_peer_weights(base.model, load_file(out))
+                continue
             for rep in range(args.repeat):  # ours and the peer alternate: a slow spell of the machine hits both
                 model = timed_ours(name)
                 models.setdefault(f"ours-{name}", model)
@@ -142,7 +173,7 @@ def main() -> None:
         print(f"{name:<20} {seconds[name]:>10} {r['ppl']:>9.3f} {r['kld_mean']:>9.4f} {r['top1_agreement']:>7.2%}")
     for name, info in peers.items():
         if "error" in info:
-            print(f"{'llmcompressor-' + name:<20} failed: {info['error']}")
+            print(f"{name if name == 'hqq' else 'llmcompressor-' + name:<20} failed: {info['error']}")
     print(f"quantize seconds of each run: {samples}")
     summary = {}
     for name in args.methods:
