@@ -70,6 +70,14 @@ def decode_dot(words, x, z, BITS: tl.constexpr):
     return part
 
 
+def _packed_dot_tail(pairs: tuple[str, str, str, str], acc: str) -> str:
+    """The PTX both bf16-pair decoders end with: four packed FMAs of the code pairs by x's pairs ($2..$5),
+    from -0 (register ``nz``), then the two halves of ``acc`` added in fp32 into $0."""
+    fmas = [f"fma.rn.bf16x2 {acc}, {pairs[0]}, $2, nz;"] + [f"fma.rn.bf16x2 {acc}, {p}, ${i + 3}, {acc};"
+                                                           for i, p in enumerate(pairs[1:])]
+    return "\n".join(fmas + [f"shl.b32 t1, {acc}, 16;", f"and.b32 t2, {acc}, 0xFFFF0000;", "add.f32 $0, t1, t2;", "}"])
+
+
 def _nf4_asm() -> str:
     """``_DOT8_NF4``'s PTX with NF4's 16 levels as bf16 in byte tables: ``lo``/``hi`` bytes of levels 0-7
     and 8-15, four to a register, as immediates (the levels are a fixed table)."""
@@ -96,14 +104,7 @@ prmt.b32 pB, lo, hi, 0x7362;
     return ("{\n.reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, s, q, t, m, a, b, lo, hi, p0, p1, p2, p3, acc, nz, t1, t2;\n"
             + movs + "mov.b32 nz, 0x80008000;\nmov.b32 s, $1;\n" + half.replace("pA", "p0").replace("pB", "p1")
             + "shr.u32 s, $1, 16;\n" + half.replace("pA", "p2").replace("pB", "p3")
-            + """fma.rn.bf16x2 acc, p0, $2, nz;
-fma.rn.bf16x2 acc, p1, $3, acc;
-fma.rn.bf16x2 acc, p2, $4, acc;
-fma.rn.bf16x2 acc, p3, $5, acc;
-shl.b32 t1, acc, 16;
-and.b32 t2, acc, 0xFFFF0000;
-add.f32 $0, t1, t2;
-}""")
+            + _packed_dot_tail(("p0", "p1", "p2", "p3"), "acc"))
 
 
 #: ``sum_j level[q_j] * x_j`` over the eight NF4 codes of a word in bf16x2 arithmetic, added up in fp32.
@@ -181,14 +182,7 @@ fma.rn.bf16x2 c0, c0, one, $6;
 fma.rn.bf16x2 c1, c1, one, $6;
 fma.rn.bf16x2 c2, c2, one, $6;
 fma.rn.bf16x2 c3, c3, one, $6;
-fma.rn.bf16x2 a, c0, $2, nz;
-fma.rn.bf16x2 a, c1, $3, a;
-fma.rn.bf16x2 a, c2, $4, a;
-fma.rn.bf16x2 a, c3, $5, a;
-shl.b32 t1, a, 16;
-and.b32 t2, a, 0xFFFF0000;
-add.f32 $0, t1, t2;
-}""")
+""" + _packed_dot_tail(("c0", "c1", "c2", "c3"), "a"))
 
 
 @triton.jit
