@@ -22,7 +22,8 @@ import torch
 from quantdeploy.bench.decode import measure_bandwidth
 from quantdeploy.engine.kv_cache import BLOCK_TOKENS, blocks_for
 from quantdeploy.eval.report import machine_info
-from quantdeploy.kernels.triton_attention import MAX_SPLITS, _sms, decode_attention_impl, splits_for
+from quantdeploy.kernels.triton_attention import MAX_SPLITS, decode_attention_impl, splits_for
+from quantdeploy.kernels.triton_split import sm_count
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 CASES = [(1, 8192, 8192), (1, 32768, 32768), (16, 8192, 8192), (16, 32768, 32768), (64, 160, 256),
@@ -40,7 +41,7 @@ def main() -> None:
     device = torch.device("cuda")
     bandwidth = measure_bandwidth(device)
     bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3  # noqa: E731 - µs
-    print(f"copy bandwidth {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}; {_sms(device)} SMs", flush=True)
+    print(f"copy bandwidth {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}; {sm_count(device)} SMs", flush=True)
     print(f"{'rows':>5s} {'held':>6s} {'cache':>6s} {'launch':>6s} {'splits':>6s} {'us':>8s} {'GB/s':>7s} {'of copy':>8s}",
           flush=True)
     results = []
@@ -55,7 +56,7 @@ def main() -> None:
         lengths = torch.full((rows,), held, device=device, dtype=torch.int32)
         torch.cuda.synchronize()  # do_bench_cudagraph runs on a stream of its own, which does not wait for these
         moved = rows * held * KV_HEADS * DIM * 2 * 2 + 2 * q.numel() * 2
-        default = splits_for(rows, KV_HEADS, cache_len, _sms(device))
+        default = splits_for(rows, KV_HEADS, cache_len, sm_count(device))
         for launch in args.launch:
             warps, stages = (int(x) for x in launch.split("x"))
             for splits in sorted(set(s for s in args.splits if s <= MAX_SPLITS * 2) | {default}):

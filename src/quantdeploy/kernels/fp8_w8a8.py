@@ -1,7 +1,7 @@
 """FP8 W8A8 layers on CUDA: E4M3 weights times E4M3 activations quantized per token, on the FP8 tensor cores.
 
 The math is the reference path's (``reference.qlinear``): each row of x is scaled by its own
-``max|x| / 448`` and rounded to E4M3, the products of E4M3 codes are exact in fp32, and the sum is scaled
+``max|x| · fp32(1/448)`` and rounded to E4M3, the products of E4M3 codes are exact in fp32, and the sum is scaled
 by the row's and the channel's scales. Two ways to compute it, by the number of rows:
 
 - a few rows (decode): the row kernel (``triton_gemv.py``) with E4M3 codes on both sides, accumulating
@@ -28,17 +28,13 @@ import triton
 import triton.language as tl
 
 from quantdeploy.kernels.triton_gemv import gemv_impl
-from quantdeploy.kernels.triton_split import counters
+from quantdeploy.kernels.triton_split import counters, sm_count
 from quantdeploy.quant.primitives import FP8_MAX
 
 log = logging.getLogger(__name__)
 
 #: the most rows the row kernel takes; ``_scaled_mm`` above (the same bound as the weight-only routes)
 ROW_ROWS = 4
-
-
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 @triton.jit
@@ -86,7 +82,7 @@ def fp8_w8a8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x = x.contiguous()
     xq, xs = quantize_rows(x)  # [M, K] E4M3, [M, 1] fp32
     if m <= ROW_ROWS:
-        y = gemv_impl(xq, qweight, scales.reshape(-1, 1), None, 8, k, _sms(x.device), locks=locks, fp8=True)
+        y = gemv_impl(xq, qweight, scales.reshape(-1, 1), None, 8, k, sm_count(x.device), locks=locks, fp8=True)
         return (y * xs).to(x.dtype)
     y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=scales.reshape(1, -1), out_dtype=torch.bfloat16)
     return y.to(x.dtype)
@@ -116,7 +112,7 @@ class FP8W8A8:
         self.qw = qw
         self.scales = qw.tensors["scales"].float().reshape(-1).contiguous()
         device = qw.tensors["qweight"].device
-        self.locks = counters(device, _sms(device))
+        self.locks = counters(device, sm_count(device))
         log.debug("kernels: fp8 w8a8 %s, row kernel up to %d rows, _scaled_mm above", tuple(qw.shape), ROW_ROWS)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quantdeploy.kernels.triton_split import sm_count
+
 BLOCK_N = 64
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 3  # split programs resident at once on an SM (64 KB of shared memory each at two stages)
@@ -118,10 +120,6 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, n_heads, stride_ob, stride_oh,
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
 def splits_for(batch: int, kv_heads: int, max_seq_len: int, sms: int) -> int:
     """How many slices each row's positions are cut into: the largest power of two whose programs still
     run in one wave (``PROGRAMS_PER_SM`` per SM), while a full row gives every slice four tiles.
@@ -148,7 +146,7 @@ def decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         raise ValueError(f"cache blocks of {block} positions; this kernel reads blocks of {BLOCK_N}")
     max_seq_len = block_table.shape[1] * BLOCK_N
     rep = n_heads // kv_heads
-    splits = splits or splits_for(batch, kv_heads, max_seq_len, _sms(q.device))
+    splits = splits or splits_for(batch, kv_heads, max_seq_len, sm_count(q.device))
     out = q.new_empty(q.shape)
     if batch == 0:
         return out

@@ -27,6 +27,12 @@ import triton.language as tl
 MAX_TILES_PER_SM = 4
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (8 elsewhere: Triton's interpreter on the CPU), which the
+    kernels size their grids by."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def counters(device: torch.device, sms: int) -> torch.Tensor:
     """A zeroed counter per possible tile of a split launch on ``device`` (the kernels leave them zeroed)."""
     return torch.zeros(MAX_TILES_PER_SM * sms, dtype=torch.int32, device=device)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from quantdeploy.kernels.triton_gemm import dequantize_impl, gemm_impl
 from quantdeploy.kernels.triton_gemv import gemv_impl
-from quantdeploy.kernels.triton_split import counters
+from quantdeploy.kernels.triton_split import counters, sm_count
 from quantdeploy.quant import nf4
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,6 @@ def route(kind: int | str, m: int, routes: dict | None = None) -> str:
     return "dequant"
 
 
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
 def run(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
         bits: int, group: int, locks: torch.Tensor | None = None, lut: torch.Tensor | None = None,
         fp8: bool = False) -> torch.Tensor:
@@ -73,9 +69,9 @@ def run(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     ``locks``: the layer's split-K counters (``triton_split.counters``; without them, a zeroed buffer per call);
     ``lut``: the 16 values NF4's codes index (then no zeros); ``fp8``: the codes are E4M3 bytes."""
     if path == "row":
-        return gemv_impl(x, qweight, scales, zeros, bits, group, _sms(x.device), locks=locks, lut=lut, fp8=fp8)
+        return gemv_impl(x, qweight, scales, zeros, bits, group, sm_count(x.device), locks=locks, lut=lut, fp8=fp8)
     if path == "tile":
-        return gemm_impl(x, qweight, scales, zeros, bits, group, _sms(x.device), locks=locks, lut=lut, fp8=fp8)
+        return gemm_impl(x, qweight, scales, zeros, bits, group, sm_count(x.device), locks=locks, lut=lut, fp8=fp8)
     if path == "dequant":
         return F.linear(x, dequantize_impl(qweight, scales, zeros, bits, group, x.shape[1], x.dtype, lut, fp8))
     raise ValueError(f"unknown path {path!r}")
@@ -137,7 +133,7 @@ class TritonWeightOnly:
         self.zeros = None if qw.spec.symmetric or nf4_codes or self.fp8 else qw.tensors["zeros"]
         self.scales = nf4_scales(qw) if nf4_codes else qw.tensors["scales"]
         self.lut = nf4.nf4_levels(device) if nf4_codes else None
-        self.locks = counters(device, _sms(device))
+        self.locks = counters(device, sm_count(device))
         log.debug("kernels: triton %s %s, routes by rows %s", qw.spec.describe(), tuple(qw.shape),
                   ROUTES["nf4" if nf4_codes else "fp8" if self.fp8 else self.bits])
 
