@@ -2,6 +2,13 @@
 SmolLM2's layer shapes, and the whole engine's decode with each backend.
 
     python benchmarks/cpu_kernels.py [--threads 2]
+    python benchmarks/cpu_kernels.py --sweep [--threads 2]
+
+--sweep: per spec, layer shape and number of rows M, µs of the packed kernel, of the dense route
+(dequantize, then ``F.linear``) and of ``F.linear`` on the unquantized fp32 weight, measured in turn;
+then per spec the smallest M from which the dense route is at least as fast as the kernel on every
+shape (what ``cpu_packed.DENSE_FROM_ROWS`` should say on this machine) and the slowest quantized/fp32
+ratio with the routes as the code has them.
 
 Per shape: µs per call at 1 and 8 rows of activations for the reference path, the packed kernel and
 an fp32 matmul on the unquantized weight, with the packed result's relative error to the reference.
@@ -18,6 +25,7 @@ import time
 import torch
 
 from quantdeploy import kernels
+from quantdeploy.kernels import cpu_packed
 from quantdeploy.kernels import reference
 from quantdeploy.quant.primitives import dequantize_weight, quantize_weight
 from quantdeploy.quant.spec import QuantSpec
@@ -55,6 +63,41 @@ def kernel_table() -> list[dict]:
     return rows
 
 
+SWEEP_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512)
+
+
+def sweep_table() -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for spec_name, spec in SPECS.items():
+        for name, (n, k) in SHAPES.items():
+            if name == "output":
+                continue  # the head runs on the last position of each row only: decode batches, never prefill
+            w = torch.randn(n, k, generator=g) * 0.02
+            packed = kernels.prepare(quantize_weight(w, spec))
+            for m in SWEEP_ROWS:
+                x = torch.randn(m, k, generator=g)
+                reps = max(5, 400 // m)
+                rows.append({"spec": spec_name, "layer": name, "m": m,
+                             "kernel_us": _time(lambda: packed.kernel(x), reps),
+                             "dense_us": _time(lambda: packed.dense(x), reps),
+                             "fp32_us": _time(lambda: x @ w.T, reps), "routed_us": _time(lambda: packed(x, None), reps)})
+    return rows
+
+
+def sweep_summary(rows: list[dict]) -> dict:
+    out = {}
+    for spec_name in SPECS:
+        mine = [r for r in rows if r["spec"] == spec_name]
+        slower = {m for r in mine for m in [r["m"]] if r["dense_us"] > r["kernel_us"]}
+        crossover = next((m for m in SWEEP_ROWS if all(x < m for x in slower)), None)
+        worst = max(mine, key=lambda r: r["routed_us"] / r["fp32_us"])
+        out[spec_name] = {"dense_from_measured": crossover, "dense_from_in_code": cpu_packed.DENSE_FROM_ROWS[spec_name[:4]],
+                          "worst_vs_fp32": {"ratio": worst["routed_us"] / worst["fp32_us"], "layer": worst["layer"],
+                                            "m": worst["m"]}}
+    return out
+
+
 def engine_table(batches: list[int]) -> list[dict]:
     import tempfile
     from pathlib import Path
@@ -82,9 +125,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--sweep", action="store_true", help="the dense-route crossover sweep only")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sweep:
+        st = sweep_table()
+        print(f"{'spec':9s} {'layer':6s} {'m':>4s} {'kernel us':>10s} {'dense us':>9s} {'fp32 us':>8s} {'routed/fp32':>12s}")
+        for r in st:
+            print(f"{r['spec']:9s} {r['layer']:6s} {r['m']:4d} {r['kernel_us']:10.1f} {r['dense_us']:9.1f} "
+                  f"{r['fp32_us']:8.1f} {r['routed_us'] / r['fp32_us']:11.2f}x")
+        summary = sweep_summary(st)
+        for spec_name, v in summary.items():
+            print(f"{spec_name}: dense route at least as fast as the kernel from {v['dense_from_measured']} rows on every "
+                  f"shape (code: {v['dense_from_in_code']}); slowest routed/fp32 {v['worst_vs_fp32']['ratio']:.2f}x "
+                  f"({v['worst_vs_fp32']['layer']}, {v['worst_vs_fp32']['m']} rows)")
+        print(json.dumps({**machine_info(), "capability": torch.backends.cpu.get_cpu_capability(),
+                          "config": vars(args), "sweep": st, "summary": summary}))
+        return
     kt = kernel_table()
     print(f"{'spec':9s} {'layer':7s} {'m':>2s} {'reference us':>13s} {'packed us':>10s} {'fp32 mm us':>11s} "
           f"{'speedup':>8s} {'rel err':>8s}")

@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--suite", choices=("weights", "best", "w8a8"), default="weights")
     p.add_argument("--hqq", action="store_true", help="also HQQ W4 g64 (the calibration-free peer)")
+    p.add_argument("--grids", nargs="+", choices=tuple(BEST_GRIDS), help="--suite best: these grids only (default all)")
     args = p.parse_args()
 
     base = qd.load_model(args.model)
@@ -46,7 +47,7 @@ def main() -> None:
     if args.suite == "w8a8":
         w8a8_suite(qd, base, calib, models, seconds)
     if args.suite == "best":
-        best_suite(qd, base, calib, models, seconds)
+        best_suite(qd, base, calib, models, seconds, args.grids or tuple(BEST_GRIDS))
     for bits in args.bits if args.suite == "weights" else ():
         rtn = qd.RTNConfig(bits=bits, group_size=args.group_size)
         for name, config in ((f"rtn-w{bits}", rtn),
@@ -81,11 +82,14 @@ def main() -> None:
                       "quantize_seconds": seconds, "results": res}))
 
 
-def best_suite(qd, base, calib, models: dict, seconds: dict) -> None:
-    grids = {"w8 per-channel": dict(bits=8, group_size=None), "w4 asym g128": dict(bits=4, group_size=128, symmetric=False),
-             "w4 sym g64": dict(bits=4, group_size=64), "w3 asym g64": dict(bits=3, group_size=64, symmetric=False),
-             "w3 sym g64": dict(bits=3, group_size=64)}
-    for name, grid in grids.items():
+BEST_GRIDS = {"w8 per-channel": dict(bits=8, group_size=None),
+              "w4 asym g128": dict(bits=4, group_size=128, symmetric=False), "w4 sym g64": dict(bits=4, group_size=64),
+              "w3 asym g64": dict(bits=3, group_size=64, symmetric=False), "w3 sym g64": dict(bits=3, group_size=64)}
+
+
+def best_suite(qd, base, calib, models: dict, seconds: dict, names: tuple[str, ...]) -> None:
+    for name in names:
+        grid = BEST_GRIDS[name]
         best = (qd.GPTQConfig(**grid, calibration=calib) if grid["bits"] == 8
                 else qd.AWQConfig(quantizer=qd.GPTQConfig(**grid), calibration=calib))
         for label, config in ((f"rtn {name}", qd.RTNConfig(**grid)),

@@ -11,7 +11,7 @@ from quantdeploy import kernels
 from quantdeploy.engine import QuantLinear
 from quantdeploy.errors import ConfigError
 from quantdeploy.kernels import cpu_packed, reference
-from quantdeploy.quant.primitives import quantize_weight
+from quantdeploy.quant.primitives import dequantize_weight, quantize_weight
 from quantdeploy.quant.spec import QuantSpec
 
 PACKED = [QuantSpec("int8", None), QuantSpec("int4", 32), QuantSpec("int4", 64, symmetric=False),
@@ -56,11 +56,50 @@ def test_quant_linear_prepare_uses_the_packed_kernel_and_keeps_its_state_dict():
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8", 64), QuantSpec("nf4", 64), QuantSpec("int4", 16),
-                                  QuantSpec("int4", 48),
-                                  QuantSpec("int8", None, activations="int8")])
-def test_auto_falls_back_to_the_reference_and_a_named_backend_refuses(spec):
+                                  QuantSpec("int4", 48)])
+def test_auto_holds_a_weight_only_spec_without_a_kernel_dense_and_a_named_backend_refuses(spec):
     qw = quantize_weight(torch.randn(32, 384), spec)
     assert not cpu_packed.supports(qw)
-    assert kernels.prepare(qw) is None
+    assert kernels.prepare(qw).backend == "dense"  # kernels/dense.py, tested in test_dense.py
     with pytest.raises(ConfigError, match="cpu_packed backend cannot run"):
         kernels.prepare(qw, "cpu_packed")
+
+
+def test_auto_keeps_w8a8_without_a_kernel_on_the_reference_path():
+    qw = quantize_weight(torch.randn(32, 384), QuantSpec("int8", None, activations="int8"))
+    assert kernels.prepare(qw) is None
+    for backend in ("cpu_packed", "dense"):
+        with pytest.raises(ConfigError, match=f"{backend} backend cannot run"):
+            kernels.prepare(qw, backend)
+
+
+@settings(max_examples=25, deadline=None)
+@given(blocks=st.lists(st.sampled_from([16, 32, 64]), min_size=1, max_size=5), k=st.sampled_from([32, 64, 96, 576]),
+       seed=st.integers(0, 2**16))
+def test_unpack_int4_inverts_the_kernel_layout_of_this_cpu(blocks, k, seed):
+    n = sum(blocks)  # any multiple of 16: whole blocks of the vector width and a shorter last one
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+    assert torch.equal(cpu_packed.unpack_int4(packed, n, k), codes.to(torch.uint8))
+    assert torch.equal(cpu_packed.unpack_int4(packed, n, k, torch.float32), codes.float())
+
+
+@pytest.mark.parametrize("spec", PACKED)
+def test_from_dense_from_rows_a_call_takes_the_dense_route_and_matches_the_reference(spec):
+    g = torch.Generator().manual_seed(1)
+    qw = quantize_weight(torch.randn(48, 768, generator=g), spec)
+    prepared = kernels.prepare(qw)
+    assert prepared.dense_from == cpu_packed.DENSE_FROM_ROWS[spec.dtype]  # the layout was recognised
+    m = prepared.dense_from
+    x, b = torch.randn(m, 768, generator=g), torch.randn(48, generator=g)
+    ref = reference.qlinear(x, qw, b)
+    assert _rel(prepared(x, b), ref) < BF16_TOL
+    assert torch.equal(prepared(x, b), (prepared.dense(x) + b).to(x.dtype))
+    few = x[: m - 1]
+    assert torch.equal(prepared(few, None), prepared.kernel(few).float())
+    if spec.dtype == "int8":  # fp32 activations and scales on the dense route: the reference's numbers
+        assert _rel(prepared(x, b), ref) < 1e-5
+    else:  # the kernel's own weights (bf16 scales and zeros), multiplied in fp32
+        w = prepared.dequantize(torch.float32)
+        assert _rel(w, dequantize_weight(qw)) < 4e-3
+        assert _rel(prepared.kernel(x[:8]).float(), x[:8] @ w.T) < BF16_TOL

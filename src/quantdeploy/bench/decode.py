@@ -74,11 +74,14 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int 
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of all stored weights, bytes of the input-embedding table), each tensor counted once."""
+    """(bytes of all weights a step reads, bytes of the input-embedding table), each tensor counted once;
+    a layer held dequantized (``kernels/dense.py``) counts its dense weight, not its stored codes."""
     seen, total = set(), 0
     for module in model.modules():
         tensors = list(module.parameters(recurse=False))
-        if isinstance(module, (QuantLinear, QuantEmbedding)):
+        if isinstance(module, QuantLinear) and hasattr(module.prepared, "read_bytes"):
+            total += module.prepared.read_bytes
+        elif isinstance(module, (QuantLinear, QuantEmbedding)):
             tensors += [getattr(module, n) for n in module._names]
         for t in tensors:
             if t.data_ptr() not in seen:

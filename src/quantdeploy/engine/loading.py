@@ -127,11 +127,18 @@ def build(args: ModelArgs, hf_config: Any, hf_tensors: dict[str, torch.Tensor], 
     for name, scale in scales.items():  # plain attributes: moved by hand
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, scale.float().to(device))
+    dense: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            module.prepare(backend)
+            if module.prepare(backend) == "dense":
+                spec = module.spec.describe()
+                dense[spec] = dense.get(spec, 0) + module.prepared.read_bytes
         elif isinstance(module, QuantEmbedding) and module.spec.dtype == "nf4":
             nf4.tables_on(device)  # the lookup tables on the device before the decode step compiles
+    for spec, nbytes in dense.items():
+        log.warning("%s has no kernel on %s: its layers are held dequantized in %s (%.3f GB), as fast as "
+                    "the unquantized model, not smaller (backend='reference' keeps the codes only, slowly)",
+                    spec, torch.device(device).type, str(compute_dtype).replace("torch.", ""), nbytes / 1e9)
     # inference only: nothing asks for gradients, so compiling a step never traces a backward (our
     # registered kernels have none)
     return model.eval().requires_grad_(False)
@@ -163,7 +170,7 @@ def _tie_output(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
 
 def _cast_float_params(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
-        if isinstance(module, QuantEmbedding):
+        if isinstance(module, (QuantEmbedding, QuantLinear)):
             module.compute_dtype = dtype
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:

@@ -3,8 +3,9 @@
 They replace ``nn.Linear`` / ``nn.Embedding`` in a model. Their buffers are exactly the stored
 tensors (``qweight``, ``scales``, ``zeros`` ...), so a state dict round-trips through the checkpoint
 unchanged. ``forward`` goes through the kernels facade. ``prepare()`` repacks the weight for the fast
-kernel of the device it sits on (after loading, on the target device); the repacked copy is a plain
-attribute, never saved, and dropped when the module moves. Without it, ``forward`` takes the
+kernel of the device it sits on (after loading, on the target device; a spec with no kernel there is
+dequantized once into ``compute_dtype``, ``kernels/dense.py``); the repacked copy is a plain attribute,
+never saved, and dropped when the module moves. Without it, ``forward`` takes the
 reference path (dequantize, then matmul).
 """
 
@@ -57,6 +58,7 @@ class QuantLinear(_QuantWeightHolder):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
         self._init_buffers(spec, out_features, in_features)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.prepared: kernels.PreparedWeight | None = None
@@ -77,7 +79,7 @@ class QuantLinear(_QuantWeightHolder):
         """Repack the weight for the fastest kernel on its device; returns the backend chosen."""
         if self.spec.dtype == "nf4":  # its lookup tables on the device before anything compiles or captures
             nf4.tables_on(self.qweight.device)
-        self.prepared = kernels.prepare(self.quantized_weight(), backend)
+        self.prepared = kernels.prepare(self.quantized_weight(), backend, self.compute_dtype)
         return "reference" if self.prepared is None else self.prepared.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """The kernels facade: one entry point per operation, the backend chosen by name or automatically.
 
 Backends: ``reference`` (torch only, every device, the oracle), ``cpu_packed`` (PyTorch's packed
-int8/int4 weight-only CPU kernels, ``cpu_packed.py``) and ``triton`` (on CUDA: int4/int8/NF4/FP8
+int8/int4 weight-only CPU kernels, ``cpu_packed.py``), ``triton`` (on CUDA: int4/int8/NF4/FP8
 weight-only, dequantized in registers, ``triton_wonly.py``; FP8 W8A8 on the FP8 tensor cores,
-``fp8_w8a8.py``; imported only when a CUDA weight asks for it). ``prepare``
-readies a weight once for a fast backend on the weight's device; the result is called like
-``prepared(x, bias)``. ``auto`` picks the fast backend where the weight's device and spec allow and the
-reference path otherwise (logged at debug level); a backend asked for by name that cannot serve the
-weight is an error, never a silent fallback.
+``fp8_w8a8.py``; imported only when a CUDA weight asks for it) and ``dense`` (a weight-only layer
+dequantized once into the compute dtype, ``dense.py``). ``prepare`` readies a weight once for a backend
+on the weight's device; the result is called like ``prepared(x, bias)``. ``auto`` picks the fast kernel
+where the weight's device and spec allow, ``dense`` for the other weight-only specs (a quantized layer
+never runs slower than the unquantized one) and the reference path for W8A8 specs without a kernel
+(logged at debug level); a backend asked for by name that cannot serve the weight is an error, never a
+silent fallback.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from quantdeploy.quant.primitives import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "cpu_packed", "triton")
+BACKENDS = ("auto", "reference", "cpu_packed", "triton", "dense")
 
 
 class PreparedWeight(Protocol):
@@ -38,12 +40,13 @@ def _check(backend: str) -> None:
         raise ConfigError(f"unknown kernel backend '{backend}'; available: {', '.join(BACKENDS)}")
 
 
-def prepare(qw: QuantizedWeight, backend: str = "auto") -> PreparedWeight | None:
-    """A repacked weight for ``backend`` on the weight's device, or None for the reference path."""
+def prepare(qw: QuantizedWeight, backend: str = "auto", dtype: torch.dtype = torch.float32) -> PreparedWeight | None:
+    """A repacked weight for ``backend`` on the weight's device, or None for the reference path;
+    ``dtype`` is the compute dtype (the one a ``dense`` weight is held in)."""
     _check(backend)
     if backend == "reference":
         return None
-    from quantdeploy.kernels import cpu_packed
+    from quantdeploy.kernels import cpu_packed, dense
 
     device = qw.tensors["qweight"].device
     if backend in ("auto", "cpu_packed") and device.type == "cpu" and cpu_packed.supports(qw):
@@ -55,6 +58,8 @@ def prepare(qw: QuantizedWeight, backend: str = "auto") -> PreparedWeight | None
             return triton_wonly.TritonWeightOnly(qw)
         if fp8_w8a8.supports(qw):
             return fp8_w8a8.FP8W8A8(qw)
+    if backend in ("auto", "dense") and dense.supports(qw):
+        return dense.DenseWeight(qw, dtype)
     if backend == "cpu_packed":
         raise ConfigError(f"the cpu_packed backend cannot run {qw.spec.describe()} on {device} "
                           "(it takes int8 per-channel or int4 g32-g256 on CPU)")
@@ -62,6 +67,9 @@ def prepare(qw: QuantizedWeight, backend: str = "auto") -> PreparedWeight | None
         raise ConfigError(f"the triton backend cannot run {qw.spec.describe()} on {device} (it takes int4/int8/NF4/"
                           "FP8 weight-only layers, and FP8 W8A8 per channel on FP8 tensor cores, on a CUDA device "
                           "with the triton package installed)")
+    if backend == "dense":
+        raise ConfigError(f"the dense backend cannot run {qw.spec.describe()}: it holds weight-only layers "
+                          "dequantized; W8A8 layers quantize their activations (use auto or reference)")
     log.debug("kernels: reference path for %s %s", qw.spec.describe(), tuple(qw.shape))
     return None
 

@@ -21,17 +21,33 @@ fp32 and rounds its output to bf16; the result is cast back to the caller's dtyp
 take their scales (and int4 float zeros) in bf16 only, so each group's scale is rounded from fp16 to
 bf16 (relative error ≤ 2⁻⁹, far below the quantization step of int4 and about half a step of int8).
 Tests bound the difference to the reference path at that level; ``backend="reference"`` keeps exact
-fp32 math. Everything else uses the reference path.
+fp32 math.
+
+Both kernels cost time in proportion to the rows of activations (a dot product per row and weight), so
+past a few dozen rows (a prefill, a large batch) the dense matmul of the compute dtype wins even after
+dequantizing the weight on every call: from ``DENSE_FROM_ROWS`` rows a call dequantizes, then runs
+``F.linear``. int8 multiplies its codes as they are and scales the output columns; int4 unpacks the
+tinygemm layout (which depends on the CPU's vector width: ``unpack_int4``, checked against the codes
+when the weight is packed) and applies the bf16 scales and zeros the kernel uses, so both routes multiply
+the same weights. The thresholds come from ``benchmarks/cpu_kernels.py --sweep`` (record
+``cpu-kernels-dense-route-*.txt``).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.nn.functional as F
 
 from quantdeploy.quant.packing import unpack_bits
 from quantdeploy.quant.primitives import QuantizedWeight
 
+log = logging.getLogger(__name__)
+
 INT4_GROUPS = (32, 64, 128, 256)
+#: rows of activations from which a call dequantizes and runs the dense matmul (see the docstring)
+DENSE_FROM_ROWS = {"int8": 64, "int4": 128}
 
 
 def kernel_group(group: int) -> int | None:
@@ -50,24 +66,40 @@ def supports(qw: QuantizedWeight) -> bool:
     return False
 
 
-class PackedInt8:
-    backend = "cpu_packed"
+class _Packed:
+    """Routing shared by both widths: the packed kernel below ``dense_from`` rows, the dense route above."""
 
-    def __init__(self, qw: QuantizedWeight) -> None:
-        self.weight = (qw.tensors["qweight"].to(torch.int16) - 128).to(torch.int8).contiguous()  # [n, k]
-        self.scales = qw.tensors["scales"].to(torch.bfloat16).reshape(-1).contiguous()  # [n]
+    backend = "cpu_packed"
+    dense_from: int | float
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor: ...
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor: ...
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.dense(x2) if x2.shape[0] >= self.dense_from else self.kernel(x2)
         if bias is not None:
             y = y.float() + bias.float()
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-class PackedInt4:
-    backend = "cpu_packed"
+class PackedInt8(_Packed):
+    def __init__(self, qw: QuantizedWeight) -> None:
+        self.weight = (qw.tensors["qweight"].to(torch.int16) - 128).to(torch.int8).contiguous()  # [n, k]
+        self.scales = qw.tensors["scales"].to(torch.bfloat16).reshape(-1).contiguous()  # [n]
+        self.dense_scales = qw.tensors["scales"].float().reshape(-1)  # [n]
+        self.dense_from = DENSE_FROM_ROWS["int8"]
 
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        # the codes are integers of at most 8 bits, exact in any float dtype; the scale goes on the output
+        return F.linear(x2, self.weight.to(x2.dtype)) * self.dense_scales.to(x2.dtype)
+
+
+class PackedInt4(_Packed):
     def __init__(self, qw: QuantizedWeight) -> None:
         n, k = qw.shape
         group = qw.spec.group_for(k)
@@ -82,13 +114,61 @@ class PackedInt4:
             zeros = scales * (8.0 - qw.tensors["zeros"].float())
         scales, zeros = scales.repeat_interleave(repeat, dim=1), zeros.repeat_interleave(repeat, dim=1)
         self.scales_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()  # [k/G, n, 2]
+        self.dense_from = DENSE_FROM_ROWS["int4"]
+        if not torch.equal(unpack_int4(self.packed, n, k), codes.to(torch.uint8)):
+            self.dense_from = float("inf")  # a layout this code does not know: every call on the kernel
+            log.warning("int4 CPU kernel layout unknown on %s: no dense route from %d rows",
+                        torch.backends.cpu.get_cpu_capability(), DENSE_FROM_ROWS["int4"])
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
-        if bias is not None:
-            y = y.float() + bias.float()
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group, self.scales_zeros)
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.dequantize(x2.dtype))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[n, k]`` weight the kernel multiplies: ``(q − 8)·s + z`` with its bf16 scales and zeros."""
+        n, k2 = self.packed.shape
+        w = unpack_int4(self.packed, n, 2 * k2, dtype)
+        sz = self.scales_zeros.to(dtype)  # [k/G, n, 2]
+        s, z = sz[..., 0].T.unsqueeze(-1), sz[..., 1].T.unsqueeze(-1)  # [n, k/G, 1]
+        w.view(n, -1, self.group).mul_(s).add_(z - 8 * s)  # (q − 8)·s + z, in place
+        return w
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The ``[n, k]`` codes (in ``dtype``) of ``torch._convert_weight_to_int4pack_for_cpu``'s layout.
+
+    Rows come in blocks of ``B`` (64 with AVX-512, 32 otherwise), each block stored k-major as
+    ``[k, B/2]`` bytes. AVX-512 pairs row ``d`` with ``d+32`` (low, high nibble) in byte ``d`` and
+    ``d+16`` with ``d+48`` in byte ``16+d``; AVX2 pairs ``d`` with ``d+16``; a last, shorter block and
+    CPUs without either pair neighbouring rows ``2j``, ``2j+1``. Each run of rows is copied straight
+    from its nibbles into place (the dtype cast in the same copy).
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    block = 64 if capability.startswith("AVX512") else 32
+    flat = packed.reshape(-1)
+    lo, hi = flat & 15, flat >> 4
+    out = torch.empty(n, k, dtype=dtype)
+    full = n // block if capability.startswith("AVX") else 0
+    if full:
+        dst = out[: full * block].view(full, block, k)
+        src = [t[: full * block * k // 2].view(full, k, block // 2).transpose(1, 2) for t in (lo, hi)]
+        if block == 64:
+            runs = [(src[0][:, :16], 0), (src[0][:, 16:], 16), (src[1][:, :16], 32), (src[1][:, 16:], 48)]
+        else:
+            runs = [(src[0], 0), (src[1], 16)]
+        for nibbles, first in runs:
+            dst[:, first:first + 16].copy_(nibbles)
+    start = full * block
+    while start < n:  # neighbouring pairs, block by block
+        size = min(block, n - start)
+        part = slice(start * k // 2, (start + size) * k // 2)
+        dst = out[start:start + size].view(size // 2, 2, k)
+        dst[:, 0].copy_(lo[part].view(k, size // 2).T)
+        dst[:, 1].copy_(hi[part].view(k, size // 2).T)
+        start += size
+    return out
 
 
 def pack(qw: QuantizedWeight) -> PackedInt8 | PackedInt4:
