@@ -102,7 +102,10 @@ def test_a_named_backend_that_cannot_serve_is_an_error():
     qw = _on_gpu(quantize_weight(torch.randn(64, 128), QuantSpec(dtype="int3", group_size=64)))
     with pytest.raises(ConfigError, match="triton backend cannot run"):
         kernels.prepare(qw, "triton")
-    assert kernels.prepare(qw, "auto") is None  # auto: the reference path, logged
+    held = kernels.prepare(qw, "auto", torch.bfloat16)  # auto: no kernel, so dequantized once (kernels/dense.py)
+    assert held.backend == "dense" and held.weight.is_cuda and held.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 128, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(held(x, None), reference.qlinear(x, qw, None))
 
 
 def test_engine_greedy_tokens_with_the_kernel_equal_the_reference_path(tiny_bundle):
