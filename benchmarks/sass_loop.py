@@ -77,7 +77,8 @@ def main() -> None:
     common = {"BITS": args.bits, "GROUP": args.group, "SYMMETRIC": not args.asym}
     if args.kernel == "row":
         constants = {**common, "PER_CHANNEL": False, "EVEN": True, "ROWS": args.rows, "BLOCK_N": args.block_n,
-                     "CHUNK": 16, "CHUNKS": args.chunks, "PAIRS": args.bits == 4 and not args.fp32_decode}
+                     "CHUNK": 16, "CHUNKS": args.chunks, "PAIRS": args.bits == 4 and not args.fp32_decode,
+                     "SPLIT": False, "LUT": False, "FP8": False, "ROW_SCALED": False}
         sass = compile_sass(triton_gemv._gemv_kernel, pointers, constants, args.warps, 2)
         codes = args.block_n * args.chunks * 16 * (32 // args.bits)
     else:

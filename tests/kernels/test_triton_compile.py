@@ -284,7 +284,14 @@ FP8_INTERPRETED = textwrap.dedent("""
         error = ((y - expected).norm() / expected.norm()).item()
         print("w8a8", n, k, m, error)
         assert error < 1e-5, (n, k, m, error)
-    for m, k in ((1, 256), (5, 4104), (3, 9000)):  # the scales; the interpreter's own fp32 -> E4M3 cast
+        # the row scales applied in the kernel, the output written in x's dtype there (what fp8_w8a8_mm runs);
+        # the interpreter casts fp32 to bf16 by truncation (a GPU rounds to nearest): bf16 within one step
+        for dtype, rtol in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)):
+            yr = gemv_impl(xq, qw.tensors["qweight"], qw.tensors["scales"], None, 8, k, 8, fp8=True,
+                           row_scales=xs.reshape(-1), out_dtype=dtype)
+            assert yr.dtype == dtype and torch.allclose(yr.float(), y, rtol=rtol, atol=1e-6), (n, k, m, dtype)
+    for m, k in ((1, 256), (5, 4104), (3, 9000), (2, 20000)):  # the scales, read in one pass and in blocks
+                                                                # (past 16,384); the interpreter's own fp32 -> E4M3 cast
         torch.manual_seed(k)                        # rounds some values wrongly (127.24 -> 64): codes on the GPU
         x = torch.randn(m, k, dtype=torch.bfloat16) * 3
         x[-1] = 0  # a zero row: scale 1
@@ -300,7 +307,7 @@ def test_the_fp8_kernels_match_the_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", FP8_INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("\n") == 17, done.stdout
+    assert done.stdout.count("\n") == 18, done.stdout
 
 
 def test_the_nf4_kernels_match_the_reference_in_the_interpreter():

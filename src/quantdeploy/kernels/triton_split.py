@@ -38,13 +38,14 @@ def counters(device: torch.device, sms: int) -> torch.Tensor:
     return torch.zeros(MAX_TILES_PER_SM * sms, dtype=torch.int32, device=device)
 
 
-def buffers(split: int, m: int, n: int, x: torch.Tensor, locks: torch.Tensor | None,
-            tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def buffers(split: int, m: int, n: int, x: torch.Tensor, locks: torch.Tensor | None, tiles: int,
+            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, partials, locks)`` for a launch of ``tiles`` output tiles split ``split`` ways: the output in
-    x's dtype (fp32 for an E4M3 x, whose row scales the caller applies); fp32 partials (the output itself,
-    unused, when nothing is split); counters for every tile (``locks`` when given and large enough, else a
-    fresh zeroed buffer)."""
-    out = torch.empty((m, n), dtype=torch.float32 if x.dtype == torch.float8_e4m3fn else x.dtype, device=x.device)
+    ``dtype``, by default x's (fp32 for an E4M3 x); fp32 partials (the output itself, unused, when nothing
+    is split); counters for every tile (``locks`` when given and large enough, else a fresh zeroed buffer)."""
+    if dtype is None:
+        dtype = torch.float32 if x.dtype == torch.float8_e4m3fn else x.dtype
+    out = torch.empty((m, n), dtype=dtype, device=x.device)
     if split == 1:
         return out, out, out
     if locks is None or locks.numel() < tiles:
