@@ -20,13 +20,16 @@ def test_reference_forward_is_dequantize_then_matmul(spec):
     assert set(dict(layer.named_buffers())) == set(qw.tensors)
 
 
-def test_embedding_lookup():
+@pytest.mark.parametrize("spec", [QuantSpec("int4", 32), QuantSpec("int4", 32, symmetric=False), QuantSpec("int8", None),
+                                  QuantSpec("nf4", 64, double_quant=True), QuantSpec("nf4", 64, double_quant=False),
+                                  QuantSpec("fp8_e4m3", None)], ids=lambda s: s.describe())
+def test_embedding_lookup_dequantizes_the_rows_asked_for_exactly_as_the_table(spec):
     torch.manual_seed(0)
-    table = torch.randn(100, 64)
-    qw = quantize_weight(table, QuantSpec("int4", 32))
+    table = torch.randn(300, 128)  # NF4 double quantization: scale blocks that span rows
+    qw = quantize_weight(table, spec)
     emb = QuantEmbedding.from_quantized(qw, torch.float32)
-    ids = torch.tensor([[0, 5, 99]])
-    torch.testing.assert_close(emb(ids), dequantize_weight(qw)[ids])
+    ids = torch.tensor([[0, 5, 299], [7, 7, 150]])
+    assert torch.equal(emb(ids), dequantize_weight(qw)[ids])
 
 
 def test_dtype_casts_are_refused_but_device_moves_work():
