@@ -67,10 +67,23 @@ def test_nf4_layers_trace_whole_for_torch_compile(double_quant):
 def test_int8_matmul_pads_the_rows_cuda_refuses():
     """Issue 13: torch._int_mm needs more than 16 rows on CUDA; W8A8 decode has 1-16. The padded product
     equals the plain one (run here on the CPU with the CUDA row minimum; the GPU test runs it there)."""
-    from quantdeploy.kernels.reference import CUDA_INT_MM_MIN_ROWS, int_mm
+    from quantdeploy.kernels.reference import CUDA_INT_MM_MIN_ROWS, int_mm, int_mm_padded
 
     a = torch.randint(-127, 128, (3, 64), dtype=torch.int8)
     b = torch.randint(-127, 128, (64, 32), dtype=torch.int8)
     expected = a.int() @ b.int()
-    assert torch.equal(int_mm(a, b, min_rows=CUDA_INT_MM_MIN_ROWS), expected)
+    assert torch.equal(int_mm_padded(a, b, CUDA_INT_MM_MIN_ROWS), expected)
     assert torch.equal(int_mm(a, b), expected)
+
+
+@pytest.mark.parametrize("k", [64, 1024, 1025, 3000])
+def test_int8_matmul_through_fp32_slices_is_exact_at_the_extremes(k):
+    """The fp32 route (CPUs without AVX-512) sums slices of 1,024 products exactly: -128 x -128 everywhere
+    puts every partial sum at its largest, 2^24 at a full slice."""
+    from quantdeploy.kernels.reference import int_mm_fp32
+
+    g = torch.Generator().manual_seed(k)
+    for a, b in ((torch.full((2, k), -128, dtype=torch.int8), torch.full((k, 3), -128, dtype=torch.int8)),
+                 (torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g),
+                  torch.randint(-128, 128, (k, 7), dtype=torch.int8, generator=g))):
+        assert torch.equal(int_mm_fp32(a, b), (a.long() @ b.long()).to(torch.int32))
