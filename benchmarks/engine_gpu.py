@@ -49,7 +49,9 @@ def quant_configs() -> dict:
     import quantdeploy as qd
 
     return {"bf16": None, "w4g128": qd.RTNConfig(bits=4, group_size=128), "w8": qd.RTNConfig(bits=8),
-            "nf4": qd.NF4Config(group_size=64), "fp8": qd.FP8Config(), "fp8-w8a8": qd.FP8Config(activations=True)}
+            "nf4": qd.NF4Config(group_size=64), "fp8": qd.FP8Config(), "fp8-w8a8": qd.FP8Config(activations=True),
+            "w4g64-asym": qd.RTNConfig(bits=4, group_size=64, symmetric=False),
+            "halfquad": qd.HalfQuadConfig(bits=4, group_size=64)}
 
 
 def llama31_8b_config():
@@ -115,7 +117,8 @@ def main() -> None:
     p.add_argument("--hf-tokens", type=int, default=128)
     p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS),
                    help="engine compile settings to compare in this run (fresh engine each)")
-    p.add_argument("--quant", nargs="+", default=["bf16"], choices=["bf16", "w4g128", "w8", "nf4", "fp8", "fp8-w8a8"],
+    p.add_argument("--quant", nargs="+", default=["bf16"],
+                   choices=["bf16", "w4g128", "w8", "nf4", "fp8", "fp8-w8a8", "w4g64-asym", "halfquad"],
                    help="weight formats, each a fresh engine on the same random weights (RTN; bf16 first for the ratios)")
     p.add_argument("--max-seq-len", type=int, nargs="+", default=[2048],
                    help="cache positions per row, one engine each (default: serve's 2048)")

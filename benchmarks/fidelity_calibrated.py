@@ -58,20 +58,12 @@ def main() -> None:
             seconds[name] = round(time.perf_counter() - t0, 1)
     peer = {}
     if args.hqq:
-        import tempfile
-        from pathlib import Path
-
         import torch
-        from fidelity_peers import load_peer_weights, run_hqq
-        from safetensors.torch import load_file
+        from fidelity_peers import hqq_model
 
-        with tempfile.TemporaryDirectory() as tmp:
-            base.model.save_pretrained(Path(tmp) / "model")
-            peer = run_hqq(Path(tmp) / "model", 4, 64, Path(tmp) / "hqq.safetensors", torch.get_num_threads())
-            print(f"hqq: {peer}", flush=True)
-            if "error" not in peer:
-                models["hqq w4 asym g64"] = load_peer_weights(base.model, load_file(Path(tmp) / "hqq.safetensors"))
-                seconds["hqq w4 asym g64"] = peer["seconds"]
+        hqq, peer = hqq_model(base, 4, 64, torch.get_num_threads())
+        if hqq is not None:
+            models["hqq w4 asym g64"], seconds["hqq w4 asym g64"] = hqq, peer["seconds"]
     tokens = tokenize_prefix(base.tokenizer, load_text(args.text), args.tokens)
     res = evaluate(models, base.model, tokens, EvalProtocol(max_tokens=args.tokens, window=1024))
     rtn_of = {"weights": lambda name: "rtn-w" + name.split("-w")[1], "best": lambda name: "rtn " + name.split(" ", 1)[1]}

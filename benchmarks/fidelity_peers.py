@@ -81,6 +81,20 @@ def run_hqq(model_dir: Path, bits: int, group: int, out: Path, threads: int,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def hqq_model(base, bits: int, group: int, threads: int) -> tuple[object | None, dict]:
+    """``base`` (a ModelBundle) quantized by HQQ in its own environment: a copy of its model with HQQ's
+    effective weights (None when the peer failed) and the worker's JSON line."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base.model.save_pretrained(Path(tmp) / "model")
+        info = run_hqq(Path(tmp) / "model", bits, group, Path(tmp) / "hqq.safetensors", threads)
+        print(f"hqq: {info}", flush=True)
+        if "error" in info:
+            return None, info
+        return load_peer_weights(base.model, load_file(Path(tmp) / "hqq.safetensors")), info
+
+
 def load_peer_weights(model, state: dict):
     """A copy of ``model`` with the peer's effective weights in place."""
     model = copy.deepcopy(model)

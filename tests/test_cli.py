@@ -48,6 +48,16 @@ def test_quantize_inspect_eval_generate(tiny_llama_dir, tmp_path, data):
     assert q["kld_mean"] > 0 and 0 < q["top1_agreement"] <= 1 and q["tokens_scored"] == 512 - 4
 
 
+def test_halfquad_from_the_cli_stores_real_zero_points(tiny_llama_dir, tmp_path):
+    out = tmp_path / "hq"
+    proc = run("quantize", tiny_llama_dir, "--method", "halfquad", "--bits", "4", "--group-size", "32", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("inspect", out)
+    assert proc.returncode == 0 and "int4-asym-fz-g32" in proc.stdout, proc.stdout
+    line = error_line(run("quantize", tiny_llama_dir, "--method", "halfquad", "--sym", "-o", tmp_path / "s"))
+    assert "--sym/--asym does not apply to method 'halfquad'" in line
+
+
 def test_saved_checkpoint_generates_the_same_greedy_tokens_in_a_new_process(tiny_bundle, tmp_path):
     q = qd.quantize(tiny_bundle, qd.NF4Config(group_size=32))
     _, in_memory = qd.generate(q, "The history of the city", max_new_tokens=12)

@@ -25,6 +25,7 @@ from quantdeploy.quant.methods.awq import AWQConfig  # noqa: E402
 from quantdeploy.quant.methods.fp8 import FP8Config  # noqa: E402
 from quantdeploy.quant.methods.gptq import GPTQConfig  # noqa: E402
 from quantdeploy.quant.methods.nf4 import NF4Config  # noqa: E402
+from quantdeploy.quant.methods.halfquad import HalfQuadConfig  # noqa: E402
 from quantdeploy.quant.methods.rtn import RTNConfig  # noqa: E402
 from quantdeploy.quant.methods.smoothquant import SmoothQuantConfig  # noqa: E402
 from quantdeploy.quant.mixed import MixedConfig  # noqa: E402
@@ -33,6 +34,6 @@ from quantdeploy.quant.targets import TargetConfig  # noqa: E402
 
 __all__ = [
     "__version__", "Engine", "SamplingParams", "Completion", "load_model", "quantize", "quantize_kv_cache", "save", "load", "export", "generate", "describe", "ModelBundle",
-    "RTNConfig", "NF4Config", "FP8Config", "GPTQConfig", "AWQConfig", "SmoothQuantConfig", "MixedConfig", "CalibrationConfig", "KVCacheConfig", "QuantSpec", "TargetConfig",
+    "RTNConfig", "NF4Config", "HalfQuadConfig", "FP8Config", "GPTQConfig", "AWQConfig", "SmoothQuantConfig", "MixedConfig", "CalibrationConfig", "KVCacheConfig", "QuantSpec", "TargetConfig",
     "QuantDeployError", "ConfigError", "ModelSourceError", "CheckpointError", "DataError",
 ]

@@ -79,9 +79,8 @@ def build_method_config(args: argparse.Namespace):
     recipe: dict[str, Any] = _read_recipe(Path(args.recipe)) if args.recipe else {}
     name = args.method or recipe.pop("method", None)
     if name is None:
-        raise ConfigError("no method given; pass --method (rtn, nf4, fp8, gptq, awq, awq+gptq, smoothquant, "
-                          "smoothquant+gptq) "
-                          "or a --recipe with 'method'")
+        raise ConfigError("no method given; pass --method (rtn, halfquad, nf4, fp8, gptq, awq, awq+gptq, "
+                          "smoothquant, smoothquant+gptq) or a --recipe with 'method'")
     recipe.pop("method", None)
     recipe.pop("kv_cache", None)  # read by build_kv_config
     mixed_recipe = recipe.pop("mixed", None)  # read by build_mixed_config
@@ -389,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save a checkpoint folder")
     p.add_argument("model", help="HF checkpoint folder, .gguf file, hub name, or 'bundled'")
-    p.add_argument("--method", help="rtn, nf4, fp8, gptq, awq, awq+gptq, smoothquant or smoothquant+gptq")
+    p.add_argument("--method", help="rtn, halfquad, nf4, fp8, gptq, awq, awq+gptq, smoothquant or smoothquant+gptq")
     p.add_argument("--alpha", type=number(0, 1), help="smoothquant: migration strength in [0, 1] (default: searched per layer)")
     p.add_argument("--w8a8", action="store_true", help="fp8: also quantize activations per token (W8A8)")
     p.add_argument("--kv-cache", choices=("int8", "fp8_e4m3"),

@@ -23,6 +23,7 @@ CONFIGS = {
     "int4-sym-g32": (qd.RTNConfig(bits=4, group_size=32), "Q4_0"),
     "int4-asym-g64": (qd.RTNConfig(bits=4, group_size=64, symmetric=False), "Q4_1"),
     "int8-channel": (qd.RTNConfig(bits=8, group_size=None), "Q8_0"),
+    "halfquad-g64": (qd.HalfQuadConfig(bits=4, group_size=64), "Q4_1"),  # real zero points: Q4_1's own d·q + m
     "int4-head": (qd.RTNConfig(bits=4, group_size=32, targets=qd.TargetConfig(lm_head=True)), "Q4_0"),
 }
 REFUSED = {

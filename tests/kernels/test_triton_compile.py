@@ -145,6 +145,27 @@ def test_the_tile_kernel_and_the_dequantizer_compile_at_every_row_bucket(bits, s
     assert count == 7
 
 
+def test_real_zero_points_compile_without_spills_at_the_8b_shapes():
+    """halfquad's layers: the row kernel with the fractions' term (``OFFSET``) at one and three rows, the
+    tile kernel and the dequantizer."""
+    from quantdeploy.kernels.triton_gemm import dequantize_impl, gemm_impl
+    from quantdeploy.kernels.triton_gemv import gemv_impl
+    from quantdeploy.kernels.triton_wonly import split_zeros
+
+    count = 0
+    for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):
+        q = torch.randint(0, 255, (n, k // 2), dtype=torch.uint8)
+        s = torch.rand(n, k // 64, dtype=torch.float16)
+        zi, f = split_zeros(torch.rand(n, k // 64) * 15, 4)
+        for m in (1, 3):
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            count += _compiles_all(_launches(lambda: gemv_impl(x, q, s, zi, 4, 64, 132, offsets=f)))
+    x = torch.randn(48, k, dtype=torch.bfloat16)
+    count += _compiles_all(_launches(lambda: gemm_impl(x, q, s, zi, 4, 64, 132, offsets=f)))
+    count += _compiles_all(_launches(lambda: dequantize_impl(q, s, zi, 4, 64, k, torch.bfloat16, offsets=f)))
+    assert count == 8
+
+
 @pytest.mark.parametrize("dtype", ["nf4", "fp8_e4m3", "fp8_e4m3-w8a8"])
 def test_the_nf4_and_fp8_kernels_compile_without_spills_at_the_8b_shapes(dtype):
     from quantdeploy.kernels.fp8_w8a8 import fp8_w8a8_mm
@@ -212,18 +233,39 @@ INTERPRETED = textwrap.dedent("""
             assert error < 1e-5, (name, bits, n, k, g, symmetric, m, error)
         w = dequantize_impl(t["qweight"], t["scales"], t.get("zeros"), bits, g, k, torch.float32)
         assert torch.equal(w, dequantize_weight(qw)), (bits, n, k, g)
+
+    # real zero points (halfquad): integer parts as zeros, fractions as offsets
+    from quantdeploy.kernels.triton_wonly import split_zeros
+    from quantdeploy.quant.methods.halfquad import HalfQuadConfig, fit_and_round
+    for bits, n, k, group, m, config in ((4, 40, 256, 32, 1, (1, 4, 4, 2, 1, 64)), (4, 24, 640, 64, 3, None),
+                                         (4, 20, 200, None, 2, (2, 8, 16, 1, 1, 4)), (8, 18, 384, 96, 5, None)):
+        torch.manual_seed(m)
+        spec = QuantSpec(dtype=f"int{bits}", group_size=group, symmetric=False, float_zeros=True)
+        qw = fit_and_round(HalfQuadConfig(bits=bits), "m", torch.randn(n, k) * 0.05, spec)
+        t, g = qw.tensors, qw.spec.group_for(k)
+        zi, f = split_zeros(t["zeros"], bits)
+        assert bool((f != 0).any())
+        x = torch.randn(m, 2 * k)[:, ::2]
+        expected = reference.qlinear(x, qw, None)
+        for name, y in (("row", gemv_impl(x, t["qweight"], t["scales"], zi, bits, g, 8, config, offsets=f)),
+                        ("tile", gemm_impl(x, t["qweight"], t["scales"], zi, bits, g, 8, offsets=f))):
+            error = ((y - expected).norm() / expected.norm()).item()
+            print(name, bits, n, k, g, "float zeros", m, config, error)
+            assert error < 1e-5, (name, bits, n, k, g, m, error)
+        w = dequantize_impl(t["qweight"], t["scales"], zi, bits, g, k, torch.float32, offsets=f)
+        assert torch.allclose(w, dequantize_weight(qw), rtol=1e-6, atol=1e-7), (bits, n, k, g)
 """)
 
 
 def test_the_weight_only_kernels_match_the_reference_in_the_interpreter():
     """The row kernel's indexing (int4 and int8; groups of 8 to 128 and 96, per channel, split K, tails of
-    K, zeros, one to eleven rows, a non-contiguous x), the tile kernel's and the dequantizer's, run by
+    K, zeros integer and real, one to eleven rows, a non-contiguous x), the tile kernel's and the dequantizer's, run by
     Triton's interpreter on the CPU (``TRITON_INTERPRET=1`` must be set before triton is imported: a child
     process)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("\n") == 16, done.stdout
+    assert done.stdout.count("\n") == 24, done.stdout
 
 
 NF4_INTERPRETED = textwrap.dedent("""

@@ -108,6 +108,32 @@ def test_a_named_backend_that_cannot_serve_is_an_error():
     assert torch.equal(held(x, None), reference.qlinear(x, qw, None))
 
 
+@pytest.mark.parametrize("group", [32, 64, 128, None])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 600])  # row, tile and dequantize + cuBLAS
+def test_real_zero_points_match_the_reference(bits, group, rows):
+    """halfquad's fp16 zero points: integer parts subtracted as integer zeros are, fractions times the sums
+    of x (row kernel) or times the scale (tile, dequantizer)."""
+    from quantdeploy.kernels.triton_wonly import split_zeros
+    from quantdeploy.quant.methods.halfquad import HalfQuadConfig, fit_and_round
+
+    torch.manual_seed(rows)
+    n, k = 320, 640
+    spec = QuantSpec(dtype=f"int{bits}", group_size=group, symmetric=False, float_zeros=True)
+    qw = fit_and_round(HalfQuadConfig(bits=bits), "m", torch.randn(n, k) * 0.05, spec)
+    # fp16 keeps int8 zero points (about 128) to an eighth of a step, so a fit may land on whole ones:
+    # move each by a fraction, so that every fraction term of the kernels runs
+    qw.tensors["zeros"] = (qw.tensors["zeros"].float() + torch.rand(qw.tensors["zeros"].shape) - 0.5).half()
+    qw = _on_gpu(qw)
+    prepared = kernels.prepare(qw, "triton")
+    assert prepared.backend == "triton" and bool((split_zeros(qw.tensors["zeros"], bits)[1] != 0).any())
+    for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-5)):
+        x = torch.randn(rows, 2 * k, device="cuda", dtype=dtype)[:, ::2]
+        expected = reference.qlinear(x.float(), qw, None)
+        error = ((prepared(x, None).float() - expected).norm() / expected.norm()).item()
+        assert error < tolerance, (dtype, error)
+
+
 def test_engine_greedy_tokens_with_the_kernel_equal_the_reference_path(tiny_bundle):
     import quantdeploy as qd
     from quantdeploy.engine.engine import Engine
@@ -117,6 +143,7 @@ def test_engine_greedy_tokens_with_the_kernel_equal_the_reference_path(tiny_bund
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     for config in (qd.RTNConfig(bits=4, group_size=32), qd.RTNConfig(bits=8),
                    qd.RTNConfig(bits=4, group_size=64, symmetric=False), qd.NF4Config(group_size=64),
+                   qd.HalfQuadConfig(bits=4, group_size=64),
                    qd.FP8Config(), qd.FP8Config(activations=True)):
         q = qd.quantize(tiny_bundle, config)
         runs = {}

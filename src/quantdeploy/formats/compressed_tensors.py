@@ -86,6 +86,10 @@ def check_exportable(quant_config: dict[str, Any]) -> None:
         if spec.dtype not in ("int4", "int8", "fp8_e4m3"):
             raise CheckpointError(f"{name} is {spec.describe()}: vLLM's compressed-tensors schemes take 4 or 8 bits; "
                                   "quantize with int4 or int8 to export it")
+        if spec.float_zeros:
+            raise CheckpointError(f"{name} is {spec.describe()}: compressed-tensors (and vLLM's kernels) take integer "
+                                  "zero points; export to gguf (Q4_1 holds real zero points) or quantize with "
+                                  "rtn/gptq/awq --asym")
         if spec.activations == "int8" and (spec.bits != 8 or not spec.symmetric):
             raise CheckpointError(f"{name} is {spec.describe()}: int8 W8A8 exports symmetric 8-bit weights only")
         if spec.activations == "fp8_e4m3" and spec.dtype != "fp8_e4m3":

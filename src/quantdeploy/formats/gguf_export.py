@@ -12,7 +12,8 @@ and a group of ``32·n`` weights (or a whole row, per channel) repeats its scale
 - int8 symmetric (RTN/GPTQ/AWQ, and SmoothQuant's W8A8 weights): Q8_0, ``qs = c - 128``, ``d = s``:
   llama.cpp's ``d·qs`` is our ``s·(c - 128)`` bit for bit.
 - int4 symmetric: Q4_0, ``q = c``, ``d = s``: llama.cpp's ``d·(q - 8)`` is our ``s·(c - 8)``.
-- int4 asymmetric: Q4_1, ``q = c``, ``d = s``, ``m = -s·z`` rounded to fp16 (llama.cpp: ``d·q + m``).
+- int4 asymmetric: Q4_1, ``q = c``, ``d = s``, ``m = -s·z`` rounded to fp16 (llama.cpp: ``d·q + m``), the
+  zero point an integer code or a real number (``halfquad``'s fp16 zeros: Q4_1's own form).
   That rounding is the one inexact step: it moves a group's weights by at most ``2^-11·|s·z|``;
   :func:`export` logs the largest move.
 - unquantized tensors as stored (F32, F16, BF16); 1-D tensors (norms, biases) as F32.
@@ -120,7 +121,7 @@ def exact_blocks(kind: str, t: dict[str, torch.Tensor], spec: QuantSpec, shape: 
     qs = codes[..., :BLOCK // 2] | (codes[..., BLOCK // 2:] << 4)
     if kind == "Q4_0":
         return np.concatenate([d, qs], axis=-1).reshape(rows, -1), 0.0
-    offset = -(t["scales"].float() * t["zeros"].float())  # exact in fp32: an 11-bit scale times a 4-bit zero
+    offset = -(t["scales"].float() * t["zeros"].float())  # exact in fp32: two fp16 values (or a 4-bit zero)
     m = offset.to(torch.float16)
     move = float((m.float() - offset).abs().max()) if m.numel() else 0.0
     m_blocks = _per_block(m, shape, spec).view(np.uint8)

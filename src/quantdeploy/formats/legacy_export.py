@@ -63,6 +63,9 @@ def check_exportable(quant_config: dict[str, Any], layout: str) -> QuantSpec:
         if spec.activations is not None or spec.dtype not in ("int4", "int8"):
             raise CheckpointError(f"{name} is {spec.describe()}: the {layout} layout holds int4/int8 weight-only "
                                   "layers; export to compressed-tensors")
+        if spec.float_zeros:
+            raise CheckpointError(f"{name} is {spec.describe()}: the {layout} layout stores integer zero points; "
+                                  "export to gguf (Q4_1 holds real zero points) or quantize with rtn/gptq/awq --asym")
         if layout == "awq" and spec.bits != 4:
             raise CheckpointError(f"{name} is {spec.describe()}: the awq layout holds 4-bit codes; use --format gptq "
                                   "or compressed-tensors")

@@ -48,13 +48,14 @@ def _affine(codes, z, s):
 
 
 @triton.jit
-def _dequant_tile(words, s_ptr, z_ptr, offs_n, mask_n, k0, ks, K, n_groups, BITS: tl.constexpr, GROUP: tl.constexpr,
-                  SYMMETRIC: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  LUT: tl.constexpr, FP8: tl.constexpr):
+def _dequant_tile(words, s_ptr, z_ptr, f_ptr, offs_n, mask_n, k0, ks, K, n_groups, BITS: tl.constexpr,
+                  GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, LUT: tl.constexpr, FP8: tl.constexpr, OFFSET: tl.constexpr):
     """The ``[BLOCK_N, BLOCK_K]`` fp32 weights of a tile from its int32 ``words`` (codes at k = ``ks``):
     codes spread by shifts along a new last axis, then one scale (and zero) per row of the tile, or per
     code when the group is narrower than the tile (``FINE``). ``LUT``: the codes index 16 fp32 values at
-    ``z_ptr`` (NF4), times the scale; ``FP8``: the bytes are E4M3 values, times the scale."""
+    ``z_ptr`` (NF4), times the scale; ``FP8``: the bytes are E4M3 values, times the scale; ``OFFSET``: real
+    zero points, integer parts at ``z_ptr`` and fractions at ``f_ptr``."""
     PER_WORD: tl.constexpr = 32 // BITS
     shifts = tl.arange(0, PER_WORD) * BITS
     codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
@@ -73,6 +74,8 @@ def _dequant_tile(words, s_ptr, z_ptr, offs_n, mask_n, k0, ks, K, n_groups, BITS
         z = MAGIC + (1 << (BITS - 1))
     else:
         z = MAGIC + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)
+    if OFFSET:
+        return _affine(codes, z, s) - tl.load(f_ptr + meta, mask=mmask, other=0.0).to(tl.float32) * s
     return _affine(codes, z, s)
 
 
@@ -84,11 +87,11 @@ def _fit_block_k(block_k: int, group: int, k: int) -> int:
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, n_groups, row_words,
+def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, f_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, n_groups, row_words,
                  tiles_per_split, stride_xm, stride_part, BITS: tl.constexpr, GROUP: tl.constexpr,
                  SYMMETRIC: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr, FINE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 SPLIT: tl.constexpr, LUT: tl.constexpr, FP8: tl.constexpr):
+                 SPLIT: tl.constexpr, LUT: tl.constexpr, FP8: tl.constexpr, OFFSET: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     # programs that share a column of weight tiles run together (L2 reuse of the codes across row tiles)
@@ -120,8 +123,8 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, 
             x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & in_k[None, :], other=0.0)
             in_w = k0 // PER_WORD + offs_w < row_words
             words = tl.load(q_rows + k0 // PER_WORD + offs_w[None, :], mask=mask_n[:, None] & in_w[None, :], other=0)
-        w = _dequant_tile(words, s_ptr, z_ptr, offs_n, mask_n, k0, k0 + offs_k, K, n_groups, BITS, GROUP, SYMMETRIC,
-                          FINE, BLOCK_N, BLOCK_K, LUT, FP8).to(x.dtype)
+        w = _dequant_tile(words, s_ptr, z_ptr, f_ptr, offs_n, mask_n, k0, k0 + offs_k, K, n_groups, BITS, GROUP,
+                          SYMMETRIC, FINE, BLOCK_N, BLOCK_K, LUT, FP8, OFFSET).to(x.dtype)
         if IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -150,10 +153,12 @@ def gemm_config(m: int, n: int, k: int, bits: int, group: int, sms: int,
 
 def gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
               group: int, sms: int, config: tuple[int, int, int, int, int] | None = None,
-              locks: torch.Tensor | None = None, lut: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
+              locks: torch.Tensor | None = None, lut: torch.Tensor | None = None, fp8: bool = False,
+              offsets: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` with ``W [N, K]`` stored as ``bits``-bit codes, ``K`` a multiple of the codes per
     int32 word (see the module docstring). ``config`` overrides ``gemm_config`` (the benchmarks' sweep);
-    ``locks``: the layer's split-K counters (``triton_split.counters``); ``lut``: NF4's 16 values; ``fp8``: E4M3 codes."""
+    ``locks``: the layer's split-K counters (``triton_split.counters``); ``lut``: NF4's 16 values; ``fp8``: E4M3 codes;
+    ``offsets``: real zero points' fractions beside their integer parts in ``zeros``."""
     m, k = x.shape
     n = qweight.shape[0]
     block_m, block_n, block_k, warps, stages = config or gemm_config(m, n, k, bits, group, sms,
@@ -171,19 +176,20 @@ def gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         return out
     table = lut if lut is not None else zeros if zeros is not None else scales
     _gemm_kernel[(programs, split)](x, qweight.view(torch.int32), scales, table,
-                                    out, partials, locks, m, n, k, scales.shape[1], k * bits // 32, per_split,
+                                    scales if offsets is None else offsets, out, partials, locks, m, n, k, scales.shape[1], k * bits // 32, per_split,
                                     x.stride(0), m * n,
                                     BITS=bits, GROUP=group, SYMMETRIC=zeros is None, IEEE=x.dtype == torch.float32,
                                     EVEN=k % block_k == 0, FINE=group < k and group % block_k != 0,
                                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, SPLIT=split > 1,
-                                    LUT=lut is not None, FP8=fp8, num_warps=warps, num_stages=stages)
+                                    LUT=lut is not None, FP8=fp8, OFFSET=offsets is not None, num_warps=warps,
+                                    num_stages=stages)
     return out
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, row_words, BITS: tl.constexpr,
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, f_ptr, out_ptr, N, K, n_groups, row_words, BITS: tl.constexpr,
                     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, LUT: tl.constexpr, FP8: tl.constexpr):
+                    BLOCK_K: tl.constexpr, LUT: tl.constexpr, FP8: tl.constexpr, OFFSET: tl.constexpr):
     """The ``[N, K]`` weight in the output's dtype, as the reference rounds it (fp32, then the dtype)."""
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
@@ -194,22 +200,24 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, row_words, BIT
     mask = (offs_n < N)[:, None]
     words = tl.load(q_ptr + offs_n[:, None] * row_words + offs_w[None, :], mask=mask & (offs_w < row_words)[None, :],
                     other=0)
-    w = _dequant_tile(words, s_ptr, z_ptr, offs_n, offs_n < N, k0, offs_k, K, n_groups, BITS, GROUP, SYMMETRIC, FINE,
-                      BLOCK_N, BLOCK_K, LUT, FP8)
+    w = _dequant_tile(words, s_ptr, z_ptr, f_ptr, offs_n, offs_n < N, k0, offs_k, K, n_groups, BITS, GROUP, SYMMETRIC,
+                      FINE, BLOCK_N, BLOCK_K, LUT, FP8, OFFSET)
     in_k = mask & (offs_k < K)[None, :]
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=in_k)
 
 
 def dequantize_impl(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
-                    k: int, dtype: torch.dtype, lut: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
+                    k: int, dtype: torch.dtype, lut: torch.Tensor | None = None, fp8: bool = False,
+                    offsets: torch.Tensor | None = None) -> torch.Tensor:
     """The dequantized ``[N, K]`` weight in ``dtype``, for cuBLAS at many rows (where the matmul's flops,
     not the weight's bytes, are the time: the weight written once in ``dtype`` is then read as bf16 is)."""
     n = qweight.shape[0]
     out = torch.empty((n, k), dtype=dtype, device=qweight.device)
     block_n, block_k = 16, _fit_block_k(256, group, k)
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        qweight.view(torch.int32), scales, lut if lut is not None else zeros if zeros is not None else scales, out, n, k,
+        qweight.view(torch.int32), scales, lut if lut is not None else zeros if zeros is not None else scales,
+        scales if offsets is None else offsets, out, n, k,
         scales.shape[1], k * bits // 32, BITS=bits, GROUP=group, SYMMETRIC=zeros is None,
         FINE=group < k and group % block_k != 0, BLOCK_N=block_n, BLOCK_K=block_k, LUT=lut is not None, FP8=fp8,
-        num_warps=4)
+        OFFSET=offsets is not None, num_warps=4)
     return out

@@ -52,11 +52,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, out_ptr, part_ptr, lock_ptr, M, N, n_groups, tiles_per_split,
-                 row_words, stride_xm, stride_part, BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                 SYMMETRIC: tl.constexpr, EVEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr,
-                 LUT: tl.constexpr, FP8: tl.constexpr, ROW_SCALED: tl.constexpr):
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, f_ptr, r_ptr, out_ptr, part_ptr, lock_ptr, M, N, n_groups,
+                 tiles_per_split, row_words, stride_xm, stride_part, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 PER_CHANNEL: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr,
+                 SPLIT: tl.constexpr, LUT: tl.constexpr, FP8: tl.constexpr, ROW_SCALED: tl.constexpr,
+                 OFFSET: tl.constexpr):
     """``ROWS`` rows of x. A program owns ``BLOCK_N`` output channels and a run of K tiles; a tile is
     ``CHUNKS`` chunks of ``CHUNK`` int32 words, a chunk never straddling a group, so the codes of a tile
     are ``[BLOCK_N, CHUNKS, CHUNK]``, their scales ``[BLOCK_N, CHUNKS]`` and x ``[ROWS, CHUNKS, CHUNK,
@@ -65,7 +66,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
     vectorized). ``LUT``: 4-bit codes index a table of 16 fp32 values at ``z_ptr`` (NF4), scaled per group;
     ``FP8``: the bytes are E4M3 values (x may be E4M3 too: W8A8). ``ROW_SCALED``: each row's sum is
     multiplied by its fp32 scale at ``r_ptr`` too (W8A8's per-token scales, applied here rather than by
-    two more kernels).
+    two more kernels). ``OFFSET``: real zero points, split into the integer codes at ``z_ptr`` and the
+    fractions at ``f_ptr``: ``sum (q - z - f) x = sum (q - z) x - f sum x``, the sums of x per word made
+    once per tile and shared by every channel.
     One row keeps x three-dimensional: a leading axis of one still changes Triton's layouts
     (a fifth more instructions per tile, measured in the compiled SASS)."""
     PER_WORD: tl.constexpr = 32 // BITS
@@ -87,6 +90,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
         if not SYMMETRIC:
             z = tl.load(z_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None, None]
             z = zero_pair(z) if PAIRS else MAGIC + z
+        if OFFSET:
+            f = tl.load(f_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None, None]
     if ROWS == 1:
         acc = tl.zeros((BLOCK_N, CHUNKS, CHUNK), dtype=tl.float32)  # summed over K once, at the end
         x_row = x_ptr + tl.program_id(2) * stride_xm
@@ -117,6 +122,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
             if not SYMMETRIC:
                 zt = tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)[:, :, None]
                 zt = zero_pair(zt) if PAIRS else MAGIC + zt
+            if OFFSET:
+                f = tl.load(f_ptr + meta, mask=mmask, other=0.0).to(tl.float32)[:, :, None]
         if ROWS == 1:
             if FP8:
                 part = fp8_dot(words, x[None])
@@ -128,6 +135,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
                 part = dot8_pairs(words, x[None], zt)
             else:
                 part = decode_dot(words, x[None], zt, BITS)
+            if OFFSET:
+                part -= f * tl.sum(x.to(tl.float32), axis=2)[None]
             acc += part if PER_CHANNEL else part * s[:, :, None]
         else:
             if FP8:
@@ -140,6 +149,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
                 part = dot8_pairs(words[None], x[:, None], zt[None])
             else:
                 part = decode_dot(words[None], x[:, None], zt, BITS)
+            if OFFSET:
+                part -= f[None] * tl.sum(x.to(tl.float32), axis=3)[:, None]
             acc += part if PER_CHANNEL else part * s[None, :, :, None]
         chunk += CHUNKS
     if ROWS == 1:
@@ -187,13 +198,15 @@ def gemv_config(rows: int, n: int, k: int, bits: int, group: int, sms: int,
 def gemv_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               bits: int, group: int, sms: int, config: tuple[int, int, int, int, int, int] | None = None,
               locks: torch.Tensor | None = None, lut: torch.Tensor | None = None, fp8: bool = False,
-              row_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+              row_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+              offsets: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` for int4/int8 codes, ``K`` and ``group`` multiples of the codes per word, one pass
     over the weight per ``ROWS`` rows of x. ``config`` overrides ``gemv_config`` (the benchmarks' sweep);
     ``locks``: the layer's split-K counters (``triton_split.counters``); ``lut``: 16 fp32 values the 4-bit
     codes index (NF4; ``scales`` then per group, no zeros); ``fp8``: the codes are E4M3 bytes (x bf16/fp16/fp32,
     or E4M3 itself: then the output is fp32 unless ``out_dtype`` says otherwise); ``row_scales``: fp32 ``[M]``
-    each output row is multiplied by (W8A8's per-token scales)."""
+    each output row is multiplied by (W8A8's per-token scales); ``offsets``: real zero points' fractions
+    ``[N, groups]`` beside their integer parts in ``zeros`` (``TritonWeightOnly``)."""
     m, k = x.shape
     n = qweight.shape[0]
     pairs = bits == 4 and x.dtype == torch.bfloat16 and not INTERPRETED  # the bf16x2 decodes (int4 and NF4)
@@ -212,12 +225,12 @@ def gemv_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_rows))
     out, partials, locks = buffers(split, m, n, x, locks, grid[0] * grid[2], out_dtype)
     table = lut if lut is not None else zeros if zeros is not None else scales
-    _gemv_kernel[grid](x, qweight.view(torch.int32), scales, table, scales if row_scales is None else row_scales,
-                       out, partials,
+    _gemv_kernel[grid](x, qweight.view(torch.int32), scales, table, scales if offsets is None else offsets,
+                       scales if row_scales is None else row_scales, out, partials,
                        locks, m, n, scales.shape[1], per_split, row_words, x.stride(0), m * n, BITS=bits, GROUP=group,
                        PER_CHANNEL=group >= k, SYMMETRIC=zeros is None, EVEN=even, ROWS=block_rows,
                        BLOCK_N=block_n, CHUNK=chunk, CHUNKS=chunks,
                        PAIRS=pairs,
                        SPLIT=split > 1, LUT=lut is not None, FP8=fp8, ROW_SCALED=row_scales is not None,
-                       num_warps=warps, num_stages=2)
+                       OFFSET=offsets is not None, num_warps=warps, num_stages=2)
     return out

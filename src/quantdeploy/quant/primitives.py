@@ -8,7 +8,8 @@ dtype          tensor                           shape, dtype, meaning
 =============  ===============================  ==================================================
 int2/3/4/8     ``qweight``                      uint8 ``[out, in*bits/8]``: codes packed (packing.py)
                ``scales``                       fp16 ``[out, n_groups]``, always > 0
-               ``zeros`` (asymmetric only)      uint8 ``[out, n_groups]``: integer zero-point codes
+               ``zeros`` (asymmetric only)      uint8 ``[out, n_groups]``: integer zero-point codes, or
+                                                fp16 real zero points (``spec.float_zeros``)
 nf4            ``qweight``                      uint8 ``[out, in/2]``: NF4 level indices, packed
                ``scales``                       fp32 ``[out, n_groups]`` absmax, or with double quant
                                                 uint8 codes plus ``scales_absmax`` and ``scales_offset``
@@ -81,8 +82,13 @@ def tensor_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[
     layout = {"qweight": ((out_features, packed_length(in_features, spec.bits)), torch.uint8),
               "scales": ((out_features, n_groups), torch.float16)}
     if not spec.symmetric:
-        layout["zeros"] = ((out_features, n_groups), torch.uint8)
+        layout["zeros"] = ((out_features, n_groups), zero_dtype(spec))
     return layout
+
+
+def zero_dtype(spec: QuantSpec) -> torch.dtype:
+    """The stored dtype of an asymmetric grid's zero points: integer codes, or fp16 real numbers."""
+    return torch.float16 if spec.float_zeros else torch.uint8
 
 
 def storable_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -167,16 +173,16 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, clip_search: bool = False)
         codes = quantize_affine(wg, scale, zero, spec.bits).reshape(out_features, in_features)
         tensors = {"qweight": pack_bits(codes, spec.bits), "scales": scale.squeeze(-1)}
         if not spec.symmetric:
-            tensors["zeros"] = zero.squeeze(-1).to(torch.uint8)
+            tensors["zeros"] = zero.squeeze(-1).to(zero_dtype(spec))
     return QuantizedWeight(spec=spec, shape=(out_features, in_features), tensors=tensors)
 
 
 def pack_affine(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """A QuantizedWeight from integer codes ``[out, in]``, fp16 scales and zero points ``[out, n_groups]``
-    chosen elsewhere (GPTQ): the same stored layout as round-to-nearest produces."""
+    chosen elsewhere (GPTQ, halfquad): the same stored layout as round-to-nearest produces."""
     tensors = {"qweight": pack_bits(codes, spec.bits), "scales": scales.to(torch.float16)}
     if not spec.symmetric:
-        tensors["zeros"] = zeros.to(torch.uint8)
+        tensors["zeros"] = zeros.to(zero_dtype(spec))
     return QuantizedWeight(spec=spec, shape=tuple(codes.shape), tensors=tensors)
 
 
@@ -252,7 +258,7 @@ def roundtrip_error(w: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
 
 __all__ = [
     "INT_DTYPES", "QuantizedWeight", "tensor_layout", "storable_scale", "choose_qparams", "grid_for_range",
-    "rounding_error", "CLIP_SHRINKS",
+    "rounding_error", "CLIP_SHRINKS", "zero_dtype",
     "quantize_affine", "dequantize_affine", "quantize_weight", "pack_affine", "fake_quantize", "quantize_activations", "int8_weight", "dequantize_weight", "quantize_fp8",
     "roundtrip_error",
 ]

@@ -26,6 +26,9 @@ class QuantSpec(Config):
     group_size:   weights along the input dimension that share one scale; ``None`` is per output
                   channel (one group spanning the whole row).
     symmetric:    integer grids only: zero point fixed at the middle code (no ``zeros`` tensor).
+    float_zeros:  asymmetric integer grids only: the zero point of each group is a real number stored in
+                  fp16 (the grid of HQQ and of llama.cpp's Q4_1 ``d·q + m``), not an integer code, so 0
+                  need not be a grid point. Written by the ``halfquad`` method (format 2 of this spec).
     double_quant: nf4 only: the per-group absmax scales are themselves quantized to 8 bits
                   (blocks of 256, bitsandbytes' dynamic map), as in QLoRA.
     activations:  None (weight-only), or "int8" / "fp8_e4m3": inputs are quantized dynamically per
@@ -33,11 +36,12 @@ class QuantSpec(Config):
     """
 
     TYPE = "quant_spec"
-    VERSION = 1
+    VERSION = 2
 
     dtype: str = "int4"
     group_size: int | None = 128
     symmetric: bool = True
+    float_zeros: bool = False
     double_quant: bool = False
     activations: str | None = None
 
@@ -55,6 +59,8 @@ class QuantSpec(Config):
             raise ConfigError("double_quant applies to nf4 only")
         if not self.symmetric and self.dtype not in INT_DTYPES:
             raise ConfigError(f"{self.dtype} is symmetric by construction; --asym applies to integer dtypes")
+        if self.float_zeros and (self.symmetric or self.dtype not in INT_DTYPES):
+            raise ConfigError("float zero points apply to asymmetric integer grids only")
 
     @property
     def bits(self) -> int:
@@ -71,6 +77,7 @@ class QuantSpec(Config):
     def describe(self) -> str:
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         sym = "" if self.dtype not in INT_DTYPES else ("-sym" if self.symmetric else "-asym")
+        sym += "-fz" if self.float_zeros else ""
         dq = "-dq" if self.double_quant else ""
         act = "-a8" if self.activations else ""
         return f"{self.dtype}{sym}-{group}{dq}{act}"

@@ -76,4 +76,4 @@ def method_for_config(config: Config) -> Method:
 
 
 # Import the method modules so that they register themselves.
-from quantdeploy.quant.methods import awq, fp8, gptq, nf4, rtn, smoothquant  # noqa: E402,F401
+from quantdeploy.quant.methods import awq, fp8, gptq, halfquad, nf4, rtn, smoothquant  # noqa: E402,F401
