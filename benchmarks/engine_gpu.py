@@ -35,9 +35,10 @@ from quantdeploy.models.bundle import ModelBundle, SourceInfo
 
 VARIANTS = {  # name: Engine keyword arguments
     "default": {},
-    "no-cd": {"compile_options": {"triton.cudagraphs": True}},
-    "no-cd-sdpa": {"compile_options": {"triton.cudagraphs": True}, "decode_attention": "sdpa"},
-    "cd-sdpa": {"decode_attention": "sdpa"},
+    "cd": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}},  # the default before
+    "sdpa": {"decode_attention": "sdpa"},
+    "cd-sdpa": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True},
+                "decode_attention": "sdpa"},
     "autotune": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True,
                                      "max_autotune_gemm": True}},
     "reduce": {"decode_attention": "reduce"},  # attention over the whole static cache under a mask (before split-KV)

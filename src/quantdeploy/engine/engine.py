@@ -59,9 +59,12 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RECOMPILE_LIMIT = 1024  # graphs of the decode step a process may compile (see Engine._run_decode)
-# mode="reduce-overhead" is {"triton.cudagraphs": True}; coordinate-descent tuning of the fused kernels
-# is what gpt-fast turns on (globally) as well.
-COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+# mode="reduce-overhead": {"triton.cudagraphs": True}. Coordinate-descent tuning (gpt-fast's choice) is off:
+# with it on, Inductor rewrites every one-row matmul as a multiply + reduction of its own; on an H200 those
+# read the weights at 77% of the copy bandwidth where cuBLAS alone reaches 89%, and batch-1 decode of the
+# 8B shape took 5.01-5.04 ms a step against 4.77 without it (twice, at 71a5691; compiles 77 s vs 30 s;
+# benchmarks/results/decode-profile-h200.txt). An older H100 run (7d30d7b) had it 4% ahead.
+COMPILE_OPTIONS = {"triton.cudagraphs": True}
 PREFILL_CHUNK_TOKENS = 2048  # a longer prompt is prefilled a chunk per step (a GPU's eager forward costs ~40 ms of launches)
 
 
