@@ -27,7 +27,7 @@ from quantdeploy.quant import kv_cache as kv
 from quantdeploy.quant.apply import Progress, quantize_weights
 from quantdeploy.quant.calibration import load_calibration
 from quantdeploy.quant.kv_cache import KVCacheConfig
-from quantdeploy.quant.mixed import MixedConfig, plan_mixed
+from quantdeploy.quant.mixed import MixedConfig, plan_mixed, windows
 from quantdeploy.quant.mixed.sensitivity import end_to_end_kld
 from quantdeploy.quant.primitives import QuantizedWeight
 from quantdeploy.quant.spec import QuantSpec
@@ -70,10 +70,14 @@ def quantize(bundle: ModelBundle, config: Config, seed: int = 0, progress: Progr
         "modules": {name: qw.spec.to_dict() for name, qw in weights.items()},
         "ignore": [n for n in linears if n not in weights],
     }
-    if mixed_record is not None:  # the model as quantized (by the method, not the search's RTN) measured
-        tokens = load_calibration(bundle.tokenizer, mixed.calibration, needed_by="mixed precision").tokens
+    if mixed_record is not None:  # the model as the method quantized it (not the search's weights), measured
+        tokens, validation = windows(bundle.tokenizer, mixed)
         mixed_record["measured_kld"] = end_to_end_kld(bundle.model, model, tokens)
         log.info("mixed precision: measured KLD %.4f on the sensitivity windows", mixed_record["measured_kld"])
+        if "progressive" in mixed_record:  # and on the windows the accuracy budget was checked on
+            mixed_record["progressive"]["shipped_kld"] = end_to_end_kld(bundle.model, model, validation)
+            log.info("mixed precision: the saved model's validation KLD %.4f (the search measured %.4f)",
+                     mixed_record["progressive"]["shipped_kld"], mixed_record["progressive"]["measured_kld"])
         quant_config["mixed"] = mixed_record
     if kv_cache is not None:
         _calibrate_kv(model, quant_config, kv_cache, kv_calib, device)

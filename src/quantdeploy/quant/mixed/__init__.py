@@ -4,7 +4,9 @@
 AWQ ...), this decides which grid each layer gets. ``plan_mixed`` measures each target Linear's cost at
 each candidate (``sensitivity.py``), solves the budget (``allocate.py``) and returns the per-layer specs
 (layers kept in the original dtype are left out) with a record for the manifest; the pipeline then
-quantizes with those specs and measures the end-to-end KLD against the prediction.
+quantizes with those specs and measures the end-to-end KLD against the prediction. The search quantizes
+a layer as the method would where it can (GPTQ's own weights for GPTQ, round to nearest otherwise:
+``layers.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import dataclasses
 import logging
 import re
 
+import torch
 from torch import nn
 
 from quantdeploy.config import Config
 from quantdeploy.errors import ConfigError
 from quantdeploy.quant.calibration import CalibrationConfig, load_calibration
 from quantdeploy.quant.mixed.allocate import Allocation, allocate
+from quantdeploy.quant.mixed.layers import LayerQuantizer, OneShotGPTQ, method_handler, round_to_nearest
 from quantdeploy.quant.mixed.progressive import progressive
 from quantdeploy.quant.mixed.sensitivity import DEFAULT_CANDIDATES, KEEP, Sensitivity, measure
 from quantdeploy.quant.spec import QuantSpec
@@ -106,23 +110,44 @@ def _pinned(sens: Sensitivity, options: dict[str, dict[str, QuantSpec]], mixed: 
             del sens.cost[name][KEEP], sens.bits[name][KEEP]
 
 
+def windows(tokenizer, mixed: MixedConfig) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """(the sensitivity windows, the validation windows: none under a bit budget) of the calibration text."""
+    validation = mixed.validation_samples if mixed.bits_budget is None else 0
+    calib = mixed.calibration.replace(num_samples=mixed.calibration.num_samples + validation)
+    tokens = load_calibration(tokenizer, calib, needed_by="mixed precision").tokens
+    return tokens[: mixed.calibration.num_samples], tokens[mixed.calibration.num_samples:]
+
+
+def layer_quantizer(model: nn.Module, tokenizer, config: Config, names: list[str]) -> LayerQuantizer:  # noqa: ANN001
+    """The search's ``LayerQuantizer`` for ``config``'s method: a data-free method's own handler; GPTQ's
+    weights for plain GPTQ (its calibration windows give the Hessians); round to nearest (with the
+    method's clip search) for AWQ and SmoothQuant, whose scaling is not in the search."""
+    from quantdeploy.quant.methods import method_for_config
+    from quantdeploy.quant.methods.gptq import GPTQConfig
+
+    if isinstance(config, GPTQConfig):
+        tokens = load_calibration(tokenizer, config.calibration, needed_by="GPTQ").tokens
+        return OneShotGPTQ(model, tokens, names, config)
+    if not method_for_config(config).calibrated:
+        return method_handler(config)
+    return round_to_nearest(bool(getattr(config, "clip_search", True)))
+
+
 def plan_mixed(model: nn.Module, tokenizer, config: Config, mixed: MixedConfig,
                progress=None) -> tuple[dict[str, QuantSpec], dict]:  # noqa: ANN001
     """Per-layer specs for ``config``'s targets under ``mixed``'s budget and the manifest's record."""
     options = _options(model, config, mixed)  # user errors before the calibration data is read
     accuracy = mixed.bits_budget is None
-    calib = mixed.calibration.replace(num_samples=mixed.calibration.num_samples + (mixed.validation_samples if accuracy else 0))
-    tokens = load_calibration(tokenizer, calib, needed_by="mixed precision").tokens
-    sensitivity_windows = tokens[: mixed.calibration.num_samples]
-    clip_search = bool(getattr(config, "clip_search", True))
-    sens = measure(model, sensitivity_windows, options, clip_search=clip_search, progress=progress)
+    sensitivity_windows, validation = windows(tokenizer, mixed)
+    quantize = layer_quantizer(model, tokenizer, config, list(options))
+    log.info("mixed precision: layers quantized by %s in the search", quantize.description)
+    sens = measure(model, sensitivity_windows, options, progress=progress, quantize=quantize)
     _pinned(sens, options, mixed)
-    record: dict = {"config": mixed.to_dict()}
+    record: dict = {"config": mixed.to_dict(), "layer_quantizer": quantize.description}
     if accuracy:
-        validation = tokens[mixed.calibration.num_samples:]
         if validation.shape[0] < 2:
             raise ConfigError("the calibration text holds too few windows for a validation split; give more text")
-        result = progressive(model, sens, validation, mixed.max_kld, mixed.max_ppl_increase, clip_search)
+        result = progressive(model, sens, validation, mixed.max_kld, mixed.max_ppl_increase, quantize=quantize)
         choice = result.choice
         record["progressive"] = result.to_dict()
         log.info("mixed precision: %.3f bits per weight, validation KLD %.4f (95%% bound %.4f), perplexity %+.2f%% "

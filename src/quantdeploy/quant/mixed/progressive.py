@@ -6,7 +6,8 @@ The path comes from the measured sensitivities: from every layer at its original
 the one layer whose next option down its ladder (its options by falling stored bits) costs the least
 predicted KLD per bit saved. Predictions add, models do not quite: so the path is checked on validation
 windows the sensitivities were not measured on, the whole model quantized as the step says (round to
-nearest, the grid every method starts from) and its KLD and perplexity measured against the original.
+nearest, the grid every method starts from, or GPTQ's weights for a GPTQ plan: ``layers.py``) and its
+KLD and perplexity measured against the original.
 Assuming the measured loss grows along the path, a bisection finds the longest prefix within the
 tolerance in a logarithmic number of checks; every check is reported (bits per weight against KLD), and
 the chosen step is the smallest model whose measurement met it.
@@ -28,7 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from quantdeploy.quant.mixed.sensitivity import KEEP, Sensitivity, _log_probs, _Reference, fake_weight
+from quantdeploy.quant.mixed.layers import round_to_nearest
+from quantdeploy.quant.mixed.sensitivity import KEEP, Sensitivity, _log_probs, _Reference
 
 
 @dataclasses.dataclass
@@ -85,11 +87,11 @@ class Check(NamedTuple):
 
 
 class _Validator:
-    """Measures a choice: the model's weights set to the choice's round-to-nearest weights, KLD and NLL on
-    the validation windows against the original, weights put back."""
+    """Measures a choice: the model's weights set to the choice's quantized weights (``quantize``, a
+    ``layers.LayerQuantizer``), KLD and NLL on the validation windows against the original, weights put back."""
 
-    def __init__(self, model: nn.Module, sens: Sensitivity, tokens: torch.Tensor, clip_search: bool) -> None:
-        self.model, self.sens, self.tokens, self.clip_search = model, sens, tokens, clip_search
+    def __init__(self, model: nn.Module, sens: Sensitivity, tokens: torch.Tensor, quantize) -> None:  # noqa: ANN001
+        self.model, self.sens, self.tokens, self.quantize = model, sens, tokens, quantize
         self.reference = _Reference(model, tokens)
         self.nll = self._nll(_log_probs(model, tokens))
         self.fake: dict[tuple[str, str], torch.Tensor] = {}
@@ -101,7 +103,7 @@ class _Validator:
 
     def _weight(self, name: str, option: str, original: torch.Tensor) -> torch.Tensor:
         if (name, option) not in self.fake:
-            self.fake[(name, option)] = fake_weight(original, self.sens.specs[name][option], self.clip_search)[1]
+            self.fake[(name, option)] = self.quantize(name, original, self.sens.specs[name][option])[1]
         return self.fake[(name, option)]
 
     @torch.no_grad()
@@ -123,11 +125,12 @@ class _Validator:
 
 
 def progressive(model: nn.Module, sens: Sensitivity, validation: torch.Tensor, max_kld: float | None,
-                max_ppl_increase: float | None, clip_search: bool = True) -> Progress:
+                max_ppl_increase: float | None, clip_search: bool = True, quantize=None) -> Progress:  # noqa: ANN001
     """The longest prefix of ``moves(sens)`` whose validation KLD is at most ``max_kld`` and perplexity
-    increase at most ``max_ppl_increase`` (a fraction; either may be None), each by its upper bound."""
+    increase at most ``max_ppl_increase`` (a fraction; either may be None), each by its upper bound;
+    layers quantized by ``quantize`` (a ``layers.LayerQuantizer``; default round to nearest)."""
     steps = moves(sens)
-    check = _Validator(model, sens, validation, clip_search)
+    check = _Validator(model, sens, validation, quantize or round_to_nearest(clip_search))
     total = sum(sens.numel.values())
     path: list[dict] = []
 

@@ -1,7 +1,8 @@
 """Per-layer sensitivity: what quantizing one Linear layer alone, to one candidate spec, costs.
 
-The cost is measured, not guessed: the layer's weight is replaced by its round-to-nearest quantization
-(with the method's clip search, the grid a calibrated method starts from), the whole model runs on
+The cost is measured, not guessed: the layer's weight is replaced by its quantization (round to nearest
+with the method's clip search by default, the grid a calibrated method starts from; GPTQ's own weights
+for a GPTQ plan: ``layers.py``), the whole model runs on
 calibration windows, and the mean KL divergence of its next-token distributions to the unquantized
 model's is the layer's cost at that spec. Every other layer stays as it was, so the costs of different
 layers are independent measurements, and their sum is the allocation's prediction of the model's KLD
@@ -25,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantdeploy.quant.primitives import dequantize_weight, quantize_weight
 from quantdeploy.quant.spec import QuantSpec
 
 #: The original weight, kept: zero cost, at the original dtype's bits.
@@ -84,18 +84,16 @@ class _Reference:
         return (self.neg_entropy - (self.p * logp).sum(-1, dtype=torch.float64)).mean(-1)
 
 
-def fake_weight(original: torch.Tensor, spec: QuantSpec, clip_search: bool):  # noqa: ANN201
-    """``(QuantizedWeight, weight)``: ``original`` rounded to nearest on ``spec``'s grid (the clip search on
-    integer grids) and that weight in ``original``'s dtype."""
-    qw = quantize_weight(original, spec, clip_search and spec.dtype.startswith("int"))
-    return qw, dequantize_weight(qw, original.dtype)
-
-
 @torch.no_grad()
 def measure(model: nn.Module, tokens: torch.Tensor, specs: dict[str, dict[str, QuantSpec]],
-            clip_search: bool = True, progress: Callable[[int, int, str], None] | None = None) -> Sensitivity:
+            clip_search: bool = True, progress: Callable[[int, int, str], None] | None = None,
+            quantize: Callable | None = None) -> Sensitivity:
     """The cost of each ``specs[name][option]`` for each target Linear ``name`` of ``model`` (weights put
-    back as they were after each measurement), on ``tokens [windows, seq_len]``."""
+    back as they were after each measurement), on ``tokens [windows, seq_len]``; ``quantize``: a
+    ``layers.LayerQuantizer`` (default: round to nearest, with the clip search if ``clip_search``)."""
+    from quantdeploy.quant.mixed.layers import round_to_nearest
+
+    quantize = quantize or round_to_nearest(clip_search)
     reference = _Reference(model, tokens)
     cost: dict[str, dict[str, float]] = {}
     bits: dict[str, dict[str, float]] = {}
@@ -106,7 +104,7 @@ def measure(model: nn.Module, tokens: torch.Tensor, specs: dict[str, dict[str, Q
         numel[name] = original.numel()
         cost[name], bits[name] = {KEEP: 0.0}, {KEEP: 8.0 * original.element_size()}
         for option, spec in options.items():
-            qw, module.weight.data = fake_weight(original, spec, clip_search)
+            qw, module.weight.data = quantize(name, original, spec)
             try:
                 cost[name][option] = max(reference.kld(model, tokens), 0.0)
             finally:
