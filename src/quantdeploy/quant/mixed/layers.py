@@ -1,27 +1,27 @@
-"""How the mixed-precision search quantizes one layer to one candidate: round to nearest, or GPTQ.
+"""How the mixed-precision search quantizes one layer to one candidate: as the method does where it can.
 
 The search measures layers one at a time (``sensitivity.py``) and checks whole choices on validation
 windows (``progressive.py``); both need, for a layer and a spec, the weight the method would write.
-A data-free method's own handler gives exactly that (``method_handler``). Round to nearest is the grid
-every calibrated method starts from, and what the search falls back to for AWQ and SmoothQuant (their
-transforms span layers), but a calibrated method
-lands far below it: on the bundled SmolLM2 a plan measured with RTN predicted 0.2152 where GPTQ's model
-measured 0.1440 (``benchmarks/results/mixed-precision-awq-gptq-smollm2-cpu.txt``). An accuracy budget
-checked on RTN weights then stops at a larger model than the method needed, and a bit budget spends its
-bits where RTN, not the method, loses most.
+A data-free method's own handler gives exactly that (``method_handler``). For a calibrated method,
+round to nearest is only the grid it starts from, and the method lands far below it: on the bundled
+SmolLM2 a plan measured with RTN predicted 0.2152 where AWQ+GPTQ's model measured 0.1440
+(``benchmarks/results/mixed-precision-awq-gptq-smollm2-cpu.txt``). An accuracy budget checked on RTN
+weights then stops at a larger model than the method needed, and a bit budget spends its bits where
+RTN, not the method, loses most. Round to nearest stays the search's quantizer for AWQ and SmoothQuant
+(their scaling spans layers).
 
 ``OneShotGPTQ`` gives the search GPTQ's own weights: each target Linear's Hessian ``X^T X`` is
 collected once, from the unquantized model on the method's calibration windows, and each (layer, spec)
-is solved with it when first asked for (then kept). The method itself is true-sequential (each block's
-Hessians are collected with the earlier blocks quantized), so the shipped weights differ a little from
-the searched ones; the pipeline measures the shipped model on the same validation windows and records
-both. Memory: one ``in x in`` fp32 Hessian per target Linear (layers that read the same input share
-one): 1.2 MB for most of SmolLM2's, ~0.8 GB for each down projection of an 8B model.
+is solved with it when first asked for (then kept, as the search revisits it). The method itself is
+true-sequential (each block's Hessians are collected with the earlier blocks quantized), so the saved
+weights differ a little from the searched ones; the pipeline measures the saved model on the same
+validation windows and records both. Memory: one ``in x in`` fp32 Hessian per input (q/k/v and
+gate/up share one): 1.3 MB for most of SmolLM2's, 0.8 GB for each down projection of an 8B model; and
+the solved weights, one copy of the model per candidate.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
@@ -30,8 +30,6 @@ from torch import nn
 from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, quantize_weight
 from quantdeploy.quant.sequential import capture_hooks
 from quantdeploy.quant.spec import QuantSpec
-
-log = logging.getLogger(__name__)
 
 #: ``(layer name, original weight, spec) -> (QuantizedWeight, weight in the original's dtype)``
 LayerQuantizer = Callable[[str, torch.Tensor, QuantSpec], tuple[QuantizedWeight, torch.Tensor]]
