@@ -5,8 +5,8 @@ AWQ ...), this decides which grid each layer gets. ``plan_mixed`` measures each 
 each candidate (``sensitivity.py``), solves the budget (``allocate.py``) and returns the per-layer specs
 (layers kept in the original dtype are left out) with a record for the manifest; the pipeline then
 quantizes with those specs and measures the end-to-end KLD against the prediction. The search quantizes
-a layer as the method would where it can (GPTQ's own weights for GPTQ, round to nearest otherwise:
-``layers.py``).
+a layer as the method would where it can (a data-free method's own handler, GPTQ's weights for GPTQ,
+round to nearest for AWQ and SmoothQuant: ``layers.py``).
 """
 
 from __future__ import annotations
