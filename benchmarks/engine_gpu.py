@@ -3,6 +3,8 @@ CUDA graphs), transformers with a static cache and torch.compile, and the bandwi
 one process on one card.
 
     python benchmarks/engine_gpu.py --batches 1 --hf          # batch 1: ours vs transformers vs roofline
+    python benchmarks/engine_gpu.py --quant bf16 w4g128 w4g128-head w8 --peers torchao-int4 torchao-int4-head torchao-int8
+                                                               # quantized, against torchao 0.17 in the same run
     python benchmarks/engine_gpu.py --batches 4 16 64         # batch scaling (rows at different positions)
     python benchmarks/engine_gpu.py --layers 8 --batches 64 --prompt-len 192 --max-seq-len 256 8192 32768
                                                                # decode cost against the cache reserved per row
@@ -35,6 +37,7 @@ from quantdeploy.models.bundle import ModelBundle, SourceInfo
 
 VARIANTS = {  # name: Engine keyword arguments
     "default": {},
+    "trees": {"compile_options": {"triton.cudagraphs": True}},  # torch.compile's own CUDA graphs (the default before)
     "cd": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}},  # the default before
     "sdpa": {"decode_attention": "sdpa"},
     "cd-sdpa": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True},
@@ -49,7 +52,9 @@ def quant_configs() -> dict:
     """Weight formats to compare with bf16 in one run (``--quant``): name -> quantize config (None: bf16)."""
     import quantdeploy as qd
 
-    return {"bf16": None, "w4g128": qd.RTNConfig(bits=4, group_size=128), "w8": qd.RTNConfig(bits=8),
+    return {"bf16": None, "w4g128": qd.RTNConfig(bits=4, group_size=128),
+            "w4g128-head": qd.RTNConfig(bits=4, group_size=128, targets=qd.TargetConfig(lm_head=True)),
+            "w8": qd.RTNConfig(bits=8),
             "nf4": qd.NF4Config(group_size=64), "fp8": qd.FP8Config(), "fp8-w8a8": qd.FP8Config(activations=True),
             "w4g64-asym": qd.RTNConfig(bits=4, group_size=64, symmetric=False),
             "halfquad": qd.HalfQuadConfig(bits=4, group_size=64)}
@@ -109,6 +114,59 @@ def hf_static_compile_decode(model, prompt_len: int, new_tokens: int, device: st
     return {"tok_s": new_tokens / (long - short), "ms_per_token": 1e3 * (long - short) / new_tokens}
 
 
+def static_cache_decode(model, prompt_len: int, steps: int, device: str, warmup: int = 4) -> dict:
+    """gpt-fast's loop on a transformers model: a static cache, the forward compiled with
+    mode="reduce-overhead" (CUDA graphs), greedy tokens and positions kept on the device (no sync
+    until the end). Batch 1; decode tok/s over ``steps`` steps after ``warmup``."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + warmup + steps + 8)
+    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=device), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        position = torch.full((1,), prompt_len, device=device, dtype=torch.long)
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            logits = forward(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+            position.add_(1)
+            return logits[:, -1:].argmax(-1)
+
+        for _ in range(warmup):
+            token = step(token)
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            token = step(token)
+        sync()
+        elapsed = time.perf_counter() - t
+    return {"tok_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps}
+
+
+PEERS = ("torchao-int4", "torchao-int4-head", "torchao-int8")  # torchao 0.17's weight-only configs
+
+
+def torchao_model(model, peer: str):
+    """A copy of ``model`` quantized by torchao as ``peer`` names: int4 g128 (``tile_packed_to_4d``, the
+    tinygemm kernel; its default packing needs a package the device lacks) or int8 per channel; every
+    Linear but the output head, or (``-head``) every Linear. Sets torchao's recommended inductor options
+    (global: run after our engines)."""
+    import copy
+
+    from torch import nn
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = (Int8WeightOnlyConfig() if peer == "torchao-int8"
+              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+    quantized = copy.deepcopy(model)
+    head = peer.endswith("-head")
+    quantize_(quantized, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (head or fqn != "lm_head"))
+    return quantized
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1])
@@ -116,10 +174,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--hf", action="store_true", help="also time transformers (static cache + torch.compile)")
     p.add_argument("--hf-tokens", type=int, default=128)
+    p.add_argument("--peers", nargs="+", default=[], choices=PEERS,
+                   help="torchao-quantized copies decoded by a compiled static-cache loop, batch 1, after our engines")
     p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS),
                    help="engine compile settings to compare in this run (fresh engine each)")
     p.add_argument("--quant", nargs="+", default=["bf16"],
-                   choices=["bf16", "w4g128", "w8", "nf4", "fp8", "fp8-w8a8", "w4g64-asym", "halfquad"],
+                   choices=["bf16", "w4g128", "w4g128-head", "w8", "nf4", "fp8", "fp8-w8a8", "w4g64-asym", "halfquad"],
                    help="weight formats, each a fresh engine on the same random weights (RTN; bf16 first for the ratios)")
     p.add_argument("--max-seq-len", type=int, nargs="+", default=[2048],
                    help="cache positions per row, one engine each (default: serve's 2048)")
@@ -131,7 +191,7 @@ def main() -> None:
     config = llama31_8b_config()
     config.num_hidden_layers = args.layers
     if args.tiny:
-        config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size = 2, 256, 512, 1000
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size = 2, 256, 512, 1024
     t = time.perf_counter()
     hf = random_hf_model(config, device)
     print(f"random 8B-shape model built in {time.perf_counter() - t:.1f} s", flush=True)
@@ -156,7 +216,8 @@ def main() -> None:
             total, table = weight_bytes(engine.model)
             record.setdefault("weights_gb", {})[fmt] = total / 1e9
             for b, d in ours["decode"].items():
-                rows.append((f"ours[{name}] batch {b}", d["tok_s"], d["ms_per_step"], d["gb_s"], d["roofline_frac"]))
+                rows.append((f"ours[{name}] batch {b}", d["tok_s"], d["ms_per_step"], d["gb_s"], d["roofline_frac"],
+                             d["host_ms_per_step"]))
                 print(f"  {name} batch {b}: {d['tok_s']:.1f} tok/s, {d['ms_per_step']:.2f} ms/step", flush=True)
             if fmt != "bf16" and f"ours[{variant}]" in record:
                 base = record[f"ours[{variant}]"]["decode"]
@@ -178,15 +239,32 @@ def main() -> None:
         print(f"transformers bench {time.perf_counter() - t:.1f} s", flush=True)
         roof1 = bandwidth * 1e9 / (total - table)
         rows.append(("transformers static+compile b1", hf_res["tok_s"], hf_res["ms_per_token"],
-                     hf_res["tok_s"] * (total - table) / 1e9, hf_res["tok_s"] / roof1))
+                     hf_res["tok_s"] * (total - table) / 1e9, hf_res["tok_s"] / roof1, float("nan")))
         if 1 in ours["decode"]:
             record["ours_vs_transformers_b1"] = ours["decode"][1]["tok_s"] / hf_res["tok_s"]  # the last variant
+    if args.peers:
+        base = static_cache_decode(hf, args.prompt_len, args.steps, device)
+        record["peers"] = {"bf16-static-compile": base}
+        rows.append(("bf16 static-cache loop b1", base["tok_s"], base["ms_per_token"], float("nan"), float("nan"), float("nan")))
+    for peer in args.peers:
+        t = time.perf_counter()
+        model = torchao_model(hf, peer)
+        record["peers"][peer] = res = static_cache_decode(model, args.prompt_len, args.steps, device)
+        print(f"{peer} bench (quantize + compiles included) {time.perf_counter() - t:.1f} s", flush=True)
+        rows.append((f"{peer} static-cache loop b1", res["tok_s"], res["ms_per_token"], float("nan"), float("nan"), float("nan")))
+        fmt = {"torchao-int4": "w4g128", "torchao-int4-head": "w4g128-head", "torchao-int8": "w8"}[peer]
+        name = f"ours[{args.variants[0]},{fmt}]"
+        if name in record and 1 in record[name]["decode"]:
+            record.setdefault("vs_peer", {})[fmt] = record[name]["decode"][1]["tok_s"] / res["tok_s"]
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
     print(f"\nLlama-3.1-8B shape, random weights ({', '.join(args.quant)}); copy bandwidth {bandwidth:.0f} GB/s; "
           f"weights {total / 1e9:.2f} GB (the last format); prefill {ours['prefill_tok_s']:.0f} tok/s, TTFT {ours['ttft_ms']:.1f} ms "
           f"({args.prompt_len} tokens); peak memory {ours['peak_memory_gb']:.1f} GB")
-    print(f"{'run':34s} {'tok/s':>9s} {'ms/step':>9s} {'GB/s':>8s} {'of roofline':>12s}")
-    for name, tok_s, ms, gbs, frac in rows:
-        print(f"{name:34s} {tok_s:9.1f} {ms:9.2f} {gbs:8.0f} {100 * frac:11.1f}%")
+    print(f"{'run':40s} {'tok/s':>9s} {'ms/step':>9s} {'host ms':>8s} {'GB/s':>8s} {'of roofline':>12s}")
+    for name, tok_s, ms, gbs, frac, host in rows:
+        print(f"{name:40s} {tok_s:9.1f} {ms:9.2f} {host:8.2f} {gbs:8.0f} {100 * frac:11.1f}%")
     print(json.dumps({**machine_info(), "config": {**vars(args), "shape": f"llama-3.1-8b ({args.layers} layers)", "dtype": "bfloat16"},
                       **record}))
 

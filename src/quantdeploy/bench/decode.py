@@ -122,9 +122,11 @@ def time_to_first_token(engine: Engine, cfg: BenchConfig) -> float:
     return statistics.median(times[1:])  # the first run warms up
 
 
-def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, float, float]:
+def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, float, float, float]:
     """(tokens/s over the batch, seconds per step, cached positions the rows hold during a timed step,
-    summed over rows) for ``batch`` sequences at different positions."""
+    summed over rows, host seconds per step) for ``batch`` sequences at different positions. The host
+    time is the loop's time less what it spent blocked on the device's tokens: near the step time, the
+    host is the bound (the device waits on it), well under it, the device."""
     params = SamplingParams(max_tokens=cfg.warmup + cfg.steps + 2, ignore_eos=True)
     prompts = _prompts(engine, batch, cfg.prompt_len, cfg.seed)
     held = sum(len(p) for p in prompts) + batch * (cfg.warmup + 1 + (cfg.steps - 1) / 2)
@@ -132,16 +134,17 @@ def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, fl
     for _ in range(cfg.warmup):
         engine.step()
     _sync(engine.device)
-    t = time.perf_counter()
+    t, waited = time.perf_counter(), engine.counters.device_wait_seconds
     for _ in range(cfg.steps):
         engine.step()
+    host = time.perf_counter() - t - (engine.counters.device_wait_seconds - waited)
     _sync(engine.device)
     elapsed = time.perf_counter() - t
     while engine.running:
         engine.step()
     if any(len(s.output_ids) != params.max_tokens for s in seqs):
         raise RuntimeError("a benchmark sequence stopped early; the decode timing would be wrong")
-    return batch * cfg.steps / elapsed, elapsed / cfg.steps, held
+    return batch * cfg.steps / elapsed, elapsed / cfg.steps, held, host / cfg.steps
 
 
 def bench_engine(engine: Engine, cfg: BenchConfig, bandwidth_gbs: float) -> dict[str, Any]:
@@ -155,11 +158,11 @@ def bench_engine(engine: Engine, cfg: BenchConfig, bandwidth_gbs: float) -> dict
     result: dict[str, Any] = {"weights_gb": total / 1e9, "prefill_tok_s": cfg.prompt_len / ttft, "ttft_ms": 1e3 * ttft,
                               "decode": {}}
     for batch in cfg.batches:
-        tok_s, step_s, held = decode_rate(engine, batch, cfg)
+        tok_s, step_s, held, host_s = decode_rate(engine, batch, cfg)
         moved = total - table + held * kv_pos
         gbs = moved / step_s / 1e9
         result["decode"][batch] = {"tok_s": tok_s, "ms_per_step": 1e3 * step_s, "gb_s": gbs,
-                                   "roofline_frac": gbs / bandwidth_gbs}
+                                   "roofline_frac": gbs / bandwidth_gbs, "host_ms_per_step": 1e3 * host_s}
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     else:

@@ -24,9 +24,9 @@ length limits are known in advance and never overrun. ``add``/``abort`` between 
 server does continuous batching; ``generate``/``stream`` are the simple loops on top.
 
 Decode runs over rows ``0..n-1`` (n rounded up to a bucket) with a fixed shape, which is what
-CUDA graphs need: on CUDA the decode step is ``torch.compile``d with ``mode="reduce-overhead"``
-(one graph per batch bucket), and its attention kernel reads each row's own positions only, the
-lengths being a device tensor (``kernels/triton_attention.py``), so a step costs what the sequences
+CUDA graphs need: on CUDA the decode step is ``torch.compile``d and replayed from a CUDA graph per
+batch bucket (``engine/decode_graphs.py``: one launch a step, no host work inside), and its attention
+kernel reads each row's own positions only, the lengths being a device tensor (``kernels/triton_attention.py``), so a step costs what the sequences
 hold, not what the cache reserves; on CPU it runs eagerly (or compiled, with ``compile=True``) and
 attends over the cached positions of the longest row (compiled: rows in buckets of similar lengths,
 ``kernels/paged_attention_cpu.py``).
@@ -46,6 +46,7 @@ from typing import Any, Iterator
 import torch
 
 from quantdeploy.device import resolve_device
+from quantdeploy.engine.decode_graphs import DecodeGraphs
 from quantdeploy.engine.kv_cache import BLOCK_TOKENS, BlockTable, PagedKVCache, choose_decode_attention, pool_blocks
 from quantdeploy.engine.loading import LoadedModel, from_bundle, load
 from quantdeploy.engine.prefill import Prefill
@@ -59,12 +60,14 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RECOMPILE_LIMIT = 1024  # graphs of the decode step a process may compile (see Engine._run_decode)
-# mode="reduce-overhead": {"triton.cudagraphs": True}. Coordinate-descent tuning (gpt-fast's choice) is off:
-# with it on, Inductor rewrites every one-row matmul as a multiply + reduction of its own; on an H200 those
-# read the weights at 77% of the copy bandwidth where cuBLAS alone reaches 89%, and batch-1 decode of the
-# 8B shape took 5.01-5.04 ms a step against 4.77 without it (twice, at 71a5691; compiles 77 s vs 30 s;
-# benchmarks/results/decode-profile-h200.txt). An older H100 run (7d30d7b) had it 4% ahead.
-COMPILE_OPTIONS = {"triton.cudagraphs": True}
+# Inductor options of the decode step. No "triton.cudagraphs" (torch.compile's own graphs, cudagraph trees):
+# the engine captures its own (engine/decode_graphs.py); passing it in ``compile_options`` uses the trees
+# instead. Coordinate-descent tuning (gpt-fast's choice) is off: with it on, Inductor rewrites every one-row
+# matmul as a multiply + reduction of its own; on an H200 those read the weights at 77% of the copy bandwidth
+# where cuBLAS alone reaches 89%, and batch-1 decode of the 8B shape took 5.01-5.04 ms a step against 4.77
+# without it (twice, at 71a5691; compiles 77 s vs 30 s; benchmarks/results/decode-profile-h200.txt). An
+# older H100 run (7d30d7b) had it 4% ahead.
+COMPILE_OPTIONS: dict = {}
 PREFILL_CHUNK_TOKENS = 2048  # a longer prompt is prefilled a chunk per step (a GPU's eager forward costs ~40 ms of launches)
 
 
@@ -154,9 +157,12 @@ class Engine(Prefill):
         graph_tokens = (MAX_TOKENS if device.type == "cuda" else 0) if prefill_graph_tokens is None else prefill_graph_tokens
         self.prefill_graphs = (PrefillGraphs(self.model, max_batch, self.max_seq_len, self.scratch_row, device, graph_tokens)
                                if graph_tokens else None)
+        self.decode_graphs = None
         if self.compiled:  # options, not mode=: inductor's global config is left alone
-            self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False,
-                                         options=COMPILE_OPTIONS if compile_options is None else compile_options)
+            options = COMPILE_OPTIONS if compile_options is None else compile_options
+            self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False, options=options)
+            if device.type == "cuda" and not options.get("triton.cudagraphs"):
+                self.decode_graphs = DecodeGraphs(self._decode, self.next_token, self.positions, self.max_seq_len)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -340,15 +346,19 @@ class Engine(Prefill):
         default, fewer than ``BUCKETS``; on some torch versions counted over every engine of the process),
         and a full-graph compile past it fails: the calls that are meant to compile a new graph run under
         a high limit, every other call under the process's own."""
+        graphs = self.decode_graphs
+        if graphs is not None and n in graphs.graphs:
+            return graphs.run(n)
         tokens, positions = self.next_token[:n].clone(), self.positions[:n].clone()
         if not self.compiled:
             return self._decode(tokens, positions, kv_len)
-        torch.compiler.cudagraph_mark_step_begin()
-        if n in self._compiled_buckets:
-            return self._decode(tokens, positions, kv_len)
+        if graphs is None:
+            torch.compiler.cudagraph_mark_step_begin()
+            if n in self._compiled_buckets:
+                return self._decode(tokens, positions, kv_len)
         limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         with torch._dynamo.config.patch(recompile_limit=limit):
-            logits = self._decode(tokens, positions, kv_len)
+            logits = self._decode(tokens, positions, kv_len) if graphs is None else graphs.run(n)
         self._compiled_buckets.add(n)
         return logits
 
