@@ -207,3 +207,25 @@ def test_saved_quantized_checkpoint_is_deterministic_and_matches_transformers(ti
         fast = engines[0].model.prefill(ids, rows=1)[0, -1]
     assert (ours - ref).abs().max() < 1e-4
     assert (fast - ref).norm() / ref.norm() < 2e-2  # the packed path: bf16 activations and scales
+
+
+def test_compiled_decode_without_module_guards_keeps_each_engines_graphs_to_itself(tiny_bundle):
+    """Each engine compiles a decode of its own code object with Dynamo's guards on the model's modules dropped
+    (engine/decode_graphs.py: ~1 ms a step on 2 CPU cores): a second engine of another structure, here int8
+    weights where the first had plain ones, must not be handed the first one's graph, and one of the same
+    structure compiles its own."""
+    from torch._dynamo.utils import counters
+
+    from quantdeploy.engine.decode_graphs import compile_decode
+
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10]]
+    int8 = qd.quantize(tiny_bundle, qd.RTNConfig(bits=8, group_size=None))
+    for bundle in (tiny_bundle, int8, tiny_bundle):
+        expected = [c.token_ids for c in Engine.from_bundle(bundle, "cpu", max_batch=2, max_seq_len=32).generate(prompts, params)]
+        engine = Engine.from_bundle(bundle, "cpu", max_batch=2, max_seq_len=32, compile=False)
+        engine.compiled = True  # traced by dynamo only, as above
+        engine._decode = compile_decode(engine.model, {}, backend="eager")
+        graphs = counters["stats"]["unique_graphs"]
+        assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+        assert counters["stats"]["unique_graphs"] > graphs  # compiled its own, reused no other engine's

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 import torch
 
 from quantdeploy.device import resolve_device
-from quantdeploy.engine.decode_graphs import DecodeGraphs
+from quantdeploy.engine.decode_graphs import DecodeGraphs, compile_decode
 from quantdeploy.engine.kv_cache import BLOCK_TOKENS, BlockTable, PagedKVCache, choose_decode_attention, pool_blocks
 from quantdeploy.engine.loading import LoadedModel, from_bundle, load
 from quantdeploy.engine.prefill import Prefill
@@ -160,7 +160,7 @@ class Engine(Prefill):
         self.decode_graphs = None
         if self.compiled:  # options, not mode=: inductor's global config is left alone
             options = COMPILE_OPTIONS if compile_options is None else compile_options
-            self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False, options=options)
+            self._decode = compile_decode(self.model, options)
             if device.type == "cuda" and not options.get("triton.cudagraphs"):
                 self.decode_graphs = DecodeGraphs(self._decode, self.next_token, self.positions, self.max_seq_len)
 
