@@ -27,8 +27,9 @@ Decode runs over rows ``0..n-1`` (n rounded up to a bucket) with a fixed shape, 
 CUDA graphs need: on CUDA the decode step is ``torch.compile``d and replayed from a CUDA graph per
 batch bucket (``engine/decode_graphs.py``: one launch a step, no host work inside), and its attention
 kernel reads each row's own positions only, the lengths being a device tensor
-(``kernels/triton_attention.py``), so a step costs what the sequences hold, not what the cache reserves; on CPU it runs eagerly (or compiled, with ``compile=True``) and
-attends over the cached positions of the longest row (compiled: rows in buckets of similar lengths,
+(``kernels/triton_attention.py``), so a step costs what the sequences hold, not what the cache
+reserves; on CPU it runs eagerly (or compiled, with ``compile=True``) and attends over the cached
+positions of the longest row (compiled: rows in buckets of similar lengths,
 ``kernels/paged_attention_cpu.py``).
 On CUDA a prefill of up to 4096 padded tokens
 replays a CUDA graph of its bucketed shape (``engine/prefill_graphs.py``): eagerly, launching its
