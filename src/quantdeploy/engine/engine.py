@@ -344,8 +344,8 @@ class Engine(Prefill):
     def _run_decode(self, n: int, kv_len: int) -> torch.Tensor:
         """The decode step over rows ``0..n-1``. Compiled, each bucket is a graph of its own, compiled at the
         bucket's first call. Dynamo counts the graphs of one code object (each engine's own decode,
-        ``compile_decode``) against a recompile limit (8 by default, fewer than ``BUCKETS``; on the CPU
-        each ``kv_len`` is a graph too), and a full-graph compile past it fails: the calls that are meant to compile a new graph run under
+        ``compile_decode``) against a recompile limit (8 by default, fewer than ``BUCKETS``), and a
+        full-graph compile past it fails: the calls that are meant to compile a new graph run under
         a high limit, every other call under the process's own."""
         graphs = self.decode_graphs
         if graphs is not None and n in graphs.graphs:
