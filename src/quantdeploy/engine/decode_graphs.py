@@ -21,8 +21,9 @@ next replay of any graph, which is after the sampler has read them (one stream o
 
 ``compile_decode`` makes the step itself. Where no graph replays it (on the CPU, or through torch.compile's
 own graphs), every call first evaluates Dynamo's guards: thousands of them on the model's modules (a type,
-an attribute, the dtype and shape of each of ~250 weights), 1.0-1.1 ms a call for the bundled model
-quantized to int4 on 2 CPU cores, a tenth of its 10 ms batch-1 step; without them ~0.05 ms. The engine owns
+an attribute, the dtype and shape of each of ~250 weights), 1.1-1.3 ms a call for the bundled model
+quantized to int4 on 2 CPU cores, a tenth of its batch-1 step; without them 0.06-0.07 ms (the step 1.10x
+faster at batch 1, ``benchmarks/compiled_guards_cpu.py``). The engine owns
 its model and changes none of it after this point, so those guards are dropped
 (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``; the inputs' and globals' guards stay). What makes
 that safe is that the graphs of one engine are never offered to another: Dynamo keeps its graphs per code
