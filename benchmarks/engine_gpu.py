@@ -37,13 +37,10 @@ from quantdeploy.models.bundle import ModelBundle, SourceInfo
 
 VARIANTS = {  # name: Engine keyword arguments
     "default": {},
-    "trees": {"compile_options": {"triton.cudagraphs": True}},  # torch.compile's own CUDA graphs (the default before)
-    "cd": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}},  # the default before
+    "cd": {"compile_options": {"coordinate_descent_tuning": True}},  # the default before 71a5691
     "sdpa": {"decode_attention": "sdpa"},
-    "cd-sdpa": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True},
-                "decode_attention": "sdpa"},
-    "autotune": {"compile_options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True,
-                                     "max_autotune_gemm": True}},
+    "cd-sdpa": {"compile_options": {"coordinate_descent_tuning": True}, "decode_attention": "sdpa"},
+    "autotune": {"compile_options": {"coordinate_descent_tuning": True, "max_autotune_gemm": True}},
     "reduce": {"decode_attention": "reduce"},  # attention over the whole static cache under a mask (before split-KV)
 }
 

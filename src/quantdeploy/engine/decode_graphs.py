@@ -8,7 +8,10 @@ H200 at the 8B shape the W4A16 step left the GPU idle ~0.2 ms between steps
 (``benchmarks/results/decode-profile-h200.txt``). Here the step is compiled by Inductor without CUDA
 graphs and captured once per bucket with ``torch.cuda.CUDAGraph``; a step is then one
 ``replay()``, whose inputs are the engine's persistent token and position buffers themselves (read by
-the graph at replay, so nothing is copied) and whose logits land in the graph's own output.
+the graph at replay, so nothing is copied) and whose logits land in the graph's own output. The engine refuses the trees on CUDA: with an engine on
+the trees and one on its own graphs in one process, replays fault ("unspecified launch failure" on an H200,
+every time once the caching allocator hands freed memory back to the driver between steps; one engine
+of either kind alone, or two of one kind, ran clean under the same test).
 
 Capturing needs the step to run first (Inductor compiles, Triton loads its kernels, libraries
 initialise), and the capture records without running. Both are safe on live rows: a decode step
@@ -83,6 +86,6 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = self.step(tokens, positions, self.kv_len)
         except RuntimeError as err:
-            raise RuntimeError(f"capturing the decode CUDA graph of batch {n} failed ({err}); Engine(compile_options="
-                               "{'triton.cudagraphs': True}) uses torch.compile's own graphs instead") from err
+            raise RuntimeError(f"capturing the decode CUDA graph of batch {n} failed ({err}); Engine(compile=False) "
+                               "decodes eagerly") from err
         self.graphs[n] = (graph, logits)

@@ -62,8 +62,9 @@ log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RECOMPILE_LIMIT = 1024  # graphs of the decode step a process may compile (see Engine._run_decode)
 # Inductor options of the decode step. No "triton.cudagraphs" (torch.compile's own graphs, cudagraph trees):
-# the engine captures its own (engine/decode_graphs.py); passing it in ``compile_options`` uses the trees
-# instead. Coordinate-descent tuning (gpt-fast's choice) is off: with it on, Inductor rewrites every one-row
+# the engine captures its own (engine/decode_graphs.py), and refuses the trees on CUDA: an engine on the trees
+# and one on its own graphs in one process fault on replay (H200, "unspecified launch failure", every time
+# once cached memory is handed back between steps). Coordinate-descent tuning (gpt-fast's choice) is off: with it on, Inductor rewrites every one-row
 # matmul as a multiply + reduction of its own; on an H200 those read the weights at 77% of the copy bandwidth
 # where cuBLAS alone reaches 89%, and batch-1 decode of the 8B shape took 5.01-5.04 ms a step against 4.77
 # without it (twice, at 71a5691; compiles 77 s vs 30 s; benchmarks/results/decode-profile-h200.txt). An
@@ -161,8 +162,11 @@ class Engine(Prefill):
         self.decode_graphs = None
         if self.compiled:  # options, not mode=: inductor's global config is left alone
             options = COMPILE_OPTIONS if compile_options is None else compile_options
+            if device.type == "cuda" and options.get("triton.cudagraphs"):
+                raise ValueError("compile_options 'triton.cudagraphs' (torch.compile's CUDA graph trees) is not supported: "
+                                 "the engine captures its own decode graphs; drop the option")
             self._decode = compile_decode(self.model, options)
-            if device.type == "cuda" and not options.get("triton.cudagraphs"):
+            if device.type == "cuda":
                 self.decode_graphs = DecodeGraphs(self._decode, self.next_token, self.positions, self.max_seq_len)
 
     # ------------------------------------------------------------------ construction
@@ -353,10 +357,8 @@ class Engine(Prefill):
         tokens, positions = self.next_token[:n].clone(), self.positions[:n].clone()
         if not self.compiled:
             return self._decode(tokens, positions, kv_len)
-        if graphs is None:
-            torch.compiler.cudagraph_mark_step_begin()
-            if n in self._compiled_buckets:
-                return self._decode(tokens, positions, kv_len)
+        if graphs is None and n in self._compiled_buckets:
+            return self._decode(tokens, positions, kv_len)
         limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         with torch._dynamo.config.patch(recompile_limit=limit):
             logits = self._decode(tokens, positions, kv_len) if graphs is None else graphs.run(n)
