@@ -8,8 +8,10 @@ H200 at the 8B shape the W4A16 step left the GPU idle ~0.2 ms between steps
 (``benchmarks/results/decode-profile-h200.txt``). Here the step is compiled by Inductor without CUDA
 graphs and captured once per bucket with ``torch.cuda.CUDAGraph``; a step is then one
 ``replay()``, whose inputs are the engine's persistent token and position buffers themselves (read by
-the graph at replay, so nothing is copied) and whose logits land in the graph's own output. The engine refuses the trees on CUDA: with an engine on
-the trees and one on its own graphs in one process, replays fault ("unspecified launch failure" on an H200,
+the graph at replay, so nothing is copied) and whose logits land in the graph's own output.
+
+The engine refuses the trees on CUDA: with an engine on the trees and one on its own graphs in one
+process, replays fault ("unspecified launch failure" on an H200,
 every time once the caching allocator hands freed memory back to the driver between steps; one engine
 of either kind alone, or two of one kind, ran clean under the same test).
 
