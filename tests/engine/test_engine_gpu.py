@@ -60,7 +60,9 @@ def test_own_decode_graphs_give_the_eager_tokens_and_replay_one_per_bucket():
 
 def test_torch_compiles_own_cuda_graphs_are_refused_before_anything_compiles():
     # an engine on cudagraph trees beside one on the engine's own graphs faulted on replay (decode_graphs.py)
-    with pytest.raises(ValueError, match="triton.cudagraphs"):
+    from quantdeploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="triton.cudagraphs"):
         Engine.from_bundle(_bundle(torch.float32), "cuda", max_batch=4, max_seq_len=128,
                            compile_options={"triton.cudagraphs": True})
 

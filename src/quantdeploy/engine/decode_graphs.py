@@ -11,9 +11,9 @@ graphs and captured once per bucket with ``torch.cuda.CUDAGraph``; a step is the
 the graph at replay, so nothing is copied) and whose logits land in the graph's own output.
 
 The engine refuses the trees on CUDA: with an engine on the trees and one on its own graphs in one
-process, replays fault ("unspecified launch failure" on an H200,
-every time once the caching allocator hands freed memory back to the driver between steps; one engine
-of either kind alone, or two of one kind, ran clean under the same test).
+process, replays fault ("unspecified launch failure" on an H200, every time once the caching allocator
+hands freed memory back to the driver between steps; one engine of either kind alone, or two of one
+kind, ran clean under the same test).
 
 Capturing needs the step to run first (Inductor compiles, Triton loads its kernels, libraries
 initialise), and the capture records without running. Both are safe on live rows: a decode step

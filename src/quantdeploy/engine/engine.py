@@ -64,11 +64,11 @@ RECOMPILE_LIMIT = 1024  # graphs of the decode step a process may compile (see E
 # Inductor options of the decode step. No "triton.cudagraphs" (torch.compile's own graphs, cudagraph trees):
 # the engine captures its own (engine/decode_graphs.py), and refuses the trees on CUDA: an engine on the trees
 # and one on its own graphs in one process fault on replay (H200, "unspecified launch failure", every time
-# once cached memory is handed back between steps). Coordinate-descent tuning (gpt-fast's choice) is off: with it on, Inductor rewrites every one-row
-# matmul as a multiply + reduction of its own; on an H200 those read the weights at 77% of the copy bandwidth
-# where cuBLAS alone reaches 89%, and batch-1 decode of the 8B shape took 5.01-5.04 ms a step against 4.77
-# without it (twice, at 71a5691; compiles 77 s vs 30 s; benchmarks/results/decode-profile-h200.txt). An
-# older H100 run (7d30d7b) had it 4% ahead.
+# once cached memory is handed back between steps). Coordinate-descent tuning (gpt-fast's choice) is off:
+# with it on, Inductor rewrites every one-row matmul as a multiply + reduction of its own; on an H200 those
+# read the weights at 77% of the copy bandwidth where cuBLAS alone reaches 89%, and batch-1 decode of the
+# 8B shape took 5.01-5.04 ms a step against 4.77 without it (twice, at 71a5691; compiles 77 s vs 30 s;
+# benchmarks/results/decode-profile-h200.txt). An older H100 run (7d30d7b) had it 4% ahead.
 COMPILE_OPTIONS: dict = {}
 PREFILL_CHUNK_TOKENS = 2048  # a longer prompt is prefilled a chunk per step (a GPU's eager forward costs ~40 ms of launches)
 
@@ -125,6 +125,9 @@ class Engine(Prefill):
         self.max_seq_len = min(max_seq_len or 2048, args.max_seq_len)
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+        if device.type == "cuda" and (compile_options or {}).get("triton.cudagraphs"):
+            raise ConfigError("compile_options 'triton.cudagraphs' (torch.compile's CUDA graph trees) is not supported "
+                              "on CUDA: the engine captures its own decode graphs; drop the option")
         self.max_batch = max_batch
         self.buckets = tuple(sorted(b for b in (buckets or BUCKETS) if b < max_batch)) + (max_batch,)
         dtype = self.model.norm.weight.dtype
@@ -162,9 +165,6 @@ class Engine(Prefill):
         self.decode_graphs = None
         if self.compiled:  # options, not mode=: inductor's global config is left alone
             options = COMPILE_OPTIONS if compile_options is None else compile_options
-            if device.type == "cuda" and options.get("triton.cudagraphs"):
-                raise ValueError("compile_options 'triton.cudagraphs' (torch.compile's CUDA graph trees) is not supported: "
-                                 "the engine captures its own decode graphs; drop the option")
             self._decode = compile_decode(self.model, options)
             if device.type == "cuda":
                 self.decode_graphs = DecodeGraphs(self._decode, self.next_token, self.positions, self.max_seq_len)
