@@ -127,13 +127,18 @@ def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, fl
     summed over rows, host seconds per step) for ``batch`` sequences at different positions. The host
     time is the loop's time less what it spent blocked on the device's tokens: near the step time, the
     host is the bound (the device waits on it), well under it, the device."""
-    params = SamplingParams(max_tokens=cfg.warmup + cfg.steps + 2, ignore_eos=True)
     prompts = _prompts(engine, batch, cfg.prompt_len, cfg.seed)
-    held = sum(len(p) for p in prompts) + batch * (cfg.warmup + 1 + (cfg.steps - 1) / 2)
+    chunk = engine.prefill_chunk_tokens
+    filling = sum(-(-len(p) // chunk) for p in prompts if len(p) > chunk) if chunk else 0  # steps with a chunk
+    params = SamplingParams(max_tokens=filling + cfg.warmup + cfg.steps + 2, ignore_eos=True)
     seqs = [engine.add(p, params) for p in prompts]
+    while any(not s.output_ids for s in seqs):  # long prompts go a chunk per step: none left in the timed steps
+        engine.step()
     for _ in range(cfg.warmup):
         engine.step()
     _sync(engine.device)
+    # the next step feeds each row's token at position ``feed_position`` and attends over all up to it
+    held = sum(s.feed_position + 1 for s in seqs) + batch * (cfg.steps - 1) / 2
     t, waited = time.perf_counter(), engine.counters.device_wait_seconds
     for _ in range(cfg.steps):
         engine.step()
