@@ -37,7 +37,9 @@ def main() -> None:
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     p.add_argument("--launch", nargs="+", default=["4x2"],
                    help="warps x stages of the split kernel to try (the engine runs 4x2)")
+    p.add_argument("--cases", nargs="+", help="ROWSxHELDxCACHE to run instead of the default cases (e.g. 1x32768x32768)")
     args = p.parse_args()
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases] if args.cases else CASES
     device = torch.device("cuda")
     bandwidth = measure_bandwidth(device)
     bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3  # noqa: E731 - µs
@@ -45,7 +47,7 @@ def main() -> None:
     print(f"{'rows':>5s} {'held':>6s} {'cache':>6s} {'launch':>6s} {'splits':>6s} {'us':>8s} {'GB/s':>7s} {'of copy':>8s}",
           flush=True)
     results = []
-    for rows, held, cache_len in CASES:
+    for rows, held, cache_len in cases:
         g = torch.Generator(device=device).manual_seed(rows * held)
         nb = blocks_for(cache_len)
         pool = rows * nb + 1

@@ -102,6 +102,21 @@ def test_kernel_matches_the_reference(case, kv):
         assert error < tolerance, (dtype, error)
 
 
+@pytest.mark.parametrize("splits", [3, 5, 48])
+def test_any_split_count_gives_the_one_split_output(splits):
+    """The combine kernel pads a split count that is not a power of two (masked slices weigh nothing)."""
+    from quantdeploy.kernels.triton_attention import decode_attention_impl
+
+    g = torch.Generator(device="cuda").manual_seed(splits)
+    q = torch.randn(3, 32, 128, device="cuda", generator=g)
+    k, v = torch.randn(2, 4, 8, 8192, 128, device="cuda", generator=g)
+    k, v, table = _paged(k, v, g)
+    lengths = torch.tensor([1, 3000, 8192], device="cuda")
+    one = decode_attention_impl(q, k, v, table, lengths, None, None, splits=1)
+    torch.testing.assert_close(decode_attention_impl(q, k, v, table, lengths, None, None, splits=splits), one,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_positions_past_a_rows_length_are_never_read():
     from quantdeploy.kernels.triton_attention import decode_attention
 

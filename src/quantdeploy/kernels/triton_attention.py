@@ -107,15 +107,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, ks_ptr, vs_ptr, out_p
 
 @triton.jit
 def _combine_kernel(part_ptr, lse_ptr, out_ptr, n_heads, stride_ob, stride_oh,
-                    D: tl.constexpr, D_P: tl.constexpr, SPLITS: tl.constexpr):
+                    D: tl.constexpr, D_P: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS)
+    offs_s = tl.arange(0, SPLITS_P)
+    smask = offs_s < SPLITS
     offs_d = tl.arange(0, D_P)
     base = (b * n_heads + h) * SPLITS
-    lse = tl.load(lse_ptr + base + offs_s)
+    lse = tl.load(lse_ptr + base + offs_s, mask=smask, other=float("-inf"))
     weights = tl.exp(lse - tl.max(lse, 0))  # split 0 always holds the row's first position: the max is finite
-    part = tl.load(part_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=(offs_d < D)[None, :], other=0.0)
+    part = tl.load(part_ptr + (base + offs_s)[:, None] * D + offs_d[None, :],
+                   mask=smask[:, None] & (offs_d < D)[None, :], other=0.0)
     o = tl.sum(weights[:, None] * part, 0) / tl.sum(weights, 0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
@@ -139,7 +141,7 @@ def decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           splits: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """``q [B, H, D]`` of rows ``0..B-1`` against their first ``lengths [B]`` cached positions, held in the
     blocks ``block_table [rows >= B, S / BLOCK_N]`` names of ``k_cache``/``v_cache`` ``[blocks, Hkv, BLOCK_N, D]``
-    → ``[B, H, D]`` in ``q``'s dtype. ``splits`` (a power of two) overrides ``splits_for``; it and the launch settings are for benchmarks."""
+    → ``[B, H, D]`` in ``q``'s dtype. ``splits`` overrides ``splits_for``; it and the launch settings are for benchmarks."""
     batch, n_heads, dim = q.shape
     _, kv_heads, block, _ = k_cache.shape
     if block != BLOCK_N:
@@ -165,7 +167,8 @@ def decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         QUANT=quant, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _combine_kernel[(batch, n_heads)](part, lse, out, n_heads, out.stride(0), out.stride(1),
-                                          D=dim, D_P=d_p, SPLITS=splits, num_warps=4)
+                                          D=dim, D_P=d_p, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits),
+                                          num_warps=4)
     return out
 
 
