@@ -9,7 +9,8 @@ from quantdeploy.engine.engine import Engine
 
 
 def test_no_prefill_chunk_runs_in_the_timed_steps(tiny_bundle, monkeypatch):
-    engine = Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=256, prefill_chunk_tokens=16)
+    cfg = BenchConfig(prompt_len=64, steps=8, warmup=2, max_seq_len=64 + 2 + 8 + 8)  # as tight as it allows
+    engine = Engine.from_bundle(tiny_bundle, "cpu", max_batch=4, max_seq_len=cfg.seq_len(), prefill_chunk_tokens=16)
     chunks, at_start = [], []
     prefill_chunk = engine._prefill_chunk
 
@@ -20,7 +21,6 @@ def test_no_prefill_chunk_runs_in_the_timed_steps(tiny_bundle, monkeypatch):
     monkeypatch.setattr(engine, "_prefill_chunk", counted)
     sync = decode._sync
     monkeypatch.setattr(decode, "_sync", lambda device: (at_start.append(len(chunks)), sync(device)))
-    cfg = BenchConfig(prompt_len=64, steps=8, warmup=2)
     tok_s, step_s, held, _ = decode_rate(engine, 3, cfg)
     assert tok_s > 0 and step_s > 0
     assert len(chunks) >= 3 + 4  # prompts of 32, 48 and 64 tokens, chunks of 16 (the first 2 of the 32-token one)

@@ -128,10 +128,13 @@ def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, fl
     time is the loop's time less what it spent blocked on the device's tokens: near the step time, the
     host is the bound (the device waits on it), well under it, the device."""
     prompts = _prompts(engine, batch, cfg.prompt_len, cfg.seed)
+    # a prompt longer than a chunk is prefilled a chunk per step, oldest first, the others whole at once: a
+    # row decodes while the chunks after its own run (all of them, for a short one), so it takes that many more
     chunk = engine.prefill_chunk_tokens
-    filling = sum(-(-len(p) // chunk) for p in prompts if len(p) > chunk) if chunk else 0  # steps with a chunk
-    params = SamplingParams(max_tokens=filling + cfg.warmup + cfg.steps + 2, ignore_eos=True)
-    seqs = [engine.add(p, params) for p in prompts]
+    chunks = [-(-len(p) // chunk) if chunk and len(p) > chunk else 0 for p in prompts]
+    extra = [sum(chunks[i + 1:]) if n else sum(chunks) for i, n in enumerate(chunks)]
+    seqs = [engine.add(p, SamplingParams(max_tokens=extra[i] + cfg.warmup + cfg.steps + 2, ignore_eos=True))
+            for i, p in enumerate(prompts)]
     while any(not s.output_ids for s in seqs):  # long prompts go a chunk per step: none left in the timed steps
         engine.step()
     for _ in range(cfg.warmup):
@@ -147,7 +150,7 @@ def decode_rate(engine: Engine, batch: int, cfg: BenchConfig) -> tuple[float, fl
     elapsed = time.perf_counter() - t
     while engine.running:
         engine.step()
-    if any(len(s.output_ids) != params.max_tokens for s in seqs):
+    if any(len(s.output_ids) != s.params.max_tokens for s in seqs):
         raise RuntimeError("a benchmark sequence stopped early; the decode timing would be wrong")
     return batch * cfg.steps / elapsed, elapsed / cfg.steps, held, host / cfg.steps
 
