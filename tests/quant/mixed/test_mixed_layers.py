@@ -81,3 +81,39 @@ def test_a_data_free_method_searches_with_the_weights_it_saves(tiny_bundle, data
         progress = record["progressive"]
         assert progress["measured_kld"] > 0 and progress["average_bits"] < 32  # something was quantized
         assert progress["shipped_kld"] == pytest.approx(progress["measured_kld"], rel=1e-4, abs=1e-7)
+
+
+def test_awq_scales_alone_keep_the_float_function(tiny_bundle):
+    import copy
+
+    import quantdeploy as qd
+    from quantdeploy.quant.apply import plan
+    from quantdeploy.quant.methods.awq import fold_awq_scales
+
+    model = tiny_bundle.model
+    torch.manual_seed(0)
+    tokens = torch.randint(3, model.config.vocab_size, (4, 64))
+    config = qd.AWQConfig(quantizer=qd.RTNConfig(bits=3, group_size=32))
+    scaled = copy.deepcopy(model)
+    fold_awq_scales(config, scaled, plan(scaled, config), tokens, torch.device("cpu"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(scaled.state_dict()[name], model.state_dict()[name])  # scales were folded
+    with torch.no_grad():
+        want, got = model(input_ids=tokens).logits, scaled(input_ids=tokens).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_awq_gptq_bit_budget_searches_on_the_scaled_model_with_gptq_weights(tiny_bundle, data):
+    import quantdeploy as qd
+
+    calib = qd.CalibrationConfig(source=str(data / "text" / "wiki_en.train.txt"), num_samples=2, seq_len=64)
+    mixed = qd.MixedConfig(bits_budget=5.0, candidates=(QuantSpec(dtype="int8", group_size=None), INT3),
+                           calibration=calib)
+    method = qd.AWQConfig(quantizer=qd.GPTQConfig(bits=4, group_size=32),  # GPTQ runs on AWQ's windows
+                          calibration=calib.replace(num_samples=4))
+    before = {k: v.clone() for k, v in tiny_bundle.model.state_dict().items()}
+    record = qd.quantize(tiny_bundle, method, mixed=mixed).quant_config["mixed"]
+    assert record["layer_quantizer"].startswith("AWQ's scales, then GPTQ")
+    assert record["allocation"]["average_bits"] <= 5.0 and record["measured_kld"] > 0
+    for k, v in tiny_bundle.model.state_dict().items():  # the scales went into a copy
+        assert torch.equal(v, before[k]), k

@@ -27,7 +27,7 @@ from quantdeploy.quant.methods import gptq, register_calibrated
 from quantdeploy.quant.methods.gptq import GPTQConfig
 from quantdeploy.quant.methods.rtn import RTNConfig, round_block_to_nearest, round_to_nearest
 from quantdeploy.quant.primitives import QuantizedWeight, fake_quantize
-from quantdeploy.quant.sequential import BlockRunner, capture_hooks
+from quantdeploy.quant.sequential import BlockRunner, capture_hooks, run_sequential
 from quantdeploy.quant.smoothing import block_mappings, fold_scales
 from quantdeploy.quant.spec import QuantSpec
 from quantdeploy.quant.targets import TargetConfig
@@ -98,10 +98,10 @@ def _capture_stats(runner: BlockRunner, linears: dict[str, nn.Linear]) -> dict[s
     return stats
 
 
-@register_calibrated("awq", AWQConfig, "AWQ: activation-aware scaling and clipping, then RTN or GPTQ (calibrated)",
-                     fallback=round_to_nearest)
-def quantize_block(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
-                   runner: BlockRunner) -> dict[str, QuantizedWeight]:
+def _fold_block_scales(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
+                       runner: BlockRunner) -> dict[str, dict[str, torch.Tensor]]:
+    """Search and fold one block's scales (the float block computes the same function after); returns
+    the input statistics, rescaled to what the consumers now read."""
     stats = _capture_stats(runner, linears)
     for mapping in block_mappings(runner.block, linears):
         producer, fulls = mapping.producer, mapping.consumers
@@ -113,7 +113,28 @@ def quantize_block(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict
         entry["G"] = scale_gram(entry["G"], s)  # the consumers now read X / s
         entry["absmean"] = entry["absmean"] / s
         log.debug("AWQ -> %s: relative output error %.3g", fulls, err)
+    return stats
 
+
+@torch.no_grad()
+def fold_awq_scales(config: AWQConfig, model: nn.Module, specs: dict[str, QuantSpec], tokens: torch.Tensor,
+                    device: torch.device) -> None:
+    """AWQ's scales alone, searched for ``specs`` on the float model's own activations and folded into
+    ``model`` in place: no clipping, no quantization, so the float model computes the same function.
+    The mixed-precision search measures layers on such a model (``quant/mixed/layers.py``)."""
+    def per_block(index: int, block_name: str, block: nn.Module, runner: BlockRunner) -> None:
+        mine = {n: s for n, s in specs.items() if n.startswith(block_name + ".")}
+        if mine:
+            _fold_block_scales(config, {n: model.get_submodule(n) for n in mine}, mine, runner)
+
+    run_sequential(model, tokens, device, batch_size=1, per_block=per_block)
+
+
+@register_calibrated("awq", AWQConfig, "AWQ: activation-aware scaling and clipping, then RTN or GPTQ (calibrated)",
+                     fallback=round_to_nearest)
+def quantize_block(config: AWQConfig, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
+                   runner: BlockRunner) -> dict[str, QuantizedWeight]:
+    stats = _fold_block_scales(config, linears, specs, runner)
     if config.clip:
         for full, linear in linears.items():
             if full.endswith(NO_CLIP):

@@ -118,19 +118,36 @@ def windows(tokenizer, mixed: MixedConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[: mixed.calibration.num_samples], tokens[mixed.calibration.num_samples:]
 
 
-def layer_quantizer(model: nn.Module, tokenizer, config: Config, names: list[str]) -> LayerQuantizer:  # noqa: ANN001
-    """The search's ``LayerQuantizer`` for ``config``'s method: a data-free method's own handler; GPTQ's
-    weights for plain GPTQ (its calibration windows give the Hessians); round to nearest (with the
-    method's clip search) for AWQ and SmoothQuant, whose scaling is not in the search."""
+def layer_quantizer(model: nn.Module, tokenizer, config: Config,  # noqa: ANN001
+                    names: list[str]) -> tuple[nn.Module, LayerQuantizer]:
+    """The model the search measures layers on and its ``LayerQuantizer`` for ``config``'s method: a
+    data-free method's own handler; GPTQ's weights for plain GPTQ (its calibration windows give the
+    Hessians); for AWQ, a copy of the model with AWQ's scales folded in (the same function in floating
+    point, searched for the method's base spec), quantized per layer by its quantizer: GPTQ's weights,
+    or round to nearest with the clip search; round to nearest for SmoothQuant, whose scaling is not in
+    the search."""
+    import copy
+
+    from quantdeploy.device import default_device
+    from quantdeploy.quant.apply import plan
     from quantdeploy.quant.methods import method_for_config
+    from quantdeploy.quant.methods.awq import AWQConfig, fold_awq_scales
     from quantdeploy.quant.methods.gptq import GPTQConfig
 
     if isinstance(config, GPTQConfig):
         tokens = load_calibration(tokenizer, config.calibration, needed_by="GPTQ").tokens
-        return OneShotGPTQ(model, tokens, names, config)
+        return model, OneShotGPTQ(model, tokens, names, config)
+    if isinstance(config, AWQConfig):  # its quantizer runs on AWQ's calibration windows, as in the method
+        scaled = copy.deepcopy(model)
+        tokens = load_calibration(tokenizer, config.calibration, needed_by="AWQ").tokens
+        fold_awq_scales(config, scaled, plan(scaled, config), tokens, default_device())
+        quantize = (OneShotGPTQ(scaled, tokens, names, config.quantizer) if isinstance(config.quantizer, GPTQConfig)
+                    else round_to_nearest(config.quantizer.clip_search))
+        quantize.description = f"AWQ's scales, then {quantize.description}"
+        return scaled, quantize
     if not method_for_config(config).calibrated:
-        return method_handler(config)
-    return round_to_nearest(bool(getattr(config, "clip_search", True)))
+        return model, method_handler(config)
+    return model, round_to_nearest(bool(getattr(config, "clip_search", True)))
 
 
 def plan_mixed(model: nn.Module, tokenizer, config: Config, mixed: MixedConfig,
@@ -139,7 +156,7 @@ def plan_mixed(model: nn.Module, tokenizer, config: Config, mixed: MixedConfig,
     options = _options(model, config, mixed)  # user errors before the calibration data is read
     accuracy = mixed.bits_budget is None
     sensitivity_windows, validation = windows(tokenizer, mixed)
-    quantize = layer_quantizer(model, tokenizer, config, list(options))
+    model, quantize = layer_quantizer(model, tokenizer, config, list(options))
     log.info("mixed precision: layers quantized by %s in the search", quantize.description)
     sens = measure(model, sensitivity_windows, options, progress=progress, quantize=quantize)
     _pinned(sens, options, mixed)
