@@ -3,9 +3,12 @@ Q4_0) on the same model, the same threads and the same kind of batch, in one run
 
     python benchmarks/engine_cpu.py [--batches 1 8] [--threads 2] [--no-compile]
 
-- ours: the bundled model unquantized (fp32), RTN int8 per-channel and RTN int4 symmetric g32 (the
-  grid of llama.cpp's Q4_0), output head included, each through ``Engine`` with the packed CPU
-  kernels; the decode step is torch.compiled (inductor C++) unless --no-compile.
+- ours: the bundled model unquantized (fp32), RTN int8 per-channel (weight-only), SmoothQuant W8A8
+  (int8 per-channel weights and int8 per-token activations multiplied in integers, as llama.cpp's Q8_0
+  dot products quantize the activations to 8 bits; calibrated on the packaged demo text, which
+  changes the values, not the speed) and RTN int4 symmetric g32 (the grid of llama.cpp's Q4_0), output
+  head included, each through ``Engine`` with the CPU kernels; the decode step is torch.compiled
+  (inductor C++) unless --no-compile.
 - llama.cpp: llama-cpp-python 0.3.36, installed by this script into its own virtual environment
   (``~/.cache/quantdeploy/peers/``) and built for the features this CPU has (``cmake_args``; AMX
   always off); the bundled GGUF is requantized to Q8_0 and Q4_0 by llama.cpp's own quantizer;
@@ -70,8 +73,14 @@ def quantize_ours(work: Path) -> dict[str, str]:
 
     base = qd.load_model("bundled")
     paths = {"fp32": "bundled"}
-    for name, config in (("int8", qd.RTNConfig(bits=8, group_size=None, targets=qd.TargetConfig(lm_head=True))),
-                         ("int4", qd.RTNConfig(bits=4, group_size=32, pin_group_size=True, targets=qd.TargetConfig(lm_head=True)))):
+    from quantdeploy.demo import default_text_path
+
+    head = qd.TargetConfig(lm_head=True)
+    calib = qd.CalibrationConfig(source=str(default_text_path()), num_samples=8, seq_len=256)  # speed only
+    for name, config in (("int8", qd.RTNConfig(bits=8, group_size=None, targets=head)),
+                         ("w8a8", qd.SmoothQuantConfig(quantizer=qd.RTNConfig(bits=8, group_size=None, targets=head),
+                                                       calibration=calib)),
+                         ("int4", qd.RTNConfig(bits=4, group_size=32, pin_group_size=True, targets=head))):
         path = work / name
         qd.save(qd.quantize(base, config), path)
         paths[name] = str(path)
@@ -115,7 +124,7 @@ def main() -> None:
     if run.returncode != 0:
         raise SystemExit(f"llama.cpp worker failed ({run.returncode}): {run.stderr[-2000:]}")
     peer = json.loads(run.stdout.strip().splitlines()[-1])
-    pairs = {"int8": "Q8_0", "int4": "Q4_0"}
+    pairs = {"int8": "Q8_0", "w8a8": "Q8_0", "int4": "Q4_0"}
     header = f"{'model':8s} {'TTFT ms':>8s} " + " ".join(f"{'b' + str(b) + ' tok/s':>11s}" for b in args.batches)
     print(f"\nbundled SmolLM2-135M, CPU, {args.threads} threads, greedy decode, prompts ~{args.prompt_len} tokens")
     print(header)

@@ -66,7 +66,7 @@ def test_auto_holds_a_weight_only_spec_without_a_kernel_dense_and_a_named_backen
 
 
 def test_auto_keeps_w8a8_without_a_kernel_on_the_reference_path():
-    qw = quantize_weight(torch.randn(32, 384), QuantSpec("int8", None, activations="int8"))
+    qw = quantize_weight(torch.randn(32, 384), QuantSpec("fp8_e4m3", None, activations="fp8_e4m3"))
     assert kernels.prepare(qw) is None
     for backend in ("cpu_packed", "dense"):
         with pytest.raises(ConfigError, match=f"{backend} backend cannot run"):

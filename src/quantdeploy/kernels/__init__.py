@@ -1,7 +1,8 @@
 """The kernels facade: one entry point per operation, the backend chosen by name or automatically.
 
 Backends: ``reference`` (torch only, every device, the oracle), ``cpu_packed`` (PyTorch's packed
-int8/int4 weight-only CPU kernels, ``cpu_packed.py``), ``triton`` (on CUDA: int4/int8/NF4/FP8
+int8/int4 weight-only CPU kernels, ``cpu_packed.py``, and int8 W8A8 with the weight transposed once,
+``cpu_w8a8.py``), ``triton`` (on CUDA: int4/int8/NF4/FP8
 weight-only, dequantized in registers, ``triton_wonly.py``; FP8 W8A8 on the FP8 tensor cores,
 ``fp8_w8a8.py``; imported only when a CUDA weight asks for it) and ``dense`` (a weight-only layer
 dequantized once into the compute dtype, ``dense.py``). ``prepare`` readies a weight once for a backend
@@ -46,11 +47,13 @@ def prepare(qw: QuantizedWeight, backend: str = "auto", dtype: torch.dtype = tor
     _check(backend)
     if backend == "reference":
         return None
-    from quantdeploy.kernels import cpu_packed, dense
+    from quantdeploy.kernels import cpu_packed, cpu_w8a8, dense
 
     device = qw.tensors["qweight"].device
     if backend in ("auto", "cpu_packed") and device.type == "cpu" and cpu_packed.supports(qw):
         return cpu_packed.pack(qw)
+    if backend in ("auto", "cpu_packed") and device.type == "cpu" and cpu_w8a8.supports(qw):
+        return cpu_w8a8.CPUW8A8(qw)
     if backend in ("auto", "triton") and device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         from quantdeploy.kernels import fp8_w8a8, triton_wonly
 
@@ -62,7 +65,7 @@ def prepare(qw: QuantizedWeight, backend: str = "auto", dtype: torch.dtype = tor
         return dense.DenseWeight(qw, dtype)
     if backend == "cpu_packed":
         raise ConfigError(f"the cpu_packed backend cannot run {qw.spec.describe()} on {device} "
-                          "(it takes int8 per-channel or int4 g32-g256 on CPU)")
+                          "(it takes int8 per-channel or int4 g32-g256 weight-only, and int8 W8A8 per channel, on CPU)")
     if backend == "triton":
         raise ConfigError(f"the triton backend cannot run {qw.spec.describe()} on {device} (it takes int4/int8/NF4/"
                           "FP8 weight-only layers, and FP8 W8A8 per channel on FP8 tensor cores, on a CUDA device "

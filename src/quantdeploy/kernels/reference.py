@@ -66,9 +66,16 @@ def int_mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _w8a8_int8(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    xq, xs = quantize_activations(x, "int8")  # [..., k] int8, [..., 1] fp32
     wq, ws = int8_weight(qw)  # [n, k] int8, [n] fp32
-    acc = int_mm(xq.reshape(-1, xq.shape[-1]), wq.T.contiguous())  # int32 [m, n]
+    return w8a8_int8(x, wq.T.contiguous(), ws, bias)
+
+
+def w8a8_int8(x: torch.Tensor, wq_t: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The W8A8 int8 product from the signed codes transposed, ``wq_t [k, n]``, and the channel scales
+    ``ws [n]``: what the reference computes, and the CPU path (``kernels/cpu_w8a8.py``) with ``wq_t``
+    made once."""
+    xq, xs = quantize_activations(x, "int8")  # [..., k] int8, [..., 1] fp32
+    acc = int_mm(xq.reshape(-1, xq.shape[-1]), wq_t)  # int32 [m, n]
     y = acc.float() * xs.reshape(-1, 1) * ws.unsqueeze(0)
     if bias is not None:
         y = y + bias.float()

@@ -1,0 +1,39 @@
+"""The CPU W8A8 path computes what the reference computes, bit for bit, with the weight made once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantdeploy import kernels
+from quantdeploy.errors import ConfigError
+from quantdeploy.kernels import cpu_w8a8, reference
+from quantdeploy.quant.primitives import quantize_weight
+from quantdeploy.quant.spec import QuantSpec
+
+W8A8 = QuantSpec("int8", None, activations="int8")
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.sampled_from([1, 2, 3, 8, 17]), n=st.sampled_from([8, 40, 96]), k=st.sampled_from([16, 64, 576, 1100]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_equals_the_reference_bit_for_bit(rows, n, k, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize_weight(torch.randn(n, k, generator=g), W8A8)
+    x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    prepared = kernels.prepare(qw)
+    assert isinstance(prepared, cpu_w8a8.CPUW8A8) and prepared.backend == "cpu_packed"
+    assert torch.equal(prepared(x, b), reference.qlinear(x, qw, b))
+    assert torch.equal(prepared(x.reshape(rows, 1, k), b), reference.qlinear(x.reshape(rows, 1, k), qw, b))
+
+
+def test_named_backends():
+    qw = quantize_weight(torch.randn(32, 64), W8A8)
+    assert isinstance(kernels.prepare(qw, "cpu_packed"), cpu_w8a8.CPUW8A8)
+    assert kernels.prepare(qw, "reference") is None
+    with pytest.raises(ConfigError, match="dense backend cannot run"):
+        kernels.prepare(qw, "dense")
+    assert not cpu_w8a8.supports(quantize_weight(torch.randn(32, 64), QuantSpec("int8", None)))  # weight-only
