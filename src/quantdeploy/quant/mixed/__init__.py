@@ -6,7 +6,7 @@ each candidate (``sensitivity.py``), solves the budget (``allocate.py``) and ret
 (layers kept in the original dtype are left out) with a record for the manifest; the pipeline then
 quantizes with those specs and measures the end-to-end KLD against the prediction. The search quantizes
 a layer as the method would where it can (a data-free method's own handler, GPTQ's weights for GPTQ,
-round to nearest for AWQ and SmoothQuant: ``layers.py``).
+AWQ's quantizer on the AWQ-scaled model, round to nearest for SmoothQuant: ``layers.py``).
 """
 
 from __future__ import annotations
