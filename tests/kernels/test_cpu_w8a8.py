@@ -37,3 +37,13 @@ def test_named_backends():
     with pytest.raises(ConfigError, match="dense backend cannot run"):
         kernels.prepare(qw, "dense")
     assert not cpu_w8a8.supports(quantize_weight(torch.randn(32, 64), QuantSpec("int8", None)))  # weight-only
+
+
+def test_traces_in_one_graph():
+    """A compiled decode step (fullgraph) holds the W8A8 layer: the CPU feature query stays out of the trace."""
+    qw = quantize_weight(torch.randn(48, 64), W8A8)
+    prepared = kernels.prepare(qw)
+    x = torch.randn(3, 64)
+    for fn in (lambda x: prepared(x, None), lambda x: reference.qlinear(x, qw, None)):
+        compiled = torch.compile(fn, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), fn(x))

@@ -33,6 +33,9 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> 
 CUDA_INT_MM_MIN_ROWS = 17
 
 
+#: read once at import: torch.compile cannot trace the query (a compiled W8A8 decode step failed on it)
+CPU_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
 #: fp32 sums every partial sum of this many int8 x int8 products exactly (at most 1024 x 128² = 2^24)
 EXACT_FP32_K = 1024
 
@@ -43,7 +46,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     On a CPU without AVX-512, ``torch._int_mm`` runs scalar code: 25x slower than an fp32 matmul of
     the same shape on a 2-core AVX2 box (784 vs 32 ms at 1024 x 576 x 960), which made the SmoothQuant
     W8A8 model slower than the original by that much. There ``int_mm_fp32`` computes it instead."""
-    if a.device.type == "cpu" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    if a.device.type == "cpu" and not CPU_AVX512:
         return int_mm_fp32(a, b)
     return int_mm_padded(a, b, CUDA_INT_MM_MIN_ROWS if a.is_cuda else 1)
 
