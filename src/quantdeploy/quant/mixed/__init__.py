@@ -124,8 +124,8 @@ def layer_quantizer(model: nn.Module, tokenizer, config: Config,  # noqa: ANN001
     data-free method's own handler; GPTQ's weights for plain GPTQ (its calibration windows give the
     Hessians); for AWQ, a copy of the model with AWQ's scales folded in (the same function in floating
     point, searched for the method's base spec), quantized per layer by its quantizer: GPTQ's weights,
-    or round to nearest with the clip search; round to nearest for SmoothQuant, whose scaling is not in
-    the search."""
+    or round to nearest with the clip search (the copy holds a second model in memory while the search
+    runs); round to nearest for SmoothQuant, whose scaling is not in the search."""
     import copy
 
     from quantdeploy.device import default_device
