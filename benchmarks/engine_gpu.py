@@ -41,7 +41,8 @@ VARIANTS = {  # name: Engine keyword arguments
     "sdpa": {"decode_attention": "sdpa"},
     "cd-sdpa": {"compile_options": {"coordinate_descent_tuning": True}, "decode_attention": "sdpa"},
     "autotune": {"compile_options": {"coordinate_descent_tuning": True, "max_autotune_gemm": True}},
-    "reduce": {"decode_attention": "reduce"},  # attention over the whole static cache under a mask (before split-KV)
+    "reduce": {"decode_attention": "reduce"},
+    "pdl": {"compile_options": {"triton.enable_pdl": True}},  # Inductor's kernels with PDL (results/pdl-decode-h200.txt)  # attention over the whole static cache under a mask (before split-KV)
 }
 
 

@@ -3,9 +3,9 @@ the rows at which a layer stops being a pass over its weight (a batch of decode 
 
 A program owns ``BLOCK_M`` rows of x and ``BLOCK_N`` output channels and walks K in ``BLOCK_K`` steps. The
 codes of a ``[BLOCK_N, BLOCK_K]`` tile are read as whole int32 words (the canonical layout, viewed: no
-repacking), spread to one code per element by shifts along a new last axis (``[BLOCK_N, words, codes per
-word]``, then the contiguous reshape to ``[BLOCK_N, BLOCK_K]``, k = codes per word x word + j, the order
-the checkpoint stores), turned into ``(q - z) * s`` in fp32, rounded to x's dtype as the reference path
+repacking), spread to one code per element by joins (``_spread``: a thread holds a word's codes side by
+side, so they convert in pairs and reach shared memory 16 bytes at a time), reshaped to ``[BLOCK_N, BLOCK_K]``
+(k = codes per word x word + j, the order the checkpoint stores), turned into ``(q - z) * s`` in fp32, rounded to x's dtype as the reference path
 rounds, and accumulated as ``x_tile @ w_tile.T`` in fp32. x is read whole and contiguous per row.
 ``BLOCK_K`` divides the group (or the group is the row), so one scale and zero serve a row of the tile;
 groups that no tile of 16 or more divides take a scale per code (a gather, for odd grids only).
@@ -16,7 +16,8 @@ The dequantization costs per code what the row kernel pays, but once per ``BLOCK
 floats by setting exponent bits, not by conversion instructions (a quarter of the float rate on Hopper).
 
 Measured on an H200 (``benchmarks/results/wonly-dispatch-h200.txt``), per decoder layer of the 8B shape,
-int4 g128 against bf16 ``F.linear``: 0.83-0.85x at 3 to 16 rows, 0.69x at 64, and from 128 rows up
+int4 g128 against bf16 ``F.linear``: 0.83-0.85x at 3 to 16 rows, 0.69x at 64 (with the joins 0.87-0.90x at 8-16,
+0.72x at 64; int8 per channel 0.77x -> 0.96x at 16 rows: ``results/tile-joins-h200.txt``), and from 128 rows up
 0.44-0.51x: there it is bound by the tensor cores fed through shared memory with a tile dequantized in
 registers (about 330 TFLOP/s against cuBLAS's 650-700), and dequantize + cuBLAS takes over. Tried and
 dropped: the swapped product (``W @ x.T``, the dequantized tile as wgmma's register operand), 2-6% slower
@@ -48,6 +49,23 @@ def _affine(codes, z, s):
 
 
 @triton.jit
+def _spread(words, BITS: tl.constexpr):
+    """The codes of ``[n, w]`` int32 words as ``[n, w, 2, 2(, 2)]`` (the word's codes in order when flattened),
+    made by joins: each join puts its new axis in the thread's registers, so a thread holds a word's codes
+    side by side. Spreading them along a new axis by broadcast shifts instead (``[n, w, codes]``, reshaped)
+    gave each code a register of its own: 64 scalar shared-memory stores and 64 conversions per thread
+    and tile on the way to the tensor cores, where these layouts store 16 bytes at once and convert
+    pairs (Triton's PTX for sm_90, int4 at 16 x 128 x 64). Code ``j`` of a word sits at bits ``BITS * j``;
+    the last join splits even from odd codes, the one before by the next bit of ``j``, and so on."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS == 4:
+        return tl.join(tl.join(tl.join(words & MASK, (words >> 16) & MASK), tl.join((words >> 8) & MASK, (words >> 24) & MASK)),
+                       tl.join(tl.join((words >> 4) & MASK, (words >> 20) & MASK), tl.join((words >> 12) & MASK, (words >> 28) & MASK)))
+    else:  # 8 bits: four codes
+        return tl.join(tl.join(words & MASK, (words >> 16) & MASK), tl.join((words >> 8) & MASK, (words >> 24) & MASK))
+
+
+@triton.jit
 def _dequant_tile(words, s_ptr, z_ptr, f_ptr, offs_n, mask_n, k0, ks, K, n_groups, BITS: tl.constexpr,
                   GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, FINE: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, LUT: tl.constexpr, FP8: tl.constexpr, OFFSET: tl.constexpr):
@@ -56,16 +74,20 @@ def _dequant_tile(words, s_ptr, z_ptr, f_ptr, offs_n, mask_n, k0, ks, K, n_group
     code when the group is narrower than the tile (``FINE``). ``LUT``: the codes index 16 fp32 values at
     ``z_ptr`` (NF4), times the scale; ``FP8``: the bytes are E4M3 values, times the scale; ``OFFSET``: real
     zero points, integer parts at ``z_ptr`` and fractions at ``f_ptr``."""
-    PER_WORD: tl.constexpr = 32 // BITS
-    shifts = tl.arange(0, PER_WORD) * BITS
-    codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
+    if LUT or FINE:  # a code per register. NF4's table lookup is a gather, which the joined layout sent through
+        # shared memory; zeros per code (groups no tile divides) gave wrong sums with it on an H200 (Triton 3.6)
+        PER_WORD: tl.constexpr = 32 // BITS
+        shifts = tl.arange(0, PER_WORD) * BITS
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
+    else:
+        codes = tl.reshape(_spread(words, BITS), (BLOCK_N, BLOCK_K))
     if FINE:
         meta = offs_n[:, None] * n_groups + ks[None, :] // GROUP
         mmask = mask_n[:, None] & (ks < K)[None, :]
-    else:
-        meta = (offs_n * n_groups + k0 // GROUP)[:, None]
-        mmask = mask_n[:, None]
-    s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+    else:  # one value per row of the tile, loaded as a vector and broadcast (a [BLOCK_N, 1] load would set
+        meta = offs_n * n_groups + k0 // GROUP  # the whole tile's layout to one of its own, one code a register)
+        mmask = mask_n
+    s = _rows(tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32), FINE)
     if LUT:
         return tl.load(z_ptr + codes) * s
     if FP8:
@@ -73,10 +95,19 @@ def _dequant_tile(words, s_ptr, z_ptr, f_ptr, offs_n, mask_n, k0, ks, K, n_group
     if SYMMETRIC:
         z = MAGIC + (1 << (BITS - 1))
     else:
-        z = MAGIC + tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32)
+        z = MAGIC + _rows(tl.load(z_ptr + meta, mask=mmask, other=0).to(tl.float32), FINE)
     if OFFSET:
-        return _affine(codes, z, s) - tl.load(f_ptr + meta, mask=mmask, other=0.0).to(tl.float32) * s
+        return _affine(codes, z, s) - _rows(tl.load(f_ptr + meta, mask=mmask, other=0.0).to(tl.float32), FINE) * s
     return _affine(codes, z, s)
+
+
+@triton.jit
+def _rows(values, FINE: tl.constexpr):
+    """Per-code values as they are; per-row values as a column."""
+    if FINE:
+        return values
+    else:
+        return values[:, None]
 
 
 def _fit_block_k(block_k: int, group: int, k: int) -> int:

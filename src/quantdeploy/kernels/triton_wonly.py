@@ -14,9 +14,11 @@ decoder layer (qkv + o + gate/up + down) in ``benchmarks/wonly_dispatch.py`` on 
 kernels, ``results/splitk-in-kernel-h200.txt``): 2.43x bf16 at one row, 1.79x at two, 1.06x at four, 0.86x
 at 16, 0.70x at 64; int8 per channel 1.56x, 1.20x and 0.87x at one, two and four rows, 0.77x at 8-16 and
 0.66x at 64 (those two before that change); both 0.55x at 256, rising to 0.98x / 0.96x at 4,096 by
-dequantize + cuBLAS. So "never slower than bf16" holds today up to
-four rows for int4 (the o projection alone: two) and up to two for int8; between them the tile kernel's
-tensor-core rate (``triton_gemm.py``) is the limit, and the fix is a mixed-input GEMM that feeds the
+dequantize + cuBLAS. With the tile kernel's codes spread by joins (``triton_gemm._spread``; same card,
+``results/tile-joins-h200.txt``) int8 per layer is 1.00x at four rows (the row kernel 0.85x), 0.99x at 8, 0.96x
+at 16, 0.90x at 32, 0.62x at 64; int4 0.87-0.90x at 8-16, 0.72x at 32-64 (barely moved). So "never
+slower than bf16" holds up to four rows for int4 (the o projection alone: two) and to about 16 for int8;
+past that the tile kernel's tensor-core rate is the limit, and the fix is a mixed-input GEMM that feeds the
 tensor cores at their full rate, not dispatch.
 
 NF4 and FP8 weight-only (``results/nf4-fp8-kernels-h200.txt``): per 8B layer at one row NF4 g64 1.61x bf16
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 #: path looks its codes up in memory (a load per code: 0.07-0.24x bf16 per 8B layer at 16-64 rows on an
 #: H200, below dequantize + cuBLAS's 0.31x), so NF4 goes from the row kernel to dequantize + cuBLAS.
 #: FP8 weight-only takes int8's routes.
-ROUTES: dict[int | str, tuple[tuple[int, str], ...]] = {4: ((4, "row"), (128, "tile")), 8: ((4, "row"), (128, "tile")),
+ROUTES: dict[int | str, tuple[tuple[int, str], ...]] = {4: ((4, "row"), (128, "tile")), 8: ((3, "row"), (128, "tile")),
                                                         "nf4": ((4, "row"),), "fp8": ((4, "row"), (128, "tile"))}
 
 
