@@ -4,9 +4,9 @@ the rows at which a layer stops being a pass over its weight (a batch of decode 
 A program owns ``BLOCK_M`` rows of x and ``BLOCK_N`` output channels and walks K in ``BLOCK_K`` steps. The
 codes of a ``[BLOCK_N, BLOCK_K]`` tile are read as whole int32 words (the canonical layout, viewed: no
 repacking), spread to one code per element by joins (``_spread``: a thread holds a word's codes side by
-side, so they convert in pairs and reach shared memory 16 bytes at a time), reshaped to ``[BLOCK_N, BLOCK_K]``
-(k = codes per word x word + j, the order the checkpoint stores), turned into ``(q - z) * s`` in fp32, rounded to x's dtype as the reference path
-rounds, and accumulated as ``x_tile @ w_tile.T`` in fp32. x is read whole and contiguous per row.
+side, so they convert in pairs and reach shared memory 16 bytes at a time), reshaped to ``[BLOCK_N,
+BLOCK_K]`` (k = codes per word x word + j, the order the checkpoint stores), turned into ``(q - z) * s`` in
+fp32, rounded to x's dtype as the reference path rounds, and accumulated as ``x_tile @ w_tile.T`` in fp32. x is read whole and contiguous per row.
 ``BLOCK_K`` divides the group (or the group is the row), so one scale and zero serve a row of the tile;
 groups that no tile of 16 or more divides take a scale per code (a gather, for odd grids only).
 At few tiles (small M on a narrow layer) K is split; the last program of a tile adds the partial sums

@@ -17,7 +17,8 @@ at 16, 0.70x at 64; int8 per channel 1.56x, 1.20x and 0.87x at one, two and four
 dequantize + cuBLAS. With the tile kernel's codes spread by joins (``triton_gemm._spread``; same card,
 ``results/tile-joins-h200.txt``) int8 per layer is 1.00x at four rows (the row kernel 0.85x), 0.99x at 8, 0.96x
 at 16, 0.90x at 32, 0.62x at 64; int4 0.87-0.90x at 8-16, 0.72x at 32-64 (barely moved). So "never
-slower than bf16" holds up to four rows for int4 (the o projection alone: two) and to about 16 for int8;
+slower than bf16" holds up to four rows for int4 (the o projection alone: two) and, per layer, to 16 for
+int8 (its o projection alone is 0.78x at four rows);
 past that the tile kernel's tensor-core rate is the limit, and the fix is a mixed-input GEMM that feeds the
 tensor cores at their full rate, not dispatch.
 
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 #: cuBLAS (the crossover at 128-256 rows for both widths, measured; see the module docstring). NF4's tile
 #: path looks its codes up in memory (a load per code: 0.07-0.24x bf16 per 8B layer at 16-64 rows on an
 #: H200, below dequantize + cuBLAS's 0.31x), so NF4 goes from the row kernel to dequantize + cuBLAS.
-#: FP8 weight-only takes int8's routes.
+#: FP8 weight-only keeps the row kernel up to four rows (its tile path not re-measured since the joins).
 ROUTES: dict[int | str, tuple[tuple[int, str], ...]] = {4: ((4, "row"), (128, "tile")), 8: ((3, "row"), (128, "tile")),
                                                         "nf4": ((4, "row"),), "fp8": ((4, "row"), (128, "tile"))}
 
