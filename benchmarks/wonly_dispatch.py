@@ -47,16 +47,15 @@ def row_grid(m: int, bits: int, chunk: int, sms: int) -> list[tuple]:
 
 
 def tile_grid(m: int) -> list[tuple]:
-    if m <= 16:
-        shapes = [(16, bn, bk) for bn in (32, 64, 128) for bk in (64, 128)]
-    elif m <= 64:
-        shapes = [(bm, bn, bk) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) if bm >= min(m, 64) // 2]
+    """Tile-kernel configs: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM)``."""
+    if m <= 64:
+        shapes = [(min(max(m, 16), 64), bn, bk) for bn in (32, 64, 128) for bk in (64, 128)]
     elif m <= 512:
         shapes = [(bm, bn, 64) for bm in (64, 128) for bn in (64, 128, 256)]
     else:
         shapes = [(128, bn, bk) for bn in (128, 256) for bk in (32, 64)] + [(64, 256, 64), (256, 128, 64)]
-    return [(bm, bn, bk, warps, stages) for (bm, bn, bk), warps, stages in
-            itertools.product(shapes, (4, 8), (3, 4)) if not (bm * bn >= 128 * 256 and warps == 4)]
+    return [(bm, bn, bk, warps, stages, per_sm) for (bm, bn, bk), warps, stages, per_sm in
+            itertools.product(shapes, (4, 8), (3, 4), (2, 4)) if not (bm * bn >= 128 * 256 and warps == 4)]
 
 
 def triton_next_pow2(m: int) -> int:
@@ -125,6 +124,7 @@ def main() -> None:
             for path, results in found.items():
                 results = sorted((t, c) for t, c in results if t is not None)
                 row[f"{path}_best"] = results[:3]
+                row[f"{path}_all"] = results
                 chosen = (gemv_config(m, n, k, bits, group, sms, lut is not None) if path == "row"
                           else gemm_config(m, n, k, bits, group, sms))
                 print(f"    {path} sweep best: " + "; ".join(f"{t:.1f} us ({base / t:.2f}x) {c}" for t, c in results[:3])
@@ -132,6 +132,18 @@ def main() -> None:
             rows.append(row)
         torch.cuda.empty_cache()  # the next shape's weights replace these (rebound at the loop's top)
     print("\nper decoder layer (qkv + o + gate/up + down), µs and ratio to bf16; 'best' = least time", flush=True)
+    if args.sweep:  # the code takes one configuration per M bucket for every shape: the best layer total
+        for fmt, m, path in itertools.product(args.formats, args.m, ("row", "tile")):
+            cell = [r for r in rows if r["format"] == fmt and r["m"] == m and f"{path}_all" in r]
+            totals = {}
+            for r in cell:
+                for t, c in r[f"{path}_all"]:
+                    totals.setdefault(c, []).append(t)
+            whole = sorted((sum(ts), c) for c, ts in totals.items() if len(ts) == len(SHAPES) == len(cell))
+            if whole:
+                base = sum(r["bf16_us"] for r in cell)
+                print(f"{fmt:11s} M={m:5d} {path} one configuration for the layer: " + "; ".join(
+                    f"{t:.1f} us ({base / t:.2f}x) {c}" for t, c in whole[:3]), flush=True)
     for fmt, m in itertools.product(args.formats, args.m):
         cell = [r for r in rows if r["format"] == fmt and r["m"] == m]
         if {r["shape"] for r in cell} != set(SHAPES):
@@ -144,7 +156,8 @@ def main() -> None:
         print(f"{fmt:11s} M={m:5d} bf16 {base:8.1f} | " + " | ".join(f"{path} {t:8.1f} ({base / t:.2f}x)"
               for path, t in totals.items()) + f" | best {best} (worst shape {worst:.2f}x)", flush=True)
     print(json.dumps({**machine_info(), "benchmark": "wonly_dispatch", "bandwidth_gbs": bandwidth, "sms": sms,
-                      "routes": {str(b): r for b, r in ROUTES.items()}, "config": vars(args), "rows": rows}))
+                      "routes": {str(b): r for b, r in ROUTES.items()}, "config": vars(args),
+                      "rows": [{key: v for key, v in r.items() if not key.endswith("_all")} for r in rows]}))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ floats by setting exponent bits, not by conversion instructions (a quarter of th
 
 Measured on an H200 (``benchmarks/results/wonly-dispatch-h200.txt``), per decoder layer of the 8B shape,
 int4 g128 against bf16 ``F.linear``: 0.83-0.85x at 3 to 16 rows, 0.69x at 64 (with the joins 0.87-0.90x at 8-16,
-0.72x at 64; int8 per channel 0.77x -> 0.96x at 16 rows: ``results/tile-joins-h200.txt``), and from 128 rows up
+0.72x at 64; int8 per channel 0.77x -> 0.96x at 16 rows: ``results/tile-joins-h200.txt``; with narrower tiles,
+a K step of 128 and more programs per SM, ``gemm_config``, int4 1.03x at 16 rows, 0.82x at 64, int8 1.18x and
+0.84x: ``results/tile-shapes-h200.txt``), and from 128 rows up
 0.44-0.51x: there it is bound by the tensor cores fed through shared memory with a tile dequantized in
 registers (about 330 TFLOP/s against cuBLAS's 650-700), and dequantize + cuBLAS takes over. Tried and
 dropped: the swapped product (``W @ x.T``, the dequantized tile as wgmma's register operand), 2-6% slower
@@ -165,21 +167,29 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, f_ptr, out_ptr, part_ptr, lock_ptr,
 
 
 def gemm_config(m: int, n: int, k: int, bits: int, group: int, sms: int,
-                wide: bool = False) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``: ``BLOCK_K`` a power of two dividing the group where
-    one of 16 or more does (any, per channel). Tile sizes by M from ``benchmarks/wonly_dispatch.py
-    --sweep`` on an H200."""
+                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM)``: ``BLOCK_K`` a power of two dividing
+    the group where one of 16 or more does (any, per channel); K split until the grid has that many
+    programs per SM. The fastest single configuration per M bucket over the four 8B decoder shapes in one
+    sweep on an H200 (``results/tile-shapes-h200.txt``): narrow tiles (64 channels, not 128) with a long K
+    step (128: one scale per group of 128 and 64-byte runs of int4 codes per channel) and more programs
+    per SM. The 128 x 64 tile held 3.4 programs of four warps per SM there (448 programs for gate/up: 0.7 of a
+    wave), so no warp was ready to issue on 44% of cycles (Nsight Compute); the per-layer time fell
+    by 8-26% at 8-128 rows. int4 at 32 rows takes 64 x 64 (32 x 128 was 2% faster there but kept an
+    8-byte stack frame in Triton 3.9's sm_90 build: ``tests/kernels/test_triton_compile.py``), and so
+    does int4 with fp16 x at 16 rows (K step 64 there; 0.99x against 1.03x per layer, both measured with bf16 x)."""
     if m <= 16:
-        block_m, block_n, block_k, warps, stages = 16, 128, 64, 4, 3
+        config = (16, 64, 64 if bits == 4 and dtype == torch.float16 else 128, 4, 3, 4)
     elif m <= 32:
-        block_m, block_n, block_k, warps, stages = 32, 128, 64, 4, 3
+        config = (32, 64, 64, 4, 4, 2) if bits == 4 else (32, 64, 128, 4, 3, 2)
     elif m <= 64:
-        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
-    else:  # eight warps lost to four at 256 and 1,024 rows
-        block_m, block_n, block_k, warps, stages = 128, 128, 64, 4, 3
-    if wide:  # fp32 inputs take twice the shared memory per stage (228 KiB per SM on Hopper)
+        config = (64, 64, 64, 4, 4, 2)
+    else:
+        config = (128, 64, 64, 4, 4, 2)
+    block_m, block_n, block_k, warps, stages, per_sm = config
+    if dtype == torch.float32:  # twice the shared memory per stage (228 KiB per SM on Hopper)
         block_k, stages = min(block_k, 64), 2
-    return block_m, block_n, _fit_block_k(block_k, group, k), warps, stages
+    return block_m, block_n, _fit_block_k(block_k, group, k), warps, stages, per_sm
 
 
 def gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -192,14 +202,13 @@ def gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     ``offsets``: real zero points' fractions beside their integer parts in ``zeros``."""
     m, k = x.shape
     n = qweight.shape[0]
-    block_m, block_n, block_k, warps, stages = config or gemm_config(m, n, k, bits, group, sms,
-                                                                     x.dtype == torch.float32)
+    block_m, block_n, block_k, warps, stages, per_sm = config or gemm_config(m, n, k, bits, group, sms, x.dtype)
     if x.stride(1) != 1:
         x = x.contiguous()
     tiles = triton.cdiv(k, block_k)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = 1  # few tiles (a narrow layer at few rows): split K until the grid fills the card
-    while programs * split < 2 * sms and split * 2 <= tiles // 4 and tiles % (split * 2) == 0:
+    while programs * split < per_sm * sms and split * 2 <= tiles // 4 and tiles % (split * 2) == 0:
         split *= 2
     per_split = tiles // split
     out, partials, locks = buffers(split, m, n, x, locks, programs)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-#: the row kernel splits below four programs per SM, the tile kernel below two: never more tiles than this
+#: the row kernel splits below four programs per SM, the tile kernel below two or four: never more tiles than this
 MAX_TILES_PER_SM = 4
 
 

@@ -16,9 +16,11 @@ at 16, 0.70x at 64; int8 per channel 1.56x, 1.20x and 0.87x at one, two and four
 0.66x at 64 (those two before that change); both 0.55x at 256, rising to 0.98x / 0.96x at 4,096 by
 dequantize + cuBLAS. With the tile kernel's codes spread by joins (``triton_gemm._spread``; same card,
 ``results/tile-joins-h200.txt``) int8 per layer is 1.00x at four rows (the row kernel 0.85x), 0.99x at 8, 0.96x
-at 16, 0.90x at 32, 0.62x at 64; int4 0.87-0.90x at 8-16, 0.72x at 32-64 (barely moved). So "never
-slower than bf16" holds up to four rows for int4 (the o projection alone: two) and, per layer, to 16 for
-int8 (its o projection alone is 0.78x at four rows);
+at 16, 0.90x at 32, 0.62x at 64; int4 0.87-0.90x at 8-16, 0.72x at 32-64 (barely moved). With the tile
+shapes re-swept (``results/tile-shapes-h200.txt``: 64 channels a program, K steps of 128, more programs per
+SM) int4 is 1.04x / 1.03x at 8 / 16 rows, 0.79x at 32, 0.82x at 64, 0.55x at 128; int8 1.16x, 1.18x, 0.97x,
+0.84x, 0.54x. So "never slower than bf16" holds per layer up to 16 rows for both widths (single shapes are
+not: int4's o projection is 0.82x at 16 rows, 0.46x at 64);
 past that the tile kernel's tensor-core rate is the limit, and the fix is a mixed-input GEMM that feeds the
 tensor cores at their full rate, not dispatch.
 
