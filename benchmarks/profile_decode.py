@@ -1,7 +1,7 @@
 """Where a GPU decode step's time goes, on the Llama-3.1-8B shape: the engine's compiled decode step
 (CUDA graphs) profiled kernel by kernel, against the two floors a step cannot go under.
 
-    python benchmarks/profile_decode.py [--batch 1] [--quant bf16 w4g128] [--steps 10]
+    python benchmarks/profile_decode.py [--batch 1] [--quant bf16 w4g128] [--steps 10] [--prompt-len 128]
 
 For each weight format, one table:
 - the step: wall time per step (CUDA events over ``--steps`` steps) and, from the kernel timeline, how
@@ -144,7 +144,7 @@ def analyse(kernels: list[tuple[str, float, float]], steps: int, step_us: float,
             "top": [{"name": n[:80], "launches": c / steps, "us": us / steps} for n, (c, us) in top]}
 
 
-def profile_format(name: str, batch: int, steps: int) -> dict:
+def profile_format(name: str, batch: int, steps: int, prompt_len: int = 128) -> dict:
     hf = random_hf_model(llama31_8b_config(), "cuda")
     bundle = ModelBundle(model=hf, tokenizer=None, source=SourceInfo(path="random", kind="memory"))
     config = quant_configs()[name]
@@ -152,10 +152,13 @@ def profile_format(name: str, batch: int, steps: int) -> dict:
         import quantdeploy as qd
 
         bundle = qd.quantize(bundle, config, device="cuda")
-    engine = Engine.from_bundle(bundle, "cuda", max_batch=batch, max_seq_len=2048)
+    new_tokens = 10 * steps + 100
+    engine = Engine.from_bundle(bundle, "cuda", max_batch=batch, max_seq_len=max(2048, prompt_len + batch + new_tokens))
     for i in range(batch):
-        engine.add(list(range(100, 228 + i)), SamplingParams(max_tokens=10 * steps + 100, ignore_eos=True))
-    for _ in range(8):  # prefill, compile, capture
+        engine.add([100 + j % 30000 for j in range(prompt_len + i)], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    while engine._unfilled or engine._chunking:  # prefill (long prompts a chunk per step)
+        engine.step()
+    for _ in range(8):  # compile, capture
         engine.step()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -168,15 +171,18 @@ def profile_format(name: str, batch: int, steps: int) -> dict:
     total, embedding = weight_bytes(engine.model)
     result = analyse(kernel_timeline(engine, steps), steps, step_us, total - embedding)
     result["weights_read_gb"] = (total - embedding) / 1e9
+    a = engine.model.args  # the keys and values a step reads: each row's context, every layer
+    held = sum(len(s.prompt_ids) + len(s.output_ids) for s in engine.running)
+    result["kv_read_gb"] = held * a.n_layers * 2 * a.n_kv_heads * a.head_dim * 2 / 1e9
     del engine, bundle, hf
     torch.cuda.empty_cache()
     return result
 
 
 def print_format(name: str, r: dict, bandwidth: float) -> None:
-    ideal = r["weights_read_gb"] * 1e6 / bandwidth
-    print(f"\n{name}: step {r['step_us']:.0f} us (weights {r['weights_read_gb']:.2f} GB: {ideal:.0f} us at copy "
-          f"bandwidth, {100 * ideal / r['step_us']:.1f}% of roofline); {r['kernels_per_step']:.0f} kernels a step")
+    ideal = (r["weights_read_gb"] + r["kv_read_gb"]) * 1e6 / bandwidth
+    print(f"\n{name}: step {r['step_us']:.0f} us (weights {r['weights_read_gb']:.2f} GB + KV {r['kv_read_gb']:.2f} GB: "
+          f"{ideal:.0f} us at copy bandwidth, {100 * ideal / r['step_us']:.1f}% of roofline); {r['kernels_per_step']:.0f} kernels a step")
     print(f"  kernels running {r['busy_us']:.0f} us, gaps between kernels {r['gaps_in_step_us']:.0f} us, "
           f"host time between steps {r['between_steps_us']:.0f} us")
     print(f"  {'kind':16s} {'launches':>9s} {'us/step':>9s} {'share':>7s}")
@@ -194,6 +200,7 @@ def main() -> None:
     p.add_argument("--quant", nargs="+", default=["bf16"], choices=sorted(quant_configs()),
                    help="weight formats of the profiled engine (RTN etc. on the random weights)")
     p.add_argument("--steps", type=int, default=10, help="decode steps profiled")
+    p.add_argument("--prompt-len", type=int, default=128, help="tokens of each row's prompt (8192: long context)")
     args = p.parse_args()
     bandwidth = measure_bandwidth(torch.device("cuda"))
     floor_us = launch_floor()
@@ -205,7 +212,7 @@ def main() -> None:
           f"{mm_bytes / 1e9:.2f} GB ({mm_bytes / mm_us / 1e3:.0f} GB/s, {100 * mm_bytes / mm_us / 1e3 / bandwidth:.1f}% of copy)")
     results = {}
     for name in args.quant:
-        results[name] = profile_format(name, args.batch, args.steps)
+        results[name] = profile_format(name, args.batch, args.steps, args.prompt_len)
         print_format(name, results[name], bandwidth)
     info = machine_info()
     info.update({"benchmark": "profile_decode", "config": vars(args), "bandwidth_gbs": bandwidth,

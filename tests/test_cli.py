@@ -292,3 +292,10 @@ def test_eval_task_errors_are_one_line(tiny_llama_dir, tmp_path, data):
     both = run("eval", tiny_llama_dir, "--task", "humaneval", "--text", data / "text" / "wiki_en.test.txt")
     assert "not both" in error_line(both)
     assert "needs --text" in error_line(run("eval", tiny_llama_dir))
+
+
+def test_serve_chunks_long_prompts_as_the_engine_does_by_default():
+    from quantdeploy.cli import build_parser
+    from quantdeploy.engine.engine import PREFILL_CHUNK_TOKENS
+
+    assert build_parser().parse_args(["serve", "model"]).prefill_chunk_tokens == PREFILL_CHUNK_TOKENS

@@ -142,13 +142,18 @@ def test_prefill_graphs_with_a_quantized_model_and_kv_cache(tiny_bundle, tmp_pat
 
 
 def test_a_long_prompt_in_chunks_gives_the_tokens_of_a_whole_prefill_on_gpu():
-    """Compiled decode, CUDA-graph prefills and chunked prefill of a 300-token prompt among decoding rows
-    (chunks of 64, eager, at offsets into the paged cache) give the tokens of whole prefills."""
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    long_prompt = [5 + (7 * i) % 500 for i in range(300)]
+    """Compiled decode, CUDA-graph prefills and chunked prefill of 300- and 500-token prompts among decoding
+    rows (chunks of 96 at offsets into the paged cache, eager and replayed from the chunk graphs; the
+    500-token prompt's last chunk, at 480..575, reaches past the block table's 512 positions, so it runs
+    eagerly) give the tokens of whole prefills."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    long_prompts = [[5 + (7 * i) % 500 for i in range(300)], [9 + (11 * i) % 500 for i in range(500)]]
     runs = []
-    for chunk in (None, 64):
+    for chunk, graph_tokens in ((None, None), (96, 0), (96, None)):
         engine = Engine.from_bundle(_bundle(torch.float32, max_position_embeddings=512), "cuda", max_batch=4,
-                                    max_seq_len=512, prefill_chunk_tokens=chunk)
-        runs.append(_run(engine, params, PROMPTS[:2] + [long_prompt] + PROMPTS[2:3]))
-    assert runs[1] == runs[0]
+                                    max_seq_len=512, prefill_chunk_tokens=chunk, prefill_graph_tokens=graph_tokens)
+        runs.append(_run(engine, params, PROMPTS[:1] + long_prompts + PROMPTS[2:3]))
+        if graph_tokens is None and chunk:
+            chunk_graphs = sorted(key[1] for key in engine.prefill_graphs.graphs if key[0] == 0)
+            assert chunk_graphs == [96, 192, 288, 384, 480]  # captured when first used (no warm_up here)
+    assert runs[1] == runs[0] and runs[2] == runs[0]

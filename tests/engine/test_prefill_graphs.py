@@ -1,6 +1,6 @@
 """Prefill CUDA graphs, what the CPU can check: padding rows (on the scratch row) and padding positions
-change nothing a sequence can see, and no quantized prefill moves data from the host (a capture would
-refuse it). The graphs themselves are checked in test_engine_gpu.py."""
+change nothing a sequence can see, chunks at static shapes equal a whole prefill, and no quantized
+prefill moves data from the host (a capture would refuse it). The graphs themselves are checked in test_engine_gpu.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from quantdeploy.engine.kv_cache import BlockTable, PagedKVCache
 from quantdeploy.engine.loading import from_bundle
-from quantdeploy.engine.prefill_graphs import batch_sizes, pack_rows, run_packed
+from quantdeploy.engine.prefill_graphs import (CHUNK_GRAPH_POSITIONS, batch_sizes, chunk_lengths, pack_chunk, pack_rows,
+                                                run_chunk, run_packed)
 from quantdeploy.models.bundle import ModelBundle, SourceInfo
 
 ROWS, POSITIONS, VOCAB = 4, 48, 300
@@ -75,6 +76,40 @@ def test_padded_prefill_equals_the_unpadded_one(lengths, extra_rows, extra_posit
                 assert torch.allclose(p[row, :, :n], t[row, :, :n], atol=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(length=st.integers(2, POSITIONS), chunk=st.sampled_from([8, 16, 24]), seed=st.integers(0, 2**16))
+def test_chunks_at_static_shapes_equal_the_whole_prompt(length, chunk, seed):
+    """A prompt in chunks of a graph's static shape (offset read from the input, the last chunk padded,
+    each attending over exactly the positions up to its end) leaves the keys and values and the last
+    logits of one whole prefill."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+    row = int(torch.randint(0, ROWS, (1,), generator=g))
+    with torch.no_grad():
+        whole = run_packed(MODEL, pack_rows([prompt], [row], 1, length, ROWS))
+        whole_caches = _caches()
+        for layer in MODEL.layers:  # what the chunks must overwrite
+            layer.attention.kv_cache.k_cache.normal_(generator=g)
+            layer.attention.kv_cache.v_cache.normal_(generator=g)
+        for start in range(0, length, chunk):
+            logits = run_chunk(MODEL, pack_chunk(prompt, row, start, chunk), start + chunk)
+        chunked_caches = _caches()
+    assert torch.allclose(logits, whole, atol=1e-5)
+    for w, c in zip(whole_caches, chunked_caches):
+        half = w.shape[0] // 2
+        for part in (slice(0, half), slice(half, None)):
+            assert torch.allclose(c[part][row, :, :length], w[part][row, :, :length], atol=1e-5)
+
+
+def test_chunk_graphs_cover_the_lengths_a_chunk_can_end_at():
+    """Chunk k of a prompt ends at position (k+1)C - 1: one graph per multiple of C the block table reaches,
+    up to CHUNK_GRAPH_POSITIONS, none when max_seq_len leaves no prompt to chunk."""
+    assert chunk_lengths(16, 48, 64) == [16, 32, 48, 64]
+    assert chunk_lengths(2048, 8448, 8448) == [2048, 4096, 6144, 8192]
+    assert chunk_lengths(2048, 131072, 131072) == [2048 * k for k in range(1, CHUNK_GRAPH_POSITIONS // 2048 + 1)]
+    assert chunk_lengths(2048, 2048, 2048) == [] and chunk_lengths(None, 512, 512) == []
+
+
 def test_batch_sizes_are_powers_of_two_then_the_maximum():
     assert batch_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
     assert batch_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
@@ -122,7 +157,11 @@ def test_a_quantized_prefill_moves_nothing_from_the_host(tiny_bundle, train_text
     engine = Engine.from_bundle(qd.quantize(tiny_bundle, config, kv_cache=kv), torch.device("meta"), backend="reference",
                                 max_batch=2, max_seq_len=64)
     data = pack_rows([[5, 6, 7], [8, 9]], [0, 1], 2, 16, engine.scratch_row).to("meta")
+    # the first chunk of a 40-token prompt (a later one's causal_lower_right bias cannot be built under a
+    # dispatch mode; a capture on the GPU would fail on a host copy there: test_engine_gpu.py)
+    chunk = pack_chunk(list(range(5, 45)), 0, 0, 16).to("meta")
     run_packed(engine.model, data)  # the first run may fill per-device caches (the capture warms up first too)
+    run_chunk(engine.model, chunk, 16)
     created_on_device = []
     real_tensor = torch.tensor
 
@@ -134,5 +173,6 @@ def test_a_quantized_prefill_moves_nothing_from_the_host(tiny_bundle, train_text
     monkeypatch.setattr(torch, "tensor", tensor)
     with _HostTransfers() as watch:
         logits = run_packed(engine.model, data)
-    assert logits.shape == (2, engine.model.args.vocab_size)
+        chunk_logits = run_chunk(engine.model, chunk, 16)
+    assert logits.shape == (2, engine.model.args.vocab_size) and chunk_logits.shape == (1, engine.model.args.vocab_size)
     assert watch.seen == [] and created_on_device == []

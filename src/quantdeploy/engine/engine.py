@@ -70,7 +70,11 @@ RECOMPILE_LIMIT = 1024  # graphs of the decode step a process may compile (see E
 # 8B shape took 5.01-5.04 ms a step against 4.77 without it (twice, at 71a5691; compiles 77 s vs 30 s;
 # benchmarks/results/decode-profile-h200.txt). An older H100 run (7d30d7b) had it 4% ahead.
 COMPILE_OPTIONS: dict = {}
-PREFILL_CHUNK_TOKENS = 2048  # a longer prompt is prefilled a chunk per step (a GPU's eager forward costs ~40 ms of launches)
+# A longer prompt is prefilled a chunk per step. On the 8B shape (H200, chunks replayed from CUDA graphs) a
+# step with a chunk of 512 took 21-33 ms against 63-91 ms with 2,048, the decoding rows waiting that long;
+# a 7,200-token prompt's first token came 0.41 s after it joined instead of 0.31 s
+# (benchmarks/chunked_prefill_gpu.py, results/chunked-prefill-graphs-h200.txt).
+PREFILL_CHUNK_TOKENS = 512
 
 
 @dataclasses.dataclass
@@ -112,8 +116,8 @@ class Engine(Prefill):
         compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,).
         ``max_prefill_tokens``: the most (padded) prompt tokens one prefill forward takes; sequences added
         between two steps are prefilled together up to it (a longer prompt goes alone).
-        ``prefill_graph_tokens``: prefills of up to this many padded tokens replay CUDA graphs
-        (``engine/prefill_graphs.py``; default 4096 on CUDA; 0 runs every prefill eagerly).
+        ``prefill_graph_tokens``: prefills of up to this many padded tokens, and chunks of long prompts,
+        replay CUDA graphs (``engine/prefill_graphs.py``; default 4096 on CUDA; 0 runs every prefill eagerly).
         ``kv_cache_tokens``: the positions the KV-cache pool holds, over all sequences (default: enough for
         every row at ``max_seq_len``, and on CUDA at most what fits in ``kv_cache.KV_MEMORY_FRACTION`` of
         the free memory; at least one sequence of ``max_seq_len``).
@@ -160,7 +164,8 @@ class Engine(Prefill):
         for layer in self.model.layers:
             layer.attention.decode_attention = attention
         graph_tokens = (MAX_TOKENS if device.type == "cuda" else 0) if prefill_graph_tokens is None else prefill_graph_tokens
-        self.prefill_graphs = (PrefillGraphs(self.model, max_batch, self.max_seq_len, self.scratch_row, device, graph_tokens)
+        self.prefill_graphs = (PrefillGraphs(self.model, max_batch, self.max_seq_len, self.scratch_row, device, graph_tokens,
+                                             prefill_chunk_tokens, self.table.host.shape[1] * BLOCK_TOKENS)
                                if graph_tokens else None)
         self.decode_graphs = None
         if self.compiled:  # options, not mode=: inductor's global config is left alone

@@ -5,7 +5,7 @@ table, the sampler, the rows' positions, the queues of added and chunked sequenc
 added since the last step go in right-padded batches of at most ``max_prefill_tokens`` tokens, a small
 batch replaying a CUDA graph (``engine/prefill_graphs.py``); a prompt longer than
 ``prefill_chunk_tokens`` is prefilled one chunk per step, so the rows decoding meanwhile wait for one
-chunk rather than the whole prompt. A resumed (preempted) sequence is prefilled from its prompt and
+chunk rather than the whole prompt; on CUDA a chunk replays a graph too. A resumed (preempted) sequence is prefilled from its prompt and
 the output it had, like any other.
 """
 
@@ -16,7 +16,7 @@ import random
 
 import torch
 
-from quantdeploy.engine.prefill_graphs import pack_rows, run_packed
+from quantdeploy.engine.prefill_graphs import pack_chunk, pack_rows, run_packed
 from quantdeploy.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,15 @@ class Prefill:
         the decode steps that sweep its row write at the next chunk's start, which the chunk overwrites."""
         context = seq.prompt_ids + seq.output_ids
         start, length = seq.prefilled, len(context)
-        end = min(start + self.prefill_chunk_tokens, length)
-        host = pack_rows([context], [seq.row], 1, length, self.scratch_row)
-        data = (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
+        chunk = self.prefill_chunk_tokens
+        end = min(start + chunk, length)
+        pinned = (lambda t: t.pin_memory()) if self.device.type == "cuda" else (lambda t: t)
+        data = pinned(pack_rows([context], [seq.row], 1, length, self.scratch_row)).to(self.device, non_blocking=True)
         self.table.sync()
-        logits = self.model.prefill(data[:, start:end], data[:, length], start=start)[:, 0]
+        if self.prefill_graphs is not None and self.prefill_graphs.has_chunk(start, start + chunk):
+            _, logits = self.prefill_graphs.run_chunk(start + chunk, pinned(pack_chunk(context, seq.row, start, chunk)))
+        else:
+            logits = self.model.prefill(data[:, start:end], data[:, length], start=start)[:, 0]
         seq.prefilled = end
         if end < length:
             self.positions[seq.row] = end

@@ -10,7 +10,8 @@ Three ways to run it:
 
 - ``forward(tokens)``: the whole sequence, causal attention, no cache (checks against transformers);
 - ``prefill(tokens, rows, start, lengths)``: a chunk of one or several (right-padded) sequences, written
-  into their cache rows at positions ``start..``, each attending to everything its row cached before;
+  into their cache rows at positions ``start..``, each attending to everything its row cached before
+  (``prefill_chunk``: the same with the offset a device tensor and static shapes, for a CUDA graph);
 - ``decode(tokens, positions, kv_len)``: one new token for each of the cache rows ``0..n-1``, each at
   its own position; attention reads the first ``kv_len`` cached positions under a per-row mask, or
   (``decode_attention = "split_kv"``, the engine's choice on CUDA) each row exactly its own positions
@@ -303,6 +304,18 @@ class Transformer(nn.Module):
         if last_only:
             last = lengths - 1 if lengths is not None else torch.full((b,), t - 1, dtype=torch.long, device=device)
         return self._run(tokens, positions, None, (rows, positions, kv_rows, kv_len), last)
+
+    def prefill_chunk(self, tokens: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, kv_len: int,
+                      last: torch.Tensor) -> torch.Tensor:
+        """``prefill`` of ``tokens [B, T]`` in cache ``rows [B]`` at positions ``start..start+T-1``, the offset a
+        device tensor so that one CUDA graph serves every chunk whose queries end at position ``kv_len - 1``
+        (``start = kv_len - T``: attention is causal over exactly those positions, with no mask). A last
+        chunk right-padded to ``T`` writes its padding past the prompt's end (the caller's block table must
+        reach ``kv_len``) and reads the RoPE tables at their last row there; nothing reads either before decode
+        writes over them. Logits ``[B, 1, vocab]`` at each row's chunk index ``last [B]``."""
+        positions = start[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, T]
+        rope_positions = positions.clamp(max=self.rope_cos.shape[0] - 1)
+        return self._run(tokens, rope_positions, None, (rows, positions, rows, kv_len), last)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One step for cache rows ``0..n-1``: ``tokens [n]`` at ``positions [n]`` → logits ``[n, vocab]``."""
