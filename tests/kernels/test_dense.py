@@ -1,4 +1,4 @@
-"""The dense backend: weight-only specs with no kernel on their device, dequantized once."""
+"""The dense backend: weight-only specs (and FP8 W8A8) with no kernel on their device, dequantized once."""
 
 from __future__ import annotations
 
@@ -30,6 +30,21 @@ def test_a_dense_weight_gives_the_reference_paths_numbers_exactly(spec, dtype):
     x, b = torch.randn(5, 192, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
     # the same dequantization as the reference, kept instead of rebuilt: the same bits
     assert torch.equal(prepared(x, b), reference.qlinear(x, qw, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_w8a8_is_held_in_fp32_and_still_rounds_each_token(dtype):
+    """FP8 W8A8 has no CPU kernel: its weight is kept dequantized in fp32 (the reference's), and each call
+    still rounds the tokens to E4M3, so the numbers are the reference path's bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    qw = quantize_weight(torch.randn(48, 192, generator=g), QuantSpec("fp8_e4m3", None, activations="fp8_e4m3"))
+    prepared = kernels.prepare(qw, "auto", dtype)
+    assert prepared.backend == "dense" and prepared.weight.dtype == torch.float32
+    x, b = (torch.randn(5, 192, generator=g) * 4).to(dtype), torch.randn(48, generator=g).to(dtype)
+    y = prepared(x, b)
+    assert y.dtype == dtype and torch.equal(y, reference.qlinear(x, qw, b))
+    unrounded = torch.nn.functional.linear(x.float(), prepared.weight, b.float()).to(dtype)
+    assert not torch.equal(y, unrounded)  # the activations were quantized
 
 
 def test_the_engine_holds_a_model_without_cpu_kernels_dense_says_so_and_counts_the_dense_bytes(tiny_bundle, caplog):

@@ -7,9 +7,9 @@ weight-only, dequantized in registers, ``triton_wonly.py``; FP8 W8A8 on the FP8 
 ``fp8_w8a8.py``; imported only when a CUDA weight asks for it) and ``dense`` (a weight-only layer
 dequantized once into the compute dtype, ``dense.py``). ``prepare`` readies a weight once for a backend
 on the weight's device; the result is called like ``prepared(x, bias)``. ``auto`` picks the fast kernel
-where the weight's device and spec allow, ``dense`` for the other weight-only specs (a quantized layer
-never runs slower than the unquantized one) and the reference path for W8A8 specs without a kernel
-(logged at debug level); a backend asked for by name that cannot serve the weight is an error, never a
+where the weight's device and spec allow, ``dense`` for the other weight-only specs and FP8 W8A8 (a
+quantized layer never runs slower than the unquantized one) and the reference path for int8 W8A8 specs
+without a kernel (logged at debug level); a backend asked for by name that cannot serve the weight is an error, never a
 silent fallback.
 """
 
@@ -71,8 +71,8 @@ def prepare(qw: QuantizedWeight, backend: str = "auto", dtype: torch.dtype = tor
                           "FP8 weight-only layers, and FP8 W8A8 per channel on FP8 tensor cores, on a CUDA device "
                           "with the triton package installed)")
     if backend == "dense":
-        raise ConfigError(f"the dense backend cannot run {qw.spec.describe()}: it holds weight-only layers "
-                          "dequantized; W8A8 layers quantize their activations (use auto or reference)")
+        raise ConfigError(f"the dense backend cannot run {qw.spec.describe()}: it holds weight-only and FP8 W8A8 "
+                          "layers dequantized; int8 W8A8 layers multiply integers (use auto, cpu_packed or reference)")
     log.debug("kernels: reference path for %s %s", qw.spec.describe(), tuple(qw.shape))
     return None
 

@@ -12,14 +12,19 @@ grow, where PyTorch's weight-only ``_weight_int8pack_mm`` costs time per row. Bu
 decodes 235.8 / 363.9 tok/s at batch 1 / 8 against weight-only int8's 90.5 / 336.8 and llama.cpp
 Q8_0's 141.8 / 247.3. llama.cpp's Q8_0 and Q4_0 dot products quantize the activations to 8 bits too
 (per block of 32, where W8A8 takes one scale per token: its KLD is higher, 0.0104 against 0.0057).
-Without AVX-512, ``int_mm`` sums exact fp32 slices instead (``reference.int_mm``).
+Without AVX-512, ``torch._int_mm`` runs scalar code (``reference.int_mm``), and the reference sums exact
+fp32 products instead, converting the weight's codes to fp32 on every call. There the codes are held in
+fp32, converted once (4 bytes a weight, the memory of the fp32 model), and the tokens' codes stay fp32:
+the same exact sums. On a 2-core AVX2 EPYC, eager, the SmoothQuant model went from 0.72-0.84x the fp32
+original at 4 to 16 rows to 0.78-0.90x; the per-token quantization and the scales, unfused eager ops,
+are what is left (record ``results/cpu-formats-vs-fp32-avx2.txt``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from quantdeploy.kernels.reference import w8a8_int8
+from quantdeploy.kernels.reference import CPU_AVX512, fp32_slices, int_mm_fp32_held, int_mm_padded, w8a8_int8_with
 from quantdeploy.quant.primitives import QuantizedWeight, int8_weight
 
 
@@ -30,12 +35,20 @@ def supports(qw: QuantizedWeight) -> bool:
 
 
 class CPUW8A8:
+    """``integer_mm``: int8 codes through ``torch._int_mm`` (default with AVX-512), else fp32 codes."""
+
     backend = "cpu_packed"
 
-    def __init__(self, qw: QuantizedWeight) -> None:
+    def __init__(self, qw: QuantizedWeight, integer_mm: bool = CPU_AVX512) -> None:
         wq, self.ws = int8_weight(qw)
-        self.wq_t = wq.T.contiguous()  # [k, n]: the operand int_mm takes
-        self.read_bytes = self.wq_t.numel() + 4 * self.ws.numel()
+        self.wq_t = wq.T.contiguous() if integer_mm else None  # [k, n]: the operand _int_mm takes
+        self.slices = None if integer_mm else fp32_slices(wq)
+        self.read_bytes = wq.numel() * (1 if integer_mm else 4) + 4 * self.ws.numel()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return w8a8_int8(x, self.wq_t, self.ws, bias)
+        return w8a8_int8_with(x, self._product, self.ws, bias, float_codes=self.wq_t is None)
+
+    def _product(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.wq_t is not None:
+            return int_mm_padded(codes, self.wq_t, 1)
+        return int_mm_fp32_held(codes, self.slices)

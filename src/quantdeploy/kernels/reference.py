@@ -11,11 +11,14 @@ channel scales. fp8 multiplies the E4M3-rounded inputs and weights in fp32.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from quantdeploy.quant import nf4
-from quantdeploy.quant.primitives import QuantizedWeight, dequantize_weight, int8_weight, quantize_activations
+from quantdeploy.quant.primitives import (QuantizedWeight, dequantize_weight, int8_activations_float, int8_weight,
+                                          quantize_activations)
 
 
 def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -23,9 +26,15 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> 
     if qw.spec.activations == "int8":
         return _w8a8_int8(x, qw, bias)
     if qw.spec.activations == "fp8_e4m3":
-        xq, xs = quantize_activations(x, "fp8_e4m3")
-        return F.linear(xq.float() * xs, dequantize_weight(qw), None if bias is None else bias.float()).to(x.dtype)
+        return w8a8_fp8(x, dequantize_weight(qw), bias)
     return F.linear(x, dequantize_weight(qw, x.dtype), bias)
+
+
+def w8a8_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The FP8 W8A8 product from the dequantized fp32 ``weight``: each token rounded to E4M3 with its own
+    scale, multiplied in fp32 (what the reference computes, and ``kernels/dense.py`` with the weight kept)."""
+    xq, xs = quantize_activations(x, "fp8_e4m3")
+    return F.linear(xq.float() * xs, weight, None if bias is None else bias.float()).to(x.dtype)
 
 
 #: ``torch._int_mm`` on CUDA takes only more than 16 rows (cuBLASLt's int8 GEMM); fewer are padded with
@@ -68,6 +77,23 @@ def int_mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def fp32_slices(wq: torch.Tensor) -> list[torch.Tensor]:
+    """int8 codes ``wq [n, k]`` as fp32 ``[n, EXACT_FP32_K]`` slices along K, for ``int_mm_fp32_held``."""
+    return [wq[:, k0:k0 + EXACT_FP32_K].float().contiguous() for k0 in range(0, wq.shape[1], EXACT_FP32_K)]
+
+
+def int_mm_fp32_held(a: torch.Tensor, slices: list[torch.Tensor]) -> torch.Tensor:
+    """``int_mm_fp32`` of ``a [m, k]`` (int8 codes, or the same integers in fp32) and a weight whose codes
+    are held in fp32 (``fp32_slices``, made once): the same exact partial sums, without converting the
+    weight on every call. One slice's sum is returned in fp32 (exact integers), several are added in int32."""
+    if len(slices) == 1:
+        return F.linear(a.float(), slices[0])
+    out = torch.zeros(a.shape[0], slices[0].shape[0], dtype=torch.int32, device=a.device)
+    for i, w in enumerate(slices):
+        out += F.linear(a[:, i * EXACT_FP32_K:(i + 1) * EXACT_FP32_K].float(), w).to(torch.int32)
+    return out
+
+
 def _w8a8_int8(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     wq, ws = int8_weight(qw)  # [n, k] int8, [n] fp32
     return w8a8_int8(x, wq.T.contiguous(), ws, bias)
@@ -77,8 +103,15 @@ def w8a8_int8(x: torch.Tensor, wq_t: torch.Tensor, ws: torch.Tensor, bias: torch
     """The W8A8 int8 product from the signed codes transposed, ``wq_t [k, n]``, and the channel scales
     ``ws [n]``: what the reference computes, and the CPU path (``kernels/cpu_w8a8.py``) with ``wq_t``
     made once."""
-    xq, xs = quantize_activations(x, "int8")  # [..., k] int8, [..., 1] fp32
-    acc = int_mm(xq.reshape(-1, xq.shape[-1]), wq_t)  # int32 [m, n]
+    return w8a8_int8_with(x, lambda codes: int_mm(codes, wq_t), ws, bias)
+
+
+def w8a8_int8_with(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], ws: torch.Tensor,
+                   bias: torch.Tensor | None, float_codes: bool = False) -> torch.Tensor:
+    """``w8a8_int8`` with the integer product given: ``product(codes [m, k]) -> [m, n]``, the sums in int32
+    or as exact integers in fp32; the codes are int8, or with ``float_codes`` the same integers in fp32."""
+    xq, xs = int8_activations_float(x) if float_codes else quantize_activations(x, "int8")  # [..., k], [..., 1] fp32
+    acc = product(xq.reshape(-1, xq.shape[-1]))  # [m, n]
     y = acc.float() * xs.reshape(-1, 1) * ws.unsqueeze(0)
     if bias is not None:
         y = y + bias.float()
