@@ -238,7 +238,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-tokens", type=count(64),
                    help="positions the paged KV cache holds over all sequences; requests wait for free blocks "
                         "(default: every row at max-seq-len, on a GPU at most 60%% of the free memory)")
-    p.add_argument("--prefill-chunk-tokens", type=count(0), default=512,  # engine.PREFILL_CHUNK_TOKENS (torch not imported here)
+    p.add_argument("--prefill-chunk-tokens", type=count(0), default=2048,  # engine.PREFILL_CHUNK_TOKENS (torch not imported here)
                    help="prompts longer than this are prefilled a chunk per engine step while the other requests "
                         "keep decoding (0: whole prompts)")
     p.add_argument("--max-queue", type=count(0), default=256,

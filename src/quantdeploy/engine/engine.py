@@ -71,10 +71,12 @@ RECOMPILE_LIMIT = 1024  # graphs of the decode step a process may compile (see E
 # benchmarks/results/decode-profile-h200.txt). An older H100 run (7d30d7b) had it 4% ahead.
 COMPILE_OPTIONS: dict = {}
 # A longer prompt is prefilled a chunk per step. On the 8B shape (H200, chunks replayed from CUDA graphs) a
-# step with a chunk of 512 took 21-33 ms against 63-91 ms with 2,048, the decoding rows waiting that long;
-# a 7,200-token prompt's first token came 0.41 s after it joined instead of 0.31 s
-# (benchmarks/chunked_prefill_gpu.py, results/chunked-prefill-graphs-h200.txt).
-PREFILL_CHUNK_TOKENS = 512
+# step with a chunk of 2,048 took 63-91 ms at 8k context, one of 512 21-33 ms, but a prompt's prefill then
+# costs 35% more steps' time in all: under a mixed serve load the slowest short request's mean inter-token
+# latency was 2.39x alone's with 512 against 1.84x with 2,048 (eager then), a 32k prompt's first token 2.39 s
+# against 1.86 s, and 64 graphs instead of 16 took 50 s to capture (results/chunked-prefill-graphs-h200.txt,
+# serve-mixed-long-prompts-llama8b-shape-h200.txt).
+PREFILL_CHUNK_TOKENS = 2048
 
 
 @dataclasses.dataclass

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import queue
@@ -206,6 +207,7 @@ class EngineThread:
 
     def __init__(self, engine: Engine, deliver: Callable[[list], None], prefill_wait_steps: int = PREFILL_WAIT_STEPS) -> None:
         engine.warm_up()  # before the server reports ready: no request waits on a compile or a capture
+        freeze_heap()
         self.info = EngineInfo.of(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=EngineLoop(engine, deliver, prefill_wait_steps).run, args=(self._receive,),
@@ -228,6 +230,14 @@ class EngineThread:
             return out
 
 
+def freeze_heap() -> None:
+    """Collect once, then move every object alive after loading and warm-up out of the cyclic collector's
+    reach (``gc.freeze``, as vLLM does after startup): a full collection otherwise walks the model's,
+    torch's and Inductor's objects while every request waits; new objects are collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 def _process_main(conn: Any, spec: EngineSpec, prefill_wait_steps: int) -> None:
     """The engine process: load, report ready (or why not), then run the loop until stop or EOF."""
     logging.basicConfig(level=logging.WARNING)
@@ -238,6 +248,7 @@ def _process_main(conn: Any, spec: EngineSpec, prefill_wait_steps: int) -> None:
     try:
         engine = Engine.load(spec.path, spec.device, **spec.options)
         engine.warm_up()
+        freeze_heap()
     except Exception as err:
         conn.send(("failed", str(err) if isinstance(err, QuantDeployError) else f"{type(err).__name__}: {err}"))
         return
