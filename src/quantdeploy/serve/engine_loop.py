@@ -233,7 +233,9 @@ class EngineThread:
 def freeze_heap() -> None:
     """Collect once, then move every object alive after loading and warm-up out of the cyclic collector's
     reach (``gc.freeze``, as vLLM does after startup): a full collection otherwise walks the model's,
-    torch's and Inductor's objects while every request waits; new objects are collected as before."""
+    torch's and Inductor's objects while every request waits; new objects are collected as before. (It
+    did not remove the ~250 ms stall a long prompt brings under a mixed load on the GPU:
+    ``results/serve-mixed-long-prompts-llama8b-shape-h200.txt``, Run D.)"""
     gc.collect()
     gc.freeze()
 
