@@ -10,7 +10,8 @@ one compiled decode graph, so the server is ready in a minute). First the short 
 again with ``--long`` requests of ``--long-words``-word prompts (~1.2 tokens a word with SmolLM2's
 tokenizer) sent two at a time alongside. For the short requests it reports each request's mean
 inter-token latency (TPOT: the slowest request with the long prompts against the median one without),
-the gaps' percentiles, and the longest gap each request saw, in both runs and as ratios: a long prompt
+the gaps' percentiles, and the longest gap each request saw, in both runs and as ratios, and how many of
+the server's engine steps took longer than 50 / 100 / 200 / 300 ms in each run: a long prompt
 prefilled whole stalls every decoding row for its prefill; prefilled in chunks a row waits one chunk at
 a time. The last line is JSON.
 """
@@ -63,8 +64,11 @@ def measure(folder: Path, chunk: int | None, args: argparse.Namespace) -> dict:
         print(f"server ready (--prefill-chunk-tokens {chunk if chunk is not None else 'default'})", flush=True)
         asyncio.run(_loads([loadtest.LoadConfig(url=url, requests=args.concurrency, concurrency=args.concurrency,
                                                 prompt_len="32", output_len="8")]))  # warm-up
+        before = step_buckets(url)
         alone = asyncio.run(_loads([short]))[0]
+        between = step_buckets(url)
         mixed, longs = asyncio.run(_loads([short, long]))
+        after = step_buckets(url)
     finally:
         stop(server)
     print(f"{'short requests':22s} {'statuses':16s} {'TPOT p50':>8s} {'TPOT max':>8s} {'ITL p50':>8s} {'ITL p90':>8s} {'ITL p99':>8s} "
@@ -78,8 +82,25 @@ def measure(folder: Path, chunk: int | None, args: argparse.Namespace) -> dict:
               ("itl_p99", "itl_s", "p99", "p99"), ("worst_p99", "itl_max_s", "p99", "p99"),
               ("worst_max", "itl_max_s", "max", "max"))}
     print("with / alone: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
-    print(f"long requests: {longs['statuses']}, TTFT p50 {longs['latency']['ttft_s']['p50']:.2f} s\n", flush=True)
-    return {"chunk": chunk, "alone": alone, "mixed": mixed, "long": longs, "ratios": ratio}
+    print(f"long requests: {longs['statuses']}, TTFT p50 {longs['latency']['ttft_s']['p50']:.2f} s")
+    steps = {"alone": {le: between[le] - before[le] for le in before}, "mixed": {le: after[le] - between[le] for le in before}}
+    for name, counts in steps.items():  # the server's own step times: is a long gap a long engine step?
+        total = counts["+Inf"]
+        over = ", ".join(f"> {le} s: {total - counts[le]:.0f}" for le in ("0.05", "0.1", "0.2", "0.3") if le in counts)
+        print(f"engine steps ({name}): {total:.0f}; {over}")
+    print(flush=True)
+    return {"chunk": chunk, "alone": alone, "mixed": mixed, "long": longs, "ratios": ratio, "engine_steps": steps}
+
+
+def step_buckets(url: str) -> dict[str, float]:
+    """The server's cumulative histogram of engine step times (``quantdeploy_engine_step_seconds``), by bound."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("quantdeploy_engine_step_seconds_bucket"):
+            out[line.split('le="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
 
 
 def main() -> None:

@@ -77,4 +77,6 @@ def test_requests_wait_for_kv_blocks_and_preempted_ones_finish_whole(tiny_bundle
     assert streamed == dict.fromkeys("abcd", 150) and done == dict.fromkeys("abcd", ("length", 150))
     stats = [e for _, batch in sent for e in batch if e[0] == "stats"]
     assert sum(e[4].get("preemptions", 0) for e in stats) == engine.counters.preemptions > 0
+    turns = [t for e in stats for t in e[5]]  # every loop turn that ran a step is timed once
+    assert len(turns) == loop.steps and all(t > 0 for t in turns)
     assert max(e[2] for e in stats) == 1.0 and engine.kv_usage == 0.0

@@ -102,6 +102,8 @@ def test_generate_health_metrics_and_auth(server):
                  "quantdeploy_request_queue_time_seconds", "quantdeploy_num_requests_running",
                  "quantdeploy_num_requests_waiting", "quantdeploy_kv_cache_usage_ratio", "quantdeploy_generation_tokens_total"):
         assert name in text
+    steps = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("quantdeploy_engine_step_seconds_count"))
+    assert steps >= 6  # one engine step a generated token at least, each timed
 
 
 def test_limits_and_validation_answer_in_openai_shape(server):

@@ -28,8 +28,9 @@ pickle cheaply:
 - commands: ``("submit", rid, prompt_ids, params)``, ``("cancel", rid)``, ``("stop",)``;
 - events: ``("admitted", rid)``, ``("delta", rid, text, n_tokens)``,
   ``("done", rid, finish_reason, n_prompt, n_output)``, ``("error", rid, message)``; every batch ends
-  with ``("stats", running, kv_usage, gpu_bytes, counts)``, ``counts`` the engine's ``Counters`` and
-  the loop's idle seconds added since the last batch.
+  with ``("stats", running, kv_usage, gpu_bytes, counts, step_seconds)``, ``counts`` the engine's
+  ``Counters`` and the loop's idle seconds added since the last batch, ``step_seconds`` the wall time of
+  each loop turn that ran an engine step since then (admission, prefill, decode, detokenization).
 
 ``stop`` cancels whatever is still waiting or running (``done`` with reason ``abort``), sends
 ``[("stopped",)]`` and ends the loop.
@@ -98,6 +99,7 @@ class EngineLoop:
         self.steps = 0  # engine steps run, the clock of prefill_wait_steps
         self.idle_seconds = 0.0  # time spent with nothing to run, waiting for requests
         self._counted: dict[str, float] = {}  # the counts already sent
+        self._step_seconds: list[float] = []  # loop turns that ran a step, since the last batch
 
     def run(self, receive: Callable[[float], list]) -> None:
         """Loop until a ``stop`` command; ``receive(timeout)`` returns the commands that arrived."""
@@ -120,6 +122,7 @@ class EngineLoop:
                 self._flush()
                 self.send([("stopped",)])
                 return
+            turn = time.perf_counter()
             self._admit()
             if self.engine.running:
                 self.steps += 1
@@ -133,6 +136,7 @@ class EngineLoop:
                     for seq in touched:
                         if seq.id in self.running:
                             self._deliver(seq)
+                self._step_seconds.append(time.perf_counter() - turn)
             self._flush()
 
     def _admit(self) -> None:
@@ -197,7 +201,8 @@ class EngineLoop:
         now = {**dataclasses.asdict(engine.counters), "idle_seconds": self.idle_seconds}
         counts = {k: v - self._counted.get(k, 0) for k, v in now.items()}
         self._counted = now
-        self.events.append(("stats", len(engine.running), engine.kv_usage, gpu, counts))
+        self.events.append(("stats", len(engine.running), engine.kv_usage, gpu, counts, self._step_seconds))
+        self._step_seconds = []
         batch, self.events = self.events, []
         self.send(batch)
 

@@ -26,6 +26,9 @@ class Metrics:
         self.e2e = Histogram("quantdeploy_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("quantdeploy_request_queue_time_seconds", "Arrival to admission into the batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
+        # every running request waits for each engine step: a long one shows as a gap in every stream
+        self.step = Histogram("quantdeploy_engine_step_seconds", "Wall time of an engine loop turn that ran a step "
+                              "(admission, prefill, decode, detokenization)", buckets=TOKEN_BUCKETS, registry=r)
         self.running = Gauge("quantdeploy_num_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("quantdeploy_num_requests_waiting", "Requests waiting for a batch row", registry=r)
         self.kv_usage = Gauge("quantdeploy_kv_cache_usage_ratio", "KV-cache blocks in use / blocks in the pool", registry=r)

@@ -105,7 +105,9 @@ class Scheduler:
                 self.stopped.set()
                 continue
             if kind == "stats":
-                _, running, kv_usage, gpu_bytes, counts = event
+                _, running, kv_usage, gpu_bytes, counts, step_seconds = event
+                for seconds in step_seconds:
+                    m.step.observe(seconds)
                 m.running.set(running)
                 m.kv_usage.set(kv_usage)
                 if gpu_bytes:
