@@ -29,6 +29,7 @@ from pathlib import Path
 from benchmarks.serve_gpu import save_random_model
 from benchmarks.serve_throughput import _free_port, stop, wait_healthy
 from quantdeploy.bench import loadtest
+from quantdeploy.cli_run import freeze_client_heap
 from quantdeploy.eval.report import machine_info
 
 
@@ -122,6 +123,7 @@ def main() -> None:
     folder = Path(args.folder + ("-tiny" if args.tiny else ""))
     save_random_model(folder, args.tokenizer, args.device, args.tiny)
     print("random model saved", flush=True)
+    freeze_client_heap()  # the client's own collector pauses out of the gaps it measures (quantdeploy loadtest does this)
     runs = [measure(folder, chunk, args) for chunk in args.prefill_chunk_tokens]
     print(json.dumps({**machine_info(), "config": vars(args), "runs": runs}))
 

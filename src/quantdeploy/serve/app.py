@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from quantdeploy.engine.engine import Engine
 from quantdeploy.engine.sampling import SamplingParams
 from quantdeploy.errors import QuantDeployError
-from quantdeploy.serve.engine_loop import PREFILL_WAIT_STEPS, EngineInfo, EngineProcess, EngineSpec, EngineThread
+from quantdeploy.serve.engine_loop import PREFILL_WAIT_STEPS, EngineInfo, EngineProcess, EngineSpec, EngineThread, freeze_heap
 from quantdeploy.serve.metrics import Metrics
 from quantdeploy.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from quantdeploy.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, error_body
@@ -91,6 +91,7 @@ def create_app(engine: Callable[[], Engine] | EngineSpec, config: ServeConfig,
                 scheduler.attach(thread)
                 info = thread.info
             scheduler.rows = info.max_batch
+            freeze_heap()  # this process's imports too: a full collection walks torch's and transformers' objects
             state.info = info
         except Exception as err:  # reported by /health, and to on_loaded (the CLI stops the server on it)
             state.load_error = str(err) if isinstance(err, QuantDeployError) else f"{type(err).__name__}: {err}"

@@ -237,10 +237,13 @@ class EngineThread:
 
 def freeze_heap() -> None:
     """Collect once, then move every object alive after loading and warm-up out of the cyclic collector's
-    reach (``gc.freeze``, as vLLM does after startup): a full collection otherwise walks the model's,
-    torch's and Inductor's objects while every request waits; new objects are collected as before. (It
-    did not remove the ~250 ms stall a long prompt brings under a mixed load on the GPU:
-    ``results/serve-mixed-long-prompts-llama8b-shape-h200.txt``, Run D.)"""
+    reach (``gc.freeze``, as vLLM does after startup): new objects are collected as before. In a process
+    that has imported torch, transformers and the server, a full collection walks ~400k objects: 240-260 ms
+    on a 2-core EPYC, during which no stream moves. Under a mixed load on the GPU every stream saw single
+    gaps of ~250-290 ms while no engine step took over 200 ms (``quantdeploy_engine_step_seconds``;
+    ``results/serve-mixed-long-prompts-llama8b-shape-h200.txt``, Run E): pauses outside the engine loop,
+    of that size. Called in the engine's process and in the HTTP process; not yet measured on the GPU
+    with both."""
     gc.collect()
     gc.freeze()
 
