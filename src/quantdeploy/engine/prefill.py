@@ -5,8 +5,8 @@ table, the sampler, the rows' positions, the queues of added and chunked sequenc
 added since the last step go in right-padded batches of at most ``max_prefill_tokens`` tokens, a small
 batch replaying a CUDA graph (``engine/prefill_graphs.py``); a prompt longer than
 ``prefill_chunk_tokens`` is prefilled one chunk per step, so the rows decoding meanwhile wait for one
-chunk rather than the whole prompt; on CUDA a chunk replays a graph too. A resumed (preempted) sequence is prefilled from its prompt and
-the output it had, like any other.
+chunk rather than the whole prompt; on CUDA a chunk replays a graph too. A resumed (preempted) sequence
+is prefilled from its prompt and the output it had, like any other.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ dequantized once into the compute dtype, ``dense.py``). ``prepare`` readies a we
 on the weight's device; the result is called like ``prepared(x, bias)``. ``auto`` picks the fast kernel
 where the weight's device and spec allow, ``dense`` for the other weight-only specs and FP8 W8A8 (a
 quantized layer never runs slower than the unquantized one) and the reference path for int8 W8A8 specs
-without a kernel (logged at debug level); a backend asked for by name that cannot serve the weight is an error, never a
-silent fallback.
+without a kernel (logged at debug level); a backend asked for by name that cannot serve the weight is an
+error, never a silent fallback.
 """
 
 from __future__ import annotations
