@@ -170,7 +170,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                               rate=args.rate, duration=args.duration, prompt_len=args.prompt_len,
                               output_len=args.output_len, model=args.model, api_key=args.api_key, timeout=args.timeout)
     freeze_client_heap()
-    result = asyncio.run(loadtest.run(cfg))
+    try:
+        result = asyncio.run(loadtest.run(cfg))
+    finally:  # collectable again at exit: frozen native objects alive at shutdown make nanobind print leak reports
+        import gc
+
+        gc.unfreeze()
     print(loadtest.table(result))
     out = {**machine_info(), **result}
     if args.json:
