@@ -36,7 +36,7 @@ def test_packed_kernels_match_the_reference(spec, n, m, seed, bias):
     w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     qw = quantize_weight(w, spec)
-    prepared = kernels.prepare(qw)
+    prepared = kernels.prepare(qw, "cpu_packed")
     assert prepared is not None and prepared.backend == "cpu_packed"
     # bf16 activations, scales and output on this path (see cpu_packed's docstring): bf16-level agreement
     assert _rel(prepared(x, b), reference.qlinear(x, qw, b)) < BF16_TOL
@@ -48,15 +48,15 @@ def test_quant_linear_prepare_uses_the_packed_kernel_and_keeps_its_state_dict():
     x = torch.randn(3, 7, 256)
     before = layer(x)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    assert layer.prepare() == "cpu_packed"
+    assert layer.prepare("cpu_packed") == "cpu_packed"
     assert _rel(layer(x), before) < BF16_TOL
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
     layer.to("cpu")  # a move drops the repacked copy: it belongs to the old device
     assert layer.prepared is None
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("int8", 64), QuantSpec("nf4", 64), QuantSpec("int4", 16),
-                                  QuantSpec("int4", 48)])
+@pytest.mark.parametrize("spec", [QuantSpec("nf4", 64), QuantSpec("int4", 16), QuantSpec("int4", 48),
+                                  QuantSpec("int8", 64, symmetric=False)])
 def test_auto_holds_a_weight_only_spec_without_a_kernel_dense_and_a_named_backend_refuses(spec):
     qw = quantize_weight(torch.randn(32, 384), spec)
     assert not cpu_packed.supports(qw)
@@ -88,7 +88,7 @@ def test_unpack_int4_inverts_the_kernel_layout_of_this_cpu(blocks, k, seed):
 def test_from_dense_from_rows_a_call_takes_the_dense_route_and_matches_the_reference(spec):
     g = torch.Generator().manual_seed(1)
     qw = quantize_weight(torch.randn(48, 768, generator=g), spec)
-    prepared = kernels.prepare(qw)
+    prepared = kernels.prepare(qw, "cpu_packed")
     assert prepared.dense_from == cpu_packed.DENSE_FROM_ROWS[spec.dtype]  # the layout was recognised
     m = prepared.dense_from
     x, b = torch.randn(m, 768, generator=g), torch.randn(48, generator=g)

@@ -1,13 +1,14 @@
 """The kernels facade: one entry point per operation, the backend chosen by name or automatically.
 
-Backends: ``reference`` (torch only, every device, the oracle), ``cpu_packed`` (PyTorch's packed
+Backends: ``reference`` (torch only, every device, the oracle), ``cpu_native`` (our int4/int8
+weight-only CPU kernels, built once per machine, ``cpu_native.py``), ``cpu_packed`` (PyTorch's packed
 int8/int4 weight-only CPU kernels, ``cpu_packed.py``, and int8 W8A8 with the weight transposed once,
 ``cpu_w8a8.py``), ``triton`` (on CUDA: int4/int8/NF4/FP8
 weight-only, dequantized in registers, ``triton_wonly.py``; FP8 W8A8 on the FP8 tensor cores,
 ``fp8_w8a8.py``; imported only when a CUDA weight asks for it) and ``dense`` (a weight-only layer
 dequantized once into the compute dtype, ``dense.py``). ``prepare`` readies a weight once for a backend
 on the weight's device; the result is called like ``prepared(x, bias)``. ``auto`` picks the fast kernel
-where the weight's device and spec allow, ``dense`` for the other weight-only specs and FP8 W8A8 (a
+where the weight's device and spec allow (on CPU ours, or PyTorch's where ours cannot be built: warned), ``dense`` for the other weight-only specs and FP8 W8A8 (a
 quantized layer never runs slower than the unquantized one) and the reference path for int8 W8A8 specs
 without a kernel (logged at debug level); a backend asked for by name that cannot serve the weight is an
 error, never a silent fallback.
@@ -27,7 +28,7 @@ from quantdeploy.quant.primitives import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "cpu_packed", "triton", "dense")
+BACKENDS = ("auto", "reference", "cpu_native", "cpu_packed", "triton", "dense")
 
 
 class PreparedWeight(Protocol):
@@ -47,9 +48,13 @@ def prepare(qw: QuantizedWeight, backend: str = "auto", dtype: torch.dtype = tor
     _check(backend)
     if backend == "reference":
         return None
-    from quantdeploy.kernels import cpu_packed, cpu_w8a8, dense
+    from quantdeploy.kernels import cpu_native, cpu_packed, cpu_w8a8, dense
 
     device = qw.tensors["qweight"].device
+    if backend == "cpu_native" and device.type == "cpu" and cpu_native.supports(qw) and cpu_native.unavailable():
+        raise ConfigError(f"the cpu_native backend cannot run here: {cpu_native.unavailable()} (use auto or cpu_packed)")
+    if backend in ("auto", "cpu_native") and device.type == "cpu" and cpu_native.supports(qw) and cpu_native.available():
+        return cpu_native.pack(qw)
     if backend in ("auto", "cpu_packed") and device.type == "cpu" and cpu_packed.supports(qw):
         return cpu_packed.pack(qw)
     if backend in ("auto", "cpu_packed") and device.type == "cpu" and cpu_w8a8.supports(qw):
@@ -63,6 +68,9 @@ def prepare(qw: QuantizedWeight, backend: str = "auto", dtype: torch.dtype = tor
             return fp8_w8a8.FP8W8A8(qw)
     if backend in ("auto", "dense") and dense.supports(qw):
         return dense.DenseWeight(qw, dtype)
+    if backend == "cpu_native":
+        raise ConfigError(f"the cpu_native backend cannot run {qw.spec.describe()} on {device} (it takes int4 and "
+                          "symmetric int8 weight-only layers with groups of a multiple of 32, on CPU)")
     if backend == "cpu_packed":
         raise ConfigError(f"the cpu_packed backend cannot run {qw.spec.describe()} on {device} "
                           "(it takes int8 per-channel or int4 g32-g256 weight-only, and int8 W8A8 per channel, on CPU)")

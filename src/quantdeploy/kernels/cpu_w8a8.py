@@ -12,20 +12,23 @@ grow, where PyTorch's weight-only ``_weight_int8pack_mm`` costs time per row. Bu
 decodes 235.8 / 363.9 tok/s at batch 1 / 8 against weight-only int8's 90.5 / 336.8 and llama.cpp
 Q8_0's 141.8 / 247.3. llama.cpp's Q8_0 and Q4_0 dot products quantize the activations to 8 bits too
 (per block of 32, where W8A8 takes one scale per token: its KLD is higher, 0.0104 against 0.0057).
-Without AVX-512, ``torch._int_mm`` runs scalar code (``reference.int_mm``), and the reference sums exact
-fp32 products instead, converting the weight's codes to fp32 on every call. There the codes are held in
-fp32, converted once (4 bytes a weight, the memory of the fp32 model), and the tokens' codes stay fp32:
-the same exact sums. On a 2-core AVX2 EPYC, eager, the SmoothQuant model went from 0.72-0.84x the fp32
-original at 4 to 16 rows to 0.78-0.90x; the per-token quantization and the scales, unfused eager ops,
-are what is left (record ``results/cpu-formats-vs-fp32-avx2.txt``).
+Without AVX-512, ``torch._int_mm`` runs scalar code (``reference.int_mm``). There our own integer kernel
+(``cpu_native.cpp``'s ``w8a8_mm``: the tokens quantized in the same op, int8 widened to int16,
+``vpmaddwd`` pairs, exact int32 sums, the scales applied in the reference's order, AVX2) computes the
+same result from the int8 codes, 1 byte a weight; where it cannot be built, the codes
+are held in fp32, converted once (4 bytes a weight, the memory of the fp32 model), and summed exactly
+by the fp32 matmul (``reference.int_mm_fp32_held``). Every route gives the reference's bits.
 """
 
 from __future__ import annotations
 
 import torch
 
+from quantdeploy.kernels import cpu_native
 from quantdeploy.kernels.reference import CPU_AVX512, fp32_slices, int_mm_fp32_held, int_mm_padded, w8a8_int8_with
 from quantdeploy.quant.primitives import QuantizedWeight, int8_weight
+
+ROUTES = ("int_mm", "native", "fp32")
 
 
 def supports(qw: QuantizedWeight) -> bool:
@@ -34,21 +37,39 @@ def supports(qw: QuantizedWeight) -> bool:
     return spec.activations == "int8" and spec.dtype == "int8" and spec.group_size is None and spec.symmetric
 
 
+def default_route(k: int) -> str:
+    """``int_mm`` with AVX-512 (oneDNN's VNNI kernels), else ours where it runs (K a multiple of 32), else fp32."""
+    if CPU_AVX512:
+        return "int_mm"
+    return "native" if k % 32 == 0 and cpu_native.available() else "fp32"
+
+
 class CPUW8A8:
-    """``integer_mm``: int8 codes through ``torch._int_mm`` (default with AVX-512), else fp32 codes."""
+    """``route`` (``ROUTES``): int8 codes through ``torch._int_mm``, through our ``w8a8_mm``, or held in fp32."""
 
     backend = "cpu_packed"
 
-    def __init__(self, qw: QuantizedWeight, integer_mm: bool = CPU_AVX512) -> None:
+    def __init__(self, qw: QuantizedWeight, route: str | None = None) -> None:
         wq, self.ws = int8_weight(qw)
-        self.wq_t = wq.T.contiguous() if integer_mm else None  # [k, n]: the operand _int_mm takes
-        self.slices = None if integer_mm else fp32_slices(wq)
-        self.read_bytes = wq.numel() * (1 if integer_mm else 4) + 4 * self.ws.numel()
+        self.route = route or default_route(wq.shape[1])
+        if self.route not in ROUTES:
+            raise ValueError(f"unknown W8A8 route {self.route!r}; routes: {', '.join(ROUTES)}")
+        if self.route == "native" and not cpu_native.available():
+            raise ValueError(f"the native W8A8 route cannot run here: {cpu_native.unavailable()}")
+        self.wq_t = wq.T.contiguous() if self.route == "int_mm" else None  # [k, n]: the operand _int_mm takes
+        self.wq = wq.contiguous() if self.route == "native" else None  # [n, k]: ours
+        self.slices = fp32_slices(wq) if self.route == "fp32" else None
+        self.read_bytes = wq.numel() * (4 if self.route == "fp32" else 1) + 4 * self.ws.numel()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return w8a8_int8_with(x, self._product, self.ws, bias, float_codes=self.wq_t is None)
+        if self.route == "native":  # the whole of w8a8_int8_with in one op: tokens, product and scales
+            y = torch.ops.quantdeploy_cpu.w8a8_mm(x.reshape(-1, x.shape[-1]).float().contiguous(), self.wq, self.ws)
+            if bias is not None:
+                y = y + bias.float()
+            return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        return w8a8_int8_with(x, self._product, self.ws, bias, float_codes=self.route == "fp32")
 
     def _product(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.wq_t is not None:
+        if self.route == "int_mm":
             return int_mm_padded(codes, self.wq_t, 1)
         return int_mm_fp32_held(codes, self.slices)

@@ -1,0 +1,171 @@
+"""Our own CPU kernels for weight-only int4 and int8 layers (``cpu_native.cpp``), built once per machine.
+
+Why they exist: PyTorch's packed CPU kernels (``cpu_packed.py``) are no faster than an fp32 matmul on the
+bundled SmolLM2's layer shapes at one row of activations, on a 2-core AVX2 EPYC: 3072x576 int4 g32 183 µs
+against 186 µs fp32, while its 0.9 MB of codes take ~50 µs to read; llama.cpp's whole Q4_0 decode step
+took 6.0 ms there against our 17.7 ms (``benchmarks/cpu_kernels.py``, ``benchmarks/engine_cpu.py``).
+These kernels unpack a block of 32 codes into four vectors of eight floats, apply the group's scale,
+and multiply them into up to four rows of activations at a time, across torch's intra-op threads by
+output channel. The activations, the accumulation and the output are fp32: no rounding of the input to
+bf16 (which the packed kernels need to be fast) and no 8-bit activations (which llama.cpp's dot products
+use); the sums differ from the reference path (dequantize, then matmul) only in their order.
+
+Layouts, made once when a weight is prepared (the checkpoint keeps its canonical layout):
+- int4: ``codes`` uint8 ``[n, k/2]``, each block of 32 weights as 16 bytes, byte ``j`` holding weight
+  ``j`` in its low nibble and weight ``16 + j`` in its high one (so a block unpacks with one mask and one
+  shift); ``zeros`` uint8 per group (8 for symmetric grids); ``scales`` fp32 per group.
+- int8, symmetric: ``codes`` int8 ``[n, k]`` (the stored code minus 128), ``scales`` fp32 per group or per
+  channel (then applied once to the sum).
+Groups must be multiples of 32 (per-channel int4 too: ``k`` a multiple of 32).
+
+Build: ``torch.utils.cpp_extension.load`` with ``-O3 -march=native`` into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), about 15 s on 2 cores the first time,
+a load of the built library after that. It needs a C++ compiler, ninja and a CPU with AVX2 and FMA;
+without one of them ``unavailable()`` names what is missing, it is logged once as a warning, and the
+weight goes to PyTorch's packed kernels instead (the layer reports backend ``cpu_packed``, not
+``cpu_native``). ``QUANTDEPLOY_CPU_KERNELS=packed`` asks for the packed kernels (for comparisons).
+
+Rows: the kernels unpack each block once per four rows, so their cost grows with the rows; from
+``DENSE_FROM_ROWS`` rows the layer dequantizes and runs the dense fp32 matmul (oneDNN/MKL), as the packed
+route does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quantdeploy.kernels.cpu_packed import _Packed
+from quantdeploy.quant.packing import unpack_bits
+from quantdeploy.quant.primitives import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_native.cpp")
+#: rows of activations from which a call dequantizes and runs the dense matmul
+DENSE_FROM_ROWS = {"int8": 512, "int4": 256}
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why the kernels cannot run here (None: built or loaded, ops registered)."""
+    if os.environ.get("QUANTDEPLOY_CPU_KERNELS", "native") == "packed":
+        return "QUANTDEPLOY_CPU_KERNELS=packed"
+    capability = torch.backends.cpu.get_cpu_capability()  # AVX2 means AVX2 and FMA to PyTorch
+    if not capability.startswith(("AVX2", "AVX512")):
+        return f"the CPU has no AVX2 and FMA (PyTorch sees {capability})"
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    try:
+        cpp_extension.load(name=f"quantdeploy_cpu_{torch.__version__.split('+')[0].replace('.', '_')}",
+                           sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False)
+    except (RuntimeError, OSError, ImportError) as e:  # a failed build: the compiler's message is in e
+        return f"building {SOURCE.name} failed: {str(e).strip().splitlines()[-1]}"
+    _register_fakes()
+    return None
+
+
+def available() -> bool:
+    reason = unavailable()
+    if reason is not None:
+        _warn_once(reason)
+    return reason is None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    log.warning("CPU kernels: PyTorch's packed int4/int8 kernels instead of ours (%s)", reason)
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile: the ops are opaque calls in the compiled decode step."""
+
+    @torch.library.register_fake("quantdeploy_cpu::w4_mm")
+    def _w4(x, codes, scales, zeros, group):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("quantdeploy_cpu::w8_mm")
+    def _w8(x, codes, scales, group):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("quantdeploy_cpu::w8a8_mm")
+    def _w8a8(x, w, ws):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
+def supports(qw: QuantizedWeight) -> bool:
+    spec, (n, k) = qw.spec, qw.shape
+    group = spec.group_for(k)
+    if spec.activations is not None or group % 32 or k % group:
+        return False
+    if spec.dtype == "int8":
+        return spec.symmetric
+    return spec.dtype == "int4" and (spec.symmetric or qw.tensors["zeros"].dtype == torch.uint8)
+
+
+def repack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """``[n, k]`` codes (< 16) to the kernel's ``[n, k/2]`` bytes: per block of 32, ``c[j] | c[16+j] << 4``."""
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+class NativeInt4(_Packed):
+    backend = "cpu_native"
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        n, k = qw.shape
+        self.group = qw.spec.group_for(k)
+        self.codes = repack_int4(unpack_bits(qw.tensors["qweight"], 4, k))
+        self.scales = qw.tensors["scales"].float().contiguous()  # [n, k/G]
+        zeros = torch.full_like(self.scales, 8) if qw.spec.symmetric else qw.tensors["zeros"]
+        self.zeros = zeros.to(torch.uint8).contiguous()
+        self.dense_from = DENSE_FROM_ROWS["int4"]
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantdeploy_cpu.w4_mm(x2.float().contiguous(), self.codes, self.scales, self.zeros, self.group)
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.dequantize(x2.dtype))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[n, k]`` weight the kernel multiplies, ``s·(q − z)``, from the kernel's layout."""
+        n, k2 = self.codes.shape
+        lo, hi = self.codes & 15, self.codes >> 4
+        q = torch.stack([lo.view(n, -1, 16), hi.view(n, -1, 16)], dim=2).reshape(n, -1, self.group)
+        w = (q.to(dtype) - self.zeros.unsqueeze(-1).to(dtype)) * self.scales.unsqueeze(-1).to(dtype)
+        return w.reshape(n, 2 * k2)
+
+
+class NativeInt8(_Packed):
+    backend = "cpu_native"
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        self.group = qw.spec.group_for(qw.shape[1])
+        self.codes = (qw.tensors["qweight"].to(torch.int16) - 128).to(torch.int8).contiguous()  # [n, k]
+        self.scales = qw.tensors["scales"].float().contiguous()  # [n, k/G]
+        self.dense_from = DENSE_FROM_ROWS["int8"]
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantdeploy_cpu.w8_mm(x2.float().contiguous(), self.codes, self.scales, self.group)
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        n, k = self.codes.shape
+        w = self.codes.to(x2.dtype).view(n, -1, self.group) * self.scales.to(x2.dtype).unsqueeze(-1)
+        return F.linear(x2, w.view(n, k))
+
+
+def pack(qw: QuantizedWeight) -> NativeInt4 | NativeInt8:
+    return NativeInt8(qw) if qw.spec.dtype == "int8" else NativeInt4(qw)
