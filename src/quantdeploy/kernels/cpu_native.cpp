@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -26,6 +27,7 @@ namespace {
 constexpr int64_t kTile = 4;  // rows of activations per pass over a channel's weights
 constexpr int64_t kGrain = 16;  // channels per thread task at least
 constexpr int64_t kChannels = 64;  // channels whose weights stay in cache while every tile of rows passes
+constexpr int64_t kDenseChannels = 128;  // channels dequantized at a time for BLAS (with k = 1536: 768 KB)
 constexpr int64_t kBlock = 32;  // weights per block: one activation scale, one exact integer dot product
 
 inline float hsum(__m256 v) {
@@ -147,6 +149,42 @@ at::Tensor matmul(const at::Tensor& x, int64_t n, const float* scales, int64_t g
   return y;
 }
 
+// For many rows (a prefill): each block of kDenseChannels channels is dequantized to fp32 into a buffer
+// of its thread's and multiplied by BLAS (at::mm_out, single-threaded inside the parallel region) into its
+// columns of y. The fp32 GEMM does 16 multiply-adds a cycle where the integer dots above do ~5 per row, and
+// dequantizing a block costs one pass over its codes.
+template <typename WeightsOf>
+at::Tensor dense_blocks(const at::Tensor& x, int64_t n, const float* scales, int64_t group, WeightsOf&& weights_of) {
+  const int64_t rows = x.size(0), k = x.size(1), groups = k / group;
+  at::Tensor y = at::empty({rows, n}, x.options());
+  at::parallel_for(0, n, kDenseChannels, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({kDenseChannels, k}, x.options());
+    for (int64_t c0 = begin; c0 < end; c0 += kDenseChannels) {
+      const int64_t c1 = std::min(end, c0 + kDenseChannels);
+      for (int64_t c = c0; c < c1; ++c) {
+        float* out = buffer.data_ptr<float>() + (c - c0) * k;
+        auto weights = weights_of(c);
+        for (int64_t g = 0, b = 0; b < k; ++g) {
+          const __m256 sw = _mm256_set1_ps(scales[c * groups + g]);
+          for (const int64_t stop = b + group; b < stop; b += kBlock) {
+            __m256i w[2];
+            weights(b, g, w[0], w[1]);
+            for (int h = 0; h < 2; ++h) {  // 16 int16 weights: two vectors of eight floats
+              const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(w[h])));
+              const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(w[h], 1)));
+              _mm256_storeu_ps(out + b + 16 * h, _mm256_mul_ps(lo, sw));
+              _mm256_storeu_ps(out + b + 16 * h + 8, _mm256_mul_ps(hi, sw));
+            }
+          }
+        }
+      }
+      at::Tensor columns = y.narrow(1, c0, c1 - c0);
+      at::mm_out(columns, x, buffer.narrow(0, 0, c1 - c0).t());
+    }
+  });
+  return y;
+}
+
 void check(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t k, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [m, k]");
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
@@ -157,7 +195,7 @@ void check(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale
 }
 
 at::Tensor w4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
-                 int64_t group) {
+                 int64_t group, bool blas) {
   const int64_t n = codes.size(0), k = 2 * codes.size(1);
   check(x, codes, scales, k, group);
   TORCH_CHECK(codes.scalar_type() == at::kByte && zeros.scalar_type() == at::kByte && zeros.is_contiguous() &&
@@ -165,7 +203,7 @@ at::Tensor w4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* zp = zeros.data_ptr<uint8_t>();
   const int64_t groups = k / group;
-  return matmul(x, n, scales.data_ptr<float>(), group, [&](int64_t c) {
+  auto weights_of = [&](int64_t c) {
     return [row = cp + c * (k / 2), zero = zp + c * groups](int64_t b, int64_t g, __m256i& w0, __m256i& w1) {
       // each byte widened to 16 bits: its low nibble is weight j, the rest (>> 4) weight 16 + j
       const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b / 2)));
@@ -173,20 +211,24 @@ at::Tensor w4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
       w0 = _mm256_sub_epi16(_mm256_and_si256(raw, _mm256_set1_epi16(0x0F)), z);
       w1 = _mm256_sub_epi16(_mm256_srli_epi16(raw, 4), z);
     };
-  });
+  };
+  return blas ? dense_blocks(x, n, scales.data_ptr<float>(), group, weights_of)
+              : matmul(x, n, scales.data_ptr<float>(), group, weights_of);
 }
 
-at::Tensor w8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t group) {
+at::Tensor w8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t group, bool blas) {
   const int64_t n = codes.size(0), k = codes.size(1);
   check(x, codes, scales, k, group);
   TORCH_CHECK(codes.scalar_type() == at::kChar, "int8: int8 codes [n, k]");
   const int8_t* cp = codes.data_ptr<int8_t>();
-  return matmul(x, n, scales.data_ptr<float>(), group, [&](int64_t c) {
+  auto weights_of = [&](int64_t c) {
     return [row = cp + c * k](int64_t b, int64_t, __m256i& w0, __m256i& w1) {
       w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b)));
       w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b + 16)));
     };
-  });
+  };
+  return blas ? dense_blocks(x, n, scales.data_ptr<float>(), group, weights_of)
+              : matmul(x, n, scales.data_ptr<float>(), group, weights_of);
 }
 
 // W8A8 int8 (SmoothQuant): each row of x quantized to int8 with its own scale, multiplied by the int8
@@ -259,8 +301,8 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w
 }  // namespace
 
 TORCH_LIBRARY(quantdeploy_cpu, m) {
-  m.def("w4_mm(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group) -> Tensor");
-  m.def("w8_mm(Tensor x, Tensor codes, Tensor scales, int group) -> Tensor");
+  m.def("w4_mm(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group, bool blas) -> Tensor");
+  m.def("w8_mm(Tensor x, Tensor codes, Tensor scales, int group, bool blas) -> Tensor");
   m.def("w8a8_mm(Tensor x, Tensor w, Tensor ws) -> Tensor");
 }
 

@@ -25,9 +25,12 @@ without one of them ``unavailable()`` names what is missing, it is logged once a
 weight goes to PyTorch's packed kernels instead (the layer reports backend ``cpu_packed``, not
 ``cpu_native``). ``QUANTDEPLOY_CPU_KERNELS=packed`` asks for the packed kernels (for comparisons).
 
-Rows: the kernels unpack each block once per four rows, so their cost grows with the rows; from
-``DENSE_FROM_ROWS`` rows the layer dequantizes and runs the dense fp32 matmul (oneDNN/MKL), as the packed
-route does.
+Rows: the integer dots cost ~7 instructions per block and row, so their time grows with the rows; from
+``DENSE_FROM_ROWS`` rows (a prefill, a large batch) the same op dequantizes 128 channels at a time into an
+fp32 buffer per thread and multiplies it with BLAS (``at::mm_out``), exact fp32 weights and activations:
+the fp32 GEMM's speed without holding an fp32 copy. The thresholds are where that route overtook the dots
+on the bundled model's shapes (``benchmarks/cpu_kernels.py --sweep``, 2-core AVX2 EPYC: int8 48-128 rows,
+int4 24-32); there the route ran at 0.9-1.25x the time of the fp32 matmul on the unquantized weight.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from quantdeploy.kernels.cpu_packed import _Packed
 from quantdeploy.quant.packing import unpack_bits
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_native.cpp")
 #: rows of activations from which a call dequantizes and runs the dense matmul
-DENSE_FROM_ROWS = {"int8": 512, "int4": 256}
+DENSE_FROM_ROWS = {"int8": 64, "int4": 32}
 
 
 @functools.cache
@@ -93,11 +95,11 @@ def _register_fakes() -> None:
     """Shapes for torch.compile: the ops are opaque calls in the compiled decode step."""
 
     @torch.library.register_fake("quantdeploy_cpu::w4_mm")
-    def _w4(x, codes, scales, zeros, group):
+    def _w4(x, codes, scales, zeros, group, blas):
         return x.new_empty(x.shape[0], codes.shape[0])
 
     @torch.library.register_fake("quantdeploy_cpu::w8_mm")
-    def _w8(x, codes, scales, group):
+    def _w8(x, codes, scales, group, blas):
         return x.new_empty(x.shape[0], codes.shape[0])
 
     @torch.library.register_fake("quantdeploy_cpu::w8a8_mm")
@@ -135,10 +137,12 @@ class NativeInt4(_Packed):
         self.dense_from = DENSE_FROM_ROWS["int4"]
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantdeploy_cpu.w4_mm(x2.float().contiguous(), self.codes, self.scales, self.zeros, self.group)
+        return torch.ops.quantdeploy_cpu.w4_mm(x2.float().contiguous(), self.codes, self.scales, self.zeros, self.group,
+                                               False)
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:
-        return F.linear(x2, self.dequantize(x2.dtype))
+        return torch.ops.quantdeploy_cpu.w4_mm(x2.float().contiguous(), self.codes, self.scales, self.zeros, self.group,
+                                               True)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The ``[n, k]`` weight the kernel multiplies, ``s·(q − z)``, from the kernel's layout."""
@@ -159,12 +163,10 @@ class NativeInt8(_Packed):
         self.dense_from = DENSE_FROM_ROWS["int8"]
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantdeploy_cpu.w8_mm(x2.float().contiguous(), self.codes, self.scales, self.group)
+        return torch.ops.quantdeploy_cpu.w8_mm(x2.float().contiguous(), self.codes, self.scales, self.group, False)
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:
-        n, k = self.codes.shape
-        w = self.codes.to(x2.dtype).view(n, -1, self.group) * self.scales.to(x2.dtype).unsqueeze(-1)
-        return F.linear(x2, w.view(n, k))
+        return torch.ops.quantdeploy_cpu.w8_mm(x2.float().contiguous(), self.codes, self.scales, self.group, True)
 
 
 def pack(qw: QuantizedWeight) -> NativeInt4 | NativeInt8:
