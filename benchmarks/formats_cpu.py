@@ -5,8 +5,8 @@ the original in rounds, median of the rounds.
     python benchmarks/formats_cpu.py [--formats int8 int4-g32 nf4 fp8 fp8-w8a8 w8a8] [--rounds 3]
 
 Why: quantization must never make a workload slower, and on a CPU most formats have no kernel of their
-own (``kernels/__init__.py`` says which path each takes: PyTorch's packed kernels, int8 W8A8 integer
-products, or the weight dequantized once and multiplied densely). A ratio under 1.0 is a format that
+own (``kernels/__init__.py`` says which path each takes: our int4/int8 kernels or PyTorch's packed ones,
+int8 W8A8 integer products, or the weight dequantized once and multiplied densely). A ratio under 1.0 is a format that
 costs the user time. Each format is quantized with round to nearest (SmoothQuant for ``w8a8``,
 calibrated on the packaged demo text: the values change, not the speed); the output head stays as the
 original's. Prints a table of tok/s and ratios to the original, then one JSON line.

@@ -81,14 +81,16 @@ def test_repack_int4_puts_weight_j_and_16_plus_j_in_one_byte():
 @pytest.mark.parametrize("spec", [QuantSpec("int8", None), QuantSpec("int4", 64, symmetric=False)])
 def test_from_dense_from_rows_a_call_takes_the_dense_fp32_route(spec):
     g = torch.Generator().manual_seed(1)
-    qw = quantize_weight(torch.randn(48, 768, generator=g), spec)
+    qw = quantize_weight(torch.randn(384, 768, generator=g), spec)
     prepared = kernels.prepare(qw)
     m = prepared.dense_from
     assert m == cpu_native.DENSE_FROM_ROWS[spec.dtype]
-    x, b = torch.randn(m, 768, generator=g), torch.randn(48, generator=g)
+    x, b = torch.randn(m, 768, generator=g), torch.randn(384, generator=g)
     assert torch.equal(prepared(x, b), prepared.dense(x) + b)
     assert _rel(prepared(x, b), reference.qlinear(x, qw, b)) < 1e-5  # fp32 weights and activations
     assert torch.equal(prepared(x[: m - 1], None), prepared.kernel(x[: m - 1]))
+    with torch.inference_mode():  # as the engine runs it: three blocks of 128 channels, BLAS in the workers
+        assert torch.equal(prepared(x, b), prepared.dense(x) + b)
 
 
 def test_bf16_activations_go_in_as_fp32_and_come_back_bf16():

@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -157,7 +158,9 @@ template <typename WeightsOf>
 at::Tensor dense_blocks(const at::Tensor& x, int64_t n, const float* scales, int64_t group, WeightsOf&& weights_of) {
   const int64_t rows = x.size(0), k = x.size(1), groups = k / group;
   at::Tensor y = at::empty({rows, n}, x.options());
+  const bool inference = c10::InferenceMode::is_enabled();  // a thread-local: the workers do not inherit it
   at::parallel_for(0, n, kDenseChannels, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference);
     at::Tensor buffer = at::empty({kDenseChannels, k}, x.options());
     for (int64_t c0 = begin; c0 < end; c0 += kDenseChannels) {
       const int64_t c1 = std::min(end, c0 + kDenseChannels);
