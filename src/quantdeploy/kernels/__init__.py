@@ -8,8 +8,9 @@ weight-only, dequantized in registers, ``triton_wonly.py``; FP8 W8A8 on the FP8 
 ``fp8_w8a8.py``; imported only when a CUDA weight asks for it) and ``dense`` (a weight-only layer
 dequantized once into the compute dtype, ``dense.py``). ``prepare`` readies a weight once for a backend
 on the weight's device; the result is called like ``prepared(x, bias)``. ``auto`` picks the fast kernel
-where the weight's device and spec allow (on CPU ours, or PyTorch's where ours cannot be built: warned), ``dense`` for the other weight-only specs and FP8 W8A8 (a
-quantized layer never runs slower than the unquantized one) and the reference path for int8 W8A8 specs
+where the weight's device and spec allow (on CPU ours, or PyTorch's where ours cannot be built: warned),
+``dense`` for the other weight-only specs and FP8 W8A8 (a quantized layer never runs slower than the
+unquantized one) and the reference path for int8 W8A8 specs
 without a kernel (logged at debug level); a backend asked for by name that cannot serve the weight is an
 error, never a silent fallback.
 """

@@ -1,11 +1,13 @@
 // Weight-only int4 and int8 matmul on x86 CPUs with AVX2 and FMA: y[m, n] = sum_k x[m, k] * w[n, k],
-// w = s_g * (q - z_g), fp32 activations, accumulation and output. Why these exist, the layouts and how
-// they are chosen: cpu_native.py. Built once per machine with -march=native by torch's extension loader.
+// w = s_g * (q - z_g), fp32 in and out; and W8A8 int8 with exact integer sums. Why these exist, the
+// layouts and how they are chosen: cpu_native.py. Built once per machine with -march=native by torch's
+// extension loader.
 //
-// Work is split over output channels (torch's intra-op threads). For each channel, the activations go
-// through in tiles of up to four rows: a 32-weight block is unpacked to four vectors of 8 floats,
-// scaled by its group's scale, and multiplied into every row of the tile, so the unpacking is paid once
-// per tile rather than once per row. Two accumulators per row keep the FMA chains short.
+// The activations are rounded to int16 per block of 32 (one fp32 scale a block), a block of codes widened
+// to int16, and the two multiplied with vpmaddwd: an exact int32 dot product a block, then scaled and
+// summed in fp32. Work is split over output channels (torch's intra-op threads); each channel meets the
+// rows in tiles of up to four, so a block is unpacked once per tile. From many rows the op dequantizes
+// blocks of channels into BLAS instead (dense_blocks).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -4,11 +4,21 @@ Why they exist: PyTorch's packed CPU kernels (``cpu_packed.py``) are no faster t
 bundled SmolLM2's layer shapes at one row of activations, on a 2-core AVX2 EPYC: 3072x576 int4 g32 183 µs
 against 186 µs fp32, while its 0.9 MB of codes take ~50 µs to read; llama.cpp's whole Q4_0 decode step
 took 6.0 ms there against our 17.7 ms (``benchmarks/cpu_kernels.py``, ``benchmarks/engine_cpu.py``).
-These kernels unpack a block of 32 codes into four vectors of eight floats, apply the group's scale,
-and multiply them into up to four rows of activations at a time, across torch's intra-op threads by
-output channel. The activations, the accumulation and the output are fp32: no rounding of the input to
-bf16 (which the packed kernels need to be fast) and no 8-bit activations (which llama.cpp's dot products
-use); the sums differ from the reference path (dequantize, then matmul) only in their order.
+
+How: each row of activations is rounded to int16 with one fp32 scale per block of 32 (each value moves by
+at most 2^-16 of its block's largest magnitude: finer than the bf16 rounding the packed kernels need, and
+than the 8-bit activations of llama.cpp's dot products; an outlier channel spoils only its own block).
+A block of 32 codes is widened to int16 and multiplied into the activations' codes with ``vpmaddwd``: the
+dot product is exact in int32 (and in fp32, under 2^24), then scaled by the block's activation scale
+times the weight's group scale and accumulated in fp32. Up to four rows share each unpacked block;
+channels are split over torch's intra-op threads. Measured against the packed kernels on the same box
+(one thread, 3072x576, one row): int8 per channel 90 µs against ~170, int4 g32 150 µs against ~190;
+whole engine, record ``results/engine-cpu-vs-llamacpp-smollm2-avx2.txt``. Tests bound the difference to
+the reference by what the int16 rounding can cost each output.
+
+W8A8 int8 (``w8a8_mm``, used by ``cpu_w8a8.py`` where ``torch._int_mm`` has no VNNI kernel): the tokens
+quantized to int8 per token inside the op, exactly as the reference does, the same integer dots, the
+scales applied in the reference's order: its bits.
 
 Layouts, made once when a weight is prepared (the checkpoint keeps its canonical layout):
 - int4: ``codes`` uint8 ``[n, k/2]``, each block of 32 weights as 16 bytes, byte ``j`` holding weight
@@ -70,9 +80,10 @@ def unavailable() -> str | None:
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     try:
+        # -fopenmp: at::parallel_for is inline OpenMP (without it, one thread); libgomp resolves to torch's own
         cpp_extension.load(name=f"quantdeploy_cpu_{torch.__version__.split('+')[0].replace('.', '_')}",
-                           sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False)
+                           sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
     except (RuntimeError, OSError, ImportError) as e:  # a failed build: the compiler's message is in e
         return f"building {SOURCE.name} failed: {str(e).strip().splitlines()[-1]}"
     _register_fakes()
