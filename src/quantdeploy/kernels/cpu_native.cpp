@@ -27,7 +27,7 @@
 
 namespace {
 
-constexpr int64_t kTile = 4;  // rows of activations per pass over a channel's weights
+constexpr int kTile = 4;  // rows of activations per pass over a channel's weights
 constexpr int64_t kGrain = 16;  // channels per thread task at least
 constexpr int64_t kChannels = 64;  // channels whose weights stay in cache while every tile of rows passes
 constexpr int64_t kDenseChannels = 128;  // channels dequantized at a time for BLAS (with k = 1536: 768 KB)
@@ -73,8 +73,9 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int16_t* q, float* s
 }
 
 // A block of 32 int16 weights (two vectors) against each row of the tile: the dot product with the
-// row's int16 codes is exact in int32 (|sum| < 32 x 127 x 32767 < 2^24: exact in fp32 too), then
-// scaled by scale[m] (the row's block scale times the weight's group scale) into acc[m].
+// row's int16 codes is exact in int32, and each of its eight lanes (four products, |sum| <= 4 x 128 x 32767
+// < 2^24) exact in fp32 too; then scaled by scale[m] (the row's block scale times the weight's group scale)
+// into acc[m].
 template <int MT>
 inline void dot_block(__m256i w0, __m256i w1, const int16_t* q, int64_t ldq, const float* scale, __m256 acc[]) {
   for (int m = 0; m < MT; ++m) {
@@ -110,7 +111,7 @@ void channel(const int16_t* q, const float* sx, int64_t k, const float* scales, 
 template <typename Channel>
 void tiles(int64_t rows, Channel&& run) {
   int64_t m = 0;
-  for (; m + kTile <= rows; m += kTile) run(m, std::integral_constant<int, 4>{});
+  for (; m + kTile <= rows; m += kTile) run(m, std::integral_constant<int, kTile>{});
   switch (rows - m) {
     case 3: run(m, std::integral_constant<int, 3>{}); break;
     case 2: run(m, std::integral_constant<int, 2>{}); break;
