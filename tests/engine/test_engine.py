@@ -130,14 +130,17 @@ def test_decode_attention_is_checked_by_name(tiny_bundle):
     with pytest.raises(ConfigError, match="unknown decode attention 'flash'; available: split_kv, reduce, sdpa"):
         Engine.from_bundle(tiny_bundle, "cpu", decode_attention="flash")
     engine = Engine.from_bundle(tiny_bundle, "cpu", max_seq_len=64)
-    assert engine.model.layers[0].attention.decode_attention == "sdpa"  # eager CPU: the longest row's positions
-    compiled = Engine.from_bundle(tiny_bundle, "cpu", max_seq_len=64, compile=True)
-    assert compiled.model.layers[0].attention.decode_attention == "reduce"  # few positions: fused in the graph
+    native = engine.model.layers[0].attention.kv_cache.native  # our CPU kernels built here (cpu_native.attends)
+    assert engine.model.layers[0].attention.decode_attention == ("split_kv" if native else "sdpa")
     from quantdeploy.engine.kv_cache import CPU_REDUCE_MAX_POSITIONS, choose_decode_attention
 
+    cpu = torch.device("cpu")
+    assert choose_decode_attention(None, cpu, False, 64) == "sdpa"  # eager, no kernel of ours: the longest row's
+    assert choose_decode_attention(None, cpu, True, CPU_REDUCE_MAX_POSITIONS) == "reduce"  # few: fused in the graph
     # past the crossover, the cache's op (the rows' own blocks); the tiny model holds 512 positions at most
-    assert choose_decode_attention(None, torch.device("cpu"), True, CPU_REDUCE_MAX_POSITIONS + 1) == "split_kv"
-    assert choose_decode_attention(None, torch.device("cpu"), True, CPU_REDUCE_MAX_POSITIONS) == "reduce"
+    assert choose_decode_attention(None, cpu, True, CPU_REDUCE_MAX_POSITIONS + 1) == "split_kv"
+    assert choose_decode_attention(None, cpu, True, 64, native_cpu=True) == "split_kv"  # ours, at any length
+    assert choose_decode_attention("reduce", cpu, True, 64, native_cpu=True) == "reduce"  # a named choice stays
 
 
 def test_every_decode_bucket_compiles_past_dynamos_default_recompile_limit(tiny_bundle):

@@ -28,9 +28,10 @@ CUDA graphs need: on CUDA the decode step is ``torch.compile``d and replayed fro
 batch bucket (``engine/decode_graphs.py``: one launch a step, no host work inside), and its attention
 kernel reads each row's own positions only, the lengths being a device tensor
 (``kernels/triton_attention.py``), so a step costs what the sequences hold, not what the cache
-reserves; on CPU it runs eagerly (or compiled, with ``compile=True``) and attends over the cached
-positions of the longest row (compiled: rows in buckets of similar lengths,
-``kernels/paged_attention_cpu.py``).
+reserves; on CPU it runs eagerly (or compiled, with ``compile=True``) and each row attends over its own
+cached positions through our C++ kernel (``kernels/cpu_attention.cpp``), or, where that is not built or
+the cache is quantized, over the positions of the longest row (compiled: rows in buckets of similar
+lengths, ``kernels/paged_attention_cpu.py``).
 On CUDA a prefill of up to 4096 padded tokens
 replays a CUDA graph of its bucketed shape (``engine/prefill_graphs.py``): eagerly, launching its
 kernels took longer than running them.
@@ -110,9 +111,9 @@ class Engine(Prefill):
                  prefill_chunk_tokens: int | None = PREFILL_CHUNK_TOKENS) -> None:
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
-        "split_kv" (``kernels/triton_attention.py``: each row reads only its own positions; the default on
-        CUDA with triton, and compiled on the CPU past ``kv_cache.CPU_REDUCE_MAX_POSITIONS`` positions a
-        row), "reduce" (``models.llama.reduce_attention`` over ``kv_len`` positions under a mask; the
+        "split_kv" (``kernels/triton_attention.py``, ``kernels/cpu_attention.cpp``: each row reads only its own
+        positions; the default on CUDA with triton and on the CPU where our kernel serves the cache, else
+        compiled on the CPU past ``kv_cache.CPU_REDUCE_MAX_POSITIONS`` positions a row), "reduce" (``models.llama.reduce_attention`` over ``kv_len`` positions under a mask; the
         default compiled on the CPU up to that many) or "sdpa" (the default otherwise).
         ``buckets``: the batch sizes a decode step is padded to (default ``BUCKETS``); each is one
         compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,).
@@ -161,7 +162,8 @@ class Engine(Prefill):
         self.compiled = (device.type == "cuda") if compile is None else compile
         self._compiled_buckets: set[int] = set()
         self._decode = self.model.decode
-        attention = choose_decode_attention(decode_attention, device, self.compiled, self.max_seq_len)
+        attention = choose_decode_attention(decode_attention, device, self.compiled, self.max_seq_len,
+                                            self.model.layers[0].attention.kv_cache.native)
         log.debug("decode attention: %s", attention)
         for layer in self.model.layers:
             layer.attention.decode_attention = attention

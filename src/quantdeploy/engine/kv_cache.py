@@ -17,8 +17,9 @@ no block backs points at it, so the writes that belong to nobody (padding rows a
 prefill, parked rows of a decode step) land there, and nothing reads it as part of a sequence.
 
 Reading: a decode step reads through the table with ``attend``, a registered op a compiled step keeps
-whole: on CUDA the split-KV kernel reads each row's own positions, on the CPU the longest row's blocks
-are gathered; otherwise ``read`` gathers a row's blocks into ``[rows, Hkv, length, D]``. Either way a
+whole: on CUDA the split-KV kernel reads each row's own positions, on the CPU our C++ kernel does the
+same in place (fp32 and bf16 caches; for a quantized cache, or without the build, the longest row's
+blocks are gathered); otherwise ``read`` gathers a row's blocks into ``[rows, Hkv, length, D]``. Either way a
 step costs what the sequences hold, not ``max_seq_len``.
 
 When the checkpoint quantizes the KV cache (``self_attn.k_scale`` / ``v_scale``, see
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from quantdeploy.errors import ConfigError
+from quantdeploy.kernels import cpu_native
 from quantdeploy.kernels.paged_attention_cpu import gather_blocks
 from quantdeploy.quant.kv_cache import quantize_kv
 
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 DECODE_ATTENTION = ("split_kv", "reduce", "sdpa")  # see models.llama.Attention and PagedKVCache.attend
 BLOCK_TOKENS = 64  # positions per block: the decode kernel's tile (kernels.triton_attention.BLOCK_N)
-# A compiled CPU decode step up to this many reserved positions per row attends inside the graph ("reduce":
+# Without our CPU kernel (not built here, or a quantized cache), a compiled CPU decode step up to this many
+# reserved positions per row attends inside the graph ("reduce":
 # every reserved position, fused C++), past it through the cache's op (the rows' own blocks, plus the op's
 # fixed cost of ~100 µs a layer). Bundled SmolLM2 int4, 2 cores (AMD EPYC), ms per step op / reduce:
 # 256 positions 11.0 / 8.2 at one row, 27.8 / 25.2 at eight; 1,024 positions 10.6 / 10.2 and 29.0 / 36.3.
@@ -163,6 +166,7 @@ class PagedKVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=store, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=store, device=device), persistent=False)
         self.register_buffer("block_table", table.tensor, persistent=False)  # the same tensor in every layer
+        self.native = torch.device(device).type == "cpu" and cpu_native.attends(dtype, quant, head_dim)
         if quant:
             self.register_buffer("k_scale", k_scale.float().to(device), persistent=False)
             self.register_buffer("v_scale", v_scale.float().to(device), persistent=False)
@@ -186,7 +190,11 @@ class PagedKVCache(nn.Module):
         """Decode attention of ``q [B, H, D]`` (one query per row, rows ``0..B-1``) over each row's first
         ``lengths [B]`` cached positions, a registered op torch.compile keeps whole: on CUDA the split-KV
         kernel reads each row's own positions (``kernels/triton_attention.py``), on the CPU rows in buckets
-        of similar lengths each gather their longest row's blocks (``kernels/paged_attention_cpu.py``)."""
+        of similar lengths each gather their longest row's blocks (``kernels/paged_attention_cpu.py``), or,
+        where our CPU kernels are built and the cache holds fp32 or bf16, each row reads its own blocks in
+        place (``kernels/cpu_attention.cpp``)."""
+        if self.native:
+            return torch.ops.quantdeploy_cpu.decode_attention(q, self.k_cache, self.v_cache, self.block_table, lengths)
         scales = (self.k_scale, self.v_scale) if self.quant else (None, None)
         op = torch.ops.quantdeploy.decode_attention if q.is_cuda else torch.ops.quantdeploy.decode_attention_cpu
         return op(q, self.k_cache, self.v_cache, self.block_table, lengths, *scales)
@@ -204,13 +212,17 @@ class PagedKVCache(nn.Module):
             pool.view(torch.uint8).index_fill_(0, index, 0)
 
 
-def choose_decode_attention(name: str | None, device: torch.device, compiled: bool, max_seq_len: int) -> str:
+def choose_decode_attention(name: str | None, device: torch.device, compiled: bool, max_seq_len: int,
+                            native_cpu: bool = False) -> str:
     """The decode attention to run: ``name``, checked, or the default for ``device``: ``split_kv`` (the
-    cache's ``attend``: each row's own positions on CUDA, the longest row's on the CPU) on CUDA and for a
-    compiled step on the CPU whose rows reserve more than ``CPU_REDUCE_MAX_POSITIONS``; ``reduce`` (fused
-    into the compiled step, over every reserved position) for a compiled CPU step with fewer; else ``sdpa``
-    (over the longest row's positions, gathered)."""
-    if name is None and compiled and device.type == "cpu":
+    cache's ``attend``: each row's own positions on CUDA, and on the CPU where the cache is ``native_cpu``
+    (our kernel, ``PagedKVCache.native``); else the longest row's on the CPU) on CUDA, on the CPU where
+    native, and for a compiled step on the CPU whose rows reserve more than ``CPU_REDUCE_MAX_POSITIONS``;
+    ``reduce`` (fused into the compiled step, over every reserved position) for a compiled CPU step with
+    fewer; else ``sdpa`` (over the longest row's positions, gathered)."""
+    if name is None and native_cpu:  # 25 µs a layer at one row of 170 positions against 90 for "reduce"
+        name = "split_kv"
+    elif name is None and compiled and device.type == "cpu":
         name = "reduce" if max_seq_len <= CPU_REDUCE_MAX_POSITIONS else "split_kv"
     elif name is None:
         name = "split_kv" if compiled or device.type == "cuda" else "sdpa"
