@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "quantdeploy's CPU kernels need AVX2 and FMA"
@@ -88,23 +89,58 @@ inline void dot_block(__m256i w0, __m256i w1, const int16_t* q, int64_t ldq, con
 }
 
 // One output channel for MT rows: `weights(b, g)` gives the 32 weights from b (in group g) as two int16 vectors.
-template <int MT, typename Weights>
+// A row's blocks go to U accumulators in turn (U * MT >= Chains chains of FMAs): int4 asks for 4, as with
+// one chain each block's FMA waited on the previous block's (one row, bundled model's shapes on a Zen 3
+// core, in cache: 7.8 cycles a block against 11.3); int8 (1) was slower with more chains (4.9 against 4.0).
+template <int MT, int Chains, typename Weights>
 void channel(const int16_t* q, const float* sx, int64_t k, const float* scales, int64_t group, Weights&& weights,
              float* y, int64_t ldy) {
-  __m256 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  constexpr int U = MT >= Chains ? 1 : Chains / MT;
+  __m256 acc[MT][U];
+  for (int m = 0; m < MT; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   const int64_t blocks = k / kBlock;
-  for (int64_t g = 0, b = 0; b < k; ++g) {  // groups, then their blocks: no division in the loop
-    const float sw = scales[g];
-    for (const int64_t end = b + group; b < end; b += kBlock) {
-      __m256i w0, w1;
-      weights(b, g, w0, w1);
-      float scale[MT];
-      for (int m = 0; m < MT; ++m) scale[m] = sx[m * blocks + b / kBlock] * sw;
-      dot_block<MT>(w0, w1, q + b, k, scale, acc);
+  if constexpr (U == 1) {
+    for (int64_t g = 0, b = 0; b < k; ++g) {  // groups, then their blocks: no division in the loop
+      const float sw = scales[g];
+      for (const int64_t end = b + group; b < end; b += kBlock) {
+        __m256i w0, w1;
+        weights(b, g, w0, w1);
+        float scale[MT];
+        for (int m = 0; m < MT; ++m) scale[m] = sx[m * blocks + b / kBlock] * sw;
+        __m256 part[MT];
+        for (int m = 0; m < MT; ++m) part[m] = acc[m][0];
+        dot_block<MT>(w0, w1, q + b, k, scale, part);
+        for (int m = 0; m < MT; ++m) acc[m][0] = part[m];
+      }
     }
+  } else {  // blocks in turns of U, the group followed by a counter
+    const int64_t per_group = group / kBlock;
+    int64_t g = 0, left = per_group;  // the group of the next block, and its blocks not yet taken
+    auto block = [&](int64_t blk, auto u) {
+      const float sw = scales[g];
+      __m256i w0, w1;
+      weights(blk * kBlock, g, w0, w1);
+      if (--left == 0) ++g, left = per_group;
+      float scale[MT];
+      for (int m = 0; m < MT; ++m) scale[m] = sx[m * blocks + blk] * sw;
+      __m256 part[MT];
+      for (int m = 0; m < MT; ++m) part[m] = acc[m][decltype(u)::value];
+      dot_block<MT>(w0, w1, q + blk * kBlock, k, scale, part);
+      for (int m = 0; m < MT; ++m) acc[m][decltype(u)::value] = part[m];
+    };
+    int64_t blk = 0;
+    for (; blk + U <= blocks; blk += U)
+      [&]<int... us>(std::integer_sequence<int, us...>) {
+        (block(blk + us, std::integral_constant<int, us>{}), ...);
+      }(std::make_integer_sequence<int, U>{});
+    for (; blk < blocks; ++blk) block(blk, std::integral_constant<int, 0>{});
   }
-  for (int m = 0; m < MT; ++m) y[m * ldy] = hsum(acc[m]);
+  for (int m = 0; m < MT; ++m) {
+    __m256 sum = acc[m][0];
+    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[m][u]);
+    y[m * ldy] = hsum(sum);
+  }
 }
 
 // Rows of activations in tiles of kTile (the last tile shorter), for one channel.
@@ -136,7 +172,7 @@ void for_channels(int64_t n, int64_t rows, Run&& run) {
 }
 
 // The activations' codes and scales, then every channel through `weights_of(c)` (its block reader).
-template <typename WeightsOf>
+template <int Chains, typename WeightsOf>
 at::Tensor matmul(const at::Tensor& x, int64_t n, const float* scales, int64_t group, WeightsOf&& weights_of) {
   const int64_t rows = x.size(0), k = x.size(1), groups = k / group;
   at::Tensor y = at::empty({rows, n}, x.options());
@@ -147,7 +183,7 @@ at::Tensor matmul(const at::Tensor& x, int64_t n, const float* scales, int64_t g
   float* yp = y.data_ptr<float>();
   quantize_rows(x.data_ptr<float>(), rows, k, q.data_ptr<int16_t>(), sx.data_ptr<float>());
   for_channels(n, rows, [&](int64_t c, int64_t m, auto mt) {
-    channel<decltype(mt)::value>(qp + m * k, sp + m * (k / kBlock), k, scales + c * groups, group, weights_of(c),
+    channel<decltype(mt)::value, Chains>(qp + m * k, sp + m * (k / kBlock), k, scales + c * groups, group, weights_of(c),
                                  yp + m * n + c, n);
   });
   return y;
@@ -219,7 +255,7 @@ at::Tensor w4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
     };
   };
   return blas ? dense_blocks(x, n, scales.data_ptr<float>(), group, weights_of)
-              : matmul(x, n, scales.data_ptr<float>(), group, weights_of);
+              : matmul<4>(x, n, scales.data_ptr<float>(), group, weights_of);
 }
 
 at::Tensor w8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t group, bool blas) {
@@ -234,7 +270,7 @@ at::Tensor w8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
     };
   };
   return blas ? dense_blocks(x, n, scales.data_ptr<float>(), group, weights_of)
-              : matmul(x, n, scales.data_ptr<float>(), group, weights_of);
+              : matmul<1>(x, n, scales.data_ptr<float>(), group, weights_of);
 }
 
 // W8A8 int8 (SmoothQuant): each row of x quantized to int8 with its own scale, multiplied by the int8
