@@ -1,7 +1,7 @@
 """CPU decode speed on the bundled SmolLM2-135M: our engine (fp32, INT8, INT4) beside llama.cpp (Q8_0,
 Q4_0) on the same model, the same threads and the same kind of batch, in one run.
 
-    python benchmarks/engine_cpu.py [--batches 1 8] [--threads 2] [--no-compile]
+    python benchmarks/engine_cpu.py [--batches 1 8] [--threads 2] [--no-compile] [--rounds 3]
 
 - ours: the bundled model unquantized (fp32), RTN int8 per-channel (weight-only), SmoothQuant W8A8
   (int8 per-channel weights and int8 per-token activations multiplied in integers, as llama.cpp's Q8_0
@@ -15,6 +15,8 @@ Q4_0) on the same model, the same threads and the same kind of batch, in one run
   ``benchmarks/peers/llamacpp_worker.py``
   decodes B sequences at different positions, greedy, like our bench.
 
+The two take turns (``--rounds``, each round llama.cpp's models then ours, every engine loaded once), and
+each ratio is the median of the rounds' own ratios: a shared box drifts by tens of percent over minutes.
 Prints a table with ours/llama.cpp ratios, then one JSON line (machine, commit, config).
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,35 +90,25 @@ def quantize_ours(work: Path) -> dict[str, str]:
     return paths
 
 
-def bench_ours(path: str, batches: list[int], compile: bool, prompt_len: int, steps: int) -> dict:
-    from quantdeploy.bench.decode import BenchConfig, decode_rate, time_to_first_token
+def load_ours(path: str, batches: list[int], compile: bool, prompt_len: int, steps: int):  # noqa: ANN201
+    from quantdeploy.bench.decode import BenchConfig, time_to_first_token
     from quantdeploy.engine.engine import Engine
 
     cfg = BenchConfig(prompt_len=prompt_len, batches=tuple(batches), steps=steps, warmup=4)
     engine = Engine.load(path, "cpu", max_batch=max(batches), max_seq_len=prompt_len + steps + 16,
                          compile=compile)
-    out = {"ttft_ms": 1e3 * time_to_first_token(engine, cfg), "decode": {}}
-    for b in batches:
-        out["decode"][b] = decode_rate(engine, b, cfg)[0]
-    return out
+    return engine, cfg, 1e3 * time_to_first_token(engine, cfg)
 
 
-def main() -> None:
-    from quantdeploy.eval.report import machine_info
+def decode_ours(engine, cfg, batches: list[int]) -> dict:  # noqa: ANN001
+    from quantdeploy.bench.decode import decode_rate
+
+    return {b: decode_rate(engine, b, cfg)[0] for b in batches}
+
+
+def run_peer(python: Path, work: Path, args: argparse.Namespace) -> dict:
     from quantdeploy.models.bundled import bundled_gguf_path
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--no-compile", action="store_true")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    python = ensure_llama_cpp()
-    work = Path(tempfile.mkdtemp(prefix="qd-engine-cpu-"))
-    ours = {name: bench_ours(path, args.batches, not args.no_compile, args.prompt_len, args.steps)
-            for name, path in quantize_ours(work).items()}
     worker = Path(__file__).parent / "peers" / "llamacpp_worker.py"
     run = subprocess.run([python, worker, str(bundled_gguf_path()), str(work), "--types", "Q8_0", "Q4_0",
                           "--batches", *map(str, args.batches), "--threads", str(args.threads),
@@ -123,10 +116,43 @@ def main() -> None:
                          capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"llama.cpp worker failed ({run.returncode}): {run.stderr[-2000:]}")
-    peer = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from quantdeploy.eval.report import machine_info
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of llama.cpp and ours; medians reported")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    python = ensure_llama_cpp()
+    work = Path(tempfile.mkdtemp(prefix="qd-engine-cpu-"))
+    loaded = {name: load_ours(path, args.batches, not args.no_compile, args.prompt_len, args.steps)
+              for name, path in quantize_ours(work).items()}
+    # A shared box's speed drifts by tens of percent over minutes: llama.cpp and ours take turns, each
+    # round's ratio is taken within the round, and the medians over rounds are reported.
+    peers, rounds = [], {name: [] for name in loaded}
+    for _ in range(args.rounds):
+        peers.append(run_peer(python, work, args))
+        for name, (engine, cfg, _) in loaded.items():
+            rounds[name].append(decode_ours(engine, cfg, args.batches))
+    median = statistics.median
+    ours = {name: {"ttft_ms": ttft, "decode": {b: median(r[b] for r in rounds[name]) for b in args.batches},
+                   "rounds": rounds[name]} for name, (_, _, ttft) in loaded.items()}
+    peer = {kind: {**peers[-1][kind], "decode": {str(b): median(p[kind]["decode"][str(b)] for p in peers)
+                                                 for b in args.batches}, "rounds": [p[kind]["decode"] for p in peers]}
+            for kind in ("Q8_0", "Q4_0")}
+    peer["llama_cpp_python"] = peers[-1]["llama_cpp_python"]
     pairs = {"int8": "Q8_0", "w8a8": "Q8_0", "int4": "Q4_0"}
     header = f"{'model':8s} {'TTFT ms':>8s} " + " ".join(f"{'b' + str(b) + ' tok/s':>11s}" for b in args.batches)
-    print(f"\nbundled SmolLM2-135M, CPU, {args.threads} threads, greedy decode, prompts ~{args.prompt_len} tokens")
+    print(f"\nbundled SmolLM2-135M, CPU, {args.threads} threads, greedy decode, prompts ~{args.prompt_len} tokens, "
+          f"median of {args.rounds} alternating rounds")
     print(header)
     for name, r in ours.items():
         print(f"{name:8s} {r['ttft_ms']:8.1f} " + " ".join(f"{r['decode'][b]:11.1f}" for b in args.batches))
@@ -134,8 +160,10 @@ def main() -> None:
         print(f"{kind:8s} {'':>8s} " + " ".join(f"{peer[kind]['decode'][str(b)]:11.1f}" for b in args.batches))
     ratios = {}
     for ours_name, kind in pairs.items():
-        ratios[f"{ours_name}/{kind}"] = {b: ours[ours_name]["decode"][b] / peer[kind]["decode"][str(b)] for b in args.batches}
-        print(f"{ours_name}/{kind}: " + ", ".join(f"batch {b} {r:.2f}x" for b, r in ratios[f'{ours_name}/{kind}'].items()))
+        ratios[f"{ours_name}/{kind}"] = {b: median(rounds[ours_name][i][b] / peers[i][kind]["decode"][str(b)]
+                                                   for i in range(args.rounds)) for b in args.batches}
+        print(f"{ours_name}/{kind} (median of the rounds' ratios): "
+              + ", ".join(f"batch {b} {r:.2f}x" for b, r in ratios[f'{ours_name}/{kind}'].items()))
     print(json.dumps({**machine_info(), "config": vars(args), "ours": ours, "llama_cpp": peer, "ratios": ratios}))
 
 

@@ -59,6 +59,19 @@ def test_native_kernels_match_the_reference(spec, n, m, seed, bias, outliers):
     assert (error <= _int16_bound(x, dequantize_weight(qw))).all()
 
 
+@pytest.mark.parametrize("spec", [s for s in NATIVE if s.dtype == "int4" and 576 % s.group_for(576) == 0],
+                         ids=lambda s: s.describe())
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_few_rows_over_blocks_that_the_fma_chains_do_not_divide(spec, m):
+    """One or two rows spread their blocks over four or two accumulators in turn: k = 576 (SmolLM2's
+    hidden size) is 18 blocks, two left after the turns of four, groups of 64 and 96 across turns."""
+    g = torch.Generator().manual_seed(m)
+    w, x = torch.randn(40, 576, generator=g), torch.randn(m, 576, generator=g)
+    qw = quantize_weight(w, spec)
+    error = (kernels.prepare(qw)(x, None) - reference.qlinear(x, qw, None)).abs()
+    assert (error <= _int16_bound(x, dequantize_weight(qw))).all()
+
+
 @pytest.mark.parametrize("spec", NATIVE)
 def test_the_kernel_layout_holds_exactly_the_checkpoints_weights(spec):
     qw = quantize_weight(torch.randn(24, 768, generator=torch.Generator().manual_seed(2)), spec)
