@@ -139,7 +139,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
          const int64_t* lengths, at::Tensor& y) {
   constexpr int D = 8 * V;
   const int64_t rows = q.size(0), heads = q.size(1);
-  const int64_t kv_heads = k_cache.size(1), block = k_cache.size(2), nb = table.size(1);
+  const int64_t kv_heads = k_cache.size(1), block = k_cache.size(2);
   const int rep = static_cast<int>(heads / kv_heads);
   const T* qp = q.data_ptr<T>();
   T* yp = y.data_ptr<T>();
