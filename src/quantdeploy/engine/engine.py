@@ -111,10 +111,11 @@ class Engine(Prefill):
                  prefill_chunk_tokens: int | None = PREFILL_CHUNK_TOKENS) -> None:
         """``compile``: torch.compile the decode step with CUDA graphs (default: on CUDA only).
         ``compile_options``: inductor options for it (default ``COMPILE_OPTIONS``). ``decode_attention``:
-        "split_kv" (``kernels/triton_attention.py``, ``kernels/cpu_attention.cpp``: each row reads only its own
-        positions; the default on CUDA with triton and on the CPU where our kernel serves the cache, else
-        compiled on the CPU past ``kv_cache.CPU_REDUCE_MAX_POSITIONS`` positions a row), "reduce" (``models.llama.reduce_attention`` over ``kv_len`` positions under a mask; the
-        default compiled on the CPU up to that many) or "sdpa" (the default otherwise).
+        "split_kv" (the cache's ``attend``: each row reads only its own positions, ``kernels/triton_attention.py``
+        on CUDA, ``kernels/cpu_attention.cpp`` on the CPU; the default on CUDA with triton and on the CPU
+        where our kernel serves the cache, else compiled on the CPU past ``kv_cache.CPU_REDUCE_MAX_POSITIONS``
+        positions a row), "reduce" (``models.llama.reduce_attention`` over ``kv_len`` positions under a mask;
+        the default compiled on the CPU up to that many, without our kernel) or "sdpa" (the default otherwise).
         ``buckets``: the batch sizes a decode step is padded to (default ``BUCKETS``); each is one
         compiled graph, so a server that must not stall on compiles mid-load can ask for one, e.g. (64,).
         ``max_prefill_tokens``: the most (padded) prompt tokens one prefill forward takes; sequences added

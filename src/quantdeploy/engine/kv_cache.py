@@ -214,12 +214,12 @@ class PagedKVCache(nn.Module):
 
 def choose_decode_attention(name: str | None, device: torch.device, compiled: bool, max_seq_len: int,
                             native_cpu: bool = False) -> str:
-    """The decode attention to run: ``name``, checked, or the default for ``device``: ``split_kv`` (the
-    cache's ``attend``: each row's own positions on CUDA, and on the CPU where the cache is ``native_cpu``
-    (our kernel, ``PagedKVCache.native``); else the longest row's on the CPU) on CUDA, on the CPU where
-    native, and for a compiled step on the CPU whose rows reserve more than ``CPU_REDUCE_MAX_POSITIONS``;
-    ``reduce`` (fused into the compiled step, over every reserved position) for a compiled CPU step with
-    fewer; else ``sdpa`` (over the longest row's positions, gathered)."""
+    """The decode attention to run: ``name``, checked, or the default for ``device``:
+    - ``split_kv`` (the cache's ``attend``) on CUDA and, where ``native_cpu`` (``PagedKVCache.native``: our
+      kernel serves the cache), on the CPU: each row's own positions;
+    - without our kernel, on the CPU: compiled, ``split_kv`` (the longest row's blocks per bucket) past
+      ``CPU_REDUCE_MAX_POSITIONS`` reserved positions a row and ``reduce`` (fused into the step, every
+      reserved position) up to it; eager, ``sdpa`` (over the longest row's positions, gathered)."""
     if name is None and native_cpu:  # 25 µs a layer at one row of 170 positions against 90 for "reduce"
         name = "split_kv"
     elif name is None and compiled and device.type == "cpu":
