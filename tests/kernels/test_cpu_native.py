@@ -82,7 +82,21 @@ def test_the_kernel_layout_holds_exactly_the_checkpoints_weights(spec):
     assert torch.allclose(prepared.kernel(x), dequantize_weight(qw)[:, :5].T, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("k", [64, 256, 576, 768])
+def test_the_kernel_order_interleaves_each_chunk_of_eight_blocks_and_keeps_the_rest(k):
+    order = cpu_native.kernel_order(k)
+    assert torch.equal(order.sort().values, torch.arange(k))  # a permutation
+    chunked = 256 * (k // 256)
+    assert torch.equal(order[chunked:], torch.arange(chunked, k))
+    if chunked:  # stored vector v (16 lanes): lane p holds value 2v + p % 2 of block p // 2
+        v, p = 3, torch.arange(16)
+        assert torch.equal(order[16 * v: 16 * v + 16], 32 * (p // 2) + 2 * v + p % 2)
+    codes = torch.randint(0, 16, (5, k), generator=torch.Generator().manual_seed(k), dtype=torch.uint8)
+    assert torch.equal(cpu_native.unpack_int4(cpu_native.repack_int4(codes)), codes)
+
+
 def test_repack_int4_puts_weight_j_and_16_plus_j_in_one_byte():
+    """Blocks past the chunks (here k = 64: no chunk) keep one byte per weights j and 16 + j."""
     codes = torch.arange(64, dtype=torch.uint8).remainder(16).reshape(1, 64)
     packed = cpu_native.repack_int4(codes)
     assert packed.shape == (1, 32)
