@@ -147,20 +147,27 @@ struct Groups {
     for (int64_t b = 0; b < blocks; ++b) of[b] = static_cast<int32_t>(b / r);
     spread = r == 1 ? kEach : r % kChunk == 0 ? kOne : r == 2 ? kPairs : r == 4 ? kQuads : kAny;
   }
-  // the weight scales of blocks b0 .. b0 + 7 (s: the channel's scales, one a group)
-  __m256 scales(const float* s, int64_t b0) const {
+  // the weight scales of blocks b0 .. b0 + 7 (s: the channel's fp16 scales, one a group)
+  __m256 scales(const uint16_t* s, int64_t b0) const {
     const int32_t g0 = of[b0];
     switch (spread) {
-      case kEach: return _mm256_loadu_ps(s + g0);
-      case kOne: return _mm256_set1_ps(s[g0]);
-      case kPairs: return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + g0)),
-                                                   _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-      case kQuads: return _mm256_permutevar8x32_ps(
-          _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + g0)))),
-          _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-      default:
-        if (of[b0 + kChunk - 1] == g0) return _mm256_set1_ps(s[g0]);
-        return _mm256_i32gather_ps(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(of.data() + b0)), 4);
+      case kEach: return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g0)));
+      case kOne: return _mm256_set1_ps(_cvtsh_ss(s[g0]));
+      case kPairs: return _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + g0)))),
+          _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+      case kQuads: {
+        int32_t two;
+        std::memcpy(&two, s + g0, 4);
+        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(two))),
+                                        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+      }
+      default: {
+        if (of[b0 + kChunk - 1] == g0) return _mm256_set1_ps(_cvtsh_ss(s[g0]));
+        alignas(32) float v[kChunk];
+        for (int i = 0; i < kChunk; ++i) v[i] = _cvtsh_ss(s[of[b0 + i]]);
+        return _mm256_load_ps(v);
+      }
     }
   }
   // the zero points of blocks b0 .. b0 + 7 (z: the channel's, one a group)
@@ -179,8 +186,10 @@ struct Groups {
 // of activation codes); converted (int4: |total| <= 32 x 15 x 32767 < 2^24, exact; int8's up to 2^27
 // round to fp32's 24 bits) and scaled by the eight activation scales times the eight weight scales with
 // one FMA. The blocks past the last chunk go one by one.
-template <int MT, bool Zeros, typename Codes>
-void channel(const int16_t* q, const float* sx, const int32_t* sums, int64_t k, const float* scales,
+enum class Zero { kNone, kEight, kGroup };  // int8 / symmetric int4 (codes 0..15 around 8) / a zero a group
+
+template <int MT, Zero Zeros, typename Codes>
+void channel(const int16_t* q, const float* sx, const int32_t* sums, int64_t k, const uint16_t* scales,
              const uint8_t* zeros, const Groups& groups, const Codes& codes, float* y, int64_t ldy) {
   const int64_t blocks = k / kBlock, in_chunks = chunked(k);
   __m256 acc[MT];
@@ -201,10 +210,11 @@ void channel(const int16_t* q, const float* sx, const int32_t* sums, int64_t k, 
     }
     const __m256 sw = groups.scales(scales, b0);
     __m256i z;
-    if constexpr (Zeros) z = groups.zeros(zeros, b0);
+    if constexpr (Zeros == Zero::kEight) z = _mm256_set1_epi32(8);
+    if constexpr (Zeros == Zero::kGroup) z = groups.zeros(zeros, b0);
     for (int m = 0; m < MT; ++m) {
       __m256i total = _mm256_add_epi32(dots[m][0], dots[m][1]);
-      if constexpr (Zeros)
+      if constexpr (Zeros != Zero::kNone)
         total = _mm256_sub_epi32(total, _mm256_mullo_epi32(z, _mm256_loadu_si256(
                                                                   reinterpret_cast<const __m256i*>(sums + m * blocks + b0))));
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(_mm256_loadu_ps(sx + m * blocks + b0), sw),
@@ -222,8 +232,9 @@ void channel(const int16_t* q, const float* sx, const int32_t* sums, int64_t k, 
       s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
       s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
       int32_t total = _mm_cvtsi128_si32(s);
-      if constexpr (Zeros) total -= int32_t{zeros[g]} * sums[m * blocks + b];
-      tail[m] += static_cast<float>(total) * (sx[m * blocks + b] * scales[g]);
+      if constexpr (Zeros != Zero::kNone)
+        total -= (Zeros == Zero::kEight ? 8 : int32_t{zeros[g]}) * sums[m * blocks + b];
+      tail[m] += static_cast<float>(total) * (sx[m * blocks + b] * _cvtsh_ss(scales[g]));
     }
   }
   for (int m = 0; m < MT; ++m) y[m * ldy] = hsum(acc[m]) + tail[m];
@@ -257,10 +268,10 @@ void for_channels(int64_t n, int64_t rows, Run&& run) {
   });
 }
 
-// The activations' codes, scales and block sums, then every channel through `codes_of(c)`; `zeros`
-// (one a group, uint8) for int4, null for int8.
-template <typename CodesOf>
-at::Tensor matmul(const at::Tensor& x, int64_t n, const float* scales, const uint8_t* zeros, int64_t group,
+// The activations' codes, scales and block sums, then every channel through `codes_of(c)`; `zeros`:
+// one a group (uint8) with Zero::kGroup, else null.
+template <Zero Zeros, typename CodesOf>
+at::Tensor matmul(const at::Tensor& x, int64_t n, const uint16_t* scales, const uint8_t* zeros, int64_t group,
                   CodesOf&& codes_of) {
   const int64_t rows = x.size(0), k = x.size(1), groups = k / group, blocks = k / kBlock;
   at::Tensor y = at::empty({rows, n}, x.options());
@@ -274,14 +285,9 @@ at::Tensor matmul(const at::Tensor& x, int64_t n, const float* scales, const uin
   quantize_rows(x.data_ptr<float>(), rows, k, q.data_ptr<int16_t>(), sx.data_ptr<float>(), sums.data_ptr<int32_t>());
   const Groups layout(blocks, group);
   for_channels(n, rows, [&](int64_t c, int64_t m, auto mt) {
-    constexpr int MT = decltype(mt)::value;
-    const float* sc = scales + c * groups;
-    float* out = yp + m * n + c;
-    if (zeros != nullptr)
-      channel<MT, true>(qp + m * k, sp + m * blocks, up + m * blocks, k, sc, zeros + c * groups, layout, codes_of(c),
-                        out, n);
-    else
-      channel<MT, false>(qp + m * k, sp + m * blocks, up + m * blocks, k, sc, nullptr, layout, codes_of(c), out, n);
+    channel<decltype(mt)::value, Zeros>(qp + m * k, sp + m * blocks, up + m * blocks, k, scales + c * groups,
+                                        zeros == nullptr ? nullptr : zeros + c * groups, layout, codes_of(c),
+                                        yp + m * n + c, n);
   });
   return y;
 }
@@ -301,8 +307,8 @@ inline void dequantize16(__m256i w, __m256 s0, __m256 z0, __m256 s1, __m256 z1, 
 // columns of y. The fp32 GEMM does 16 multiply-adds a cycle where the integer dots above do ~5 per row, and
 // dequantizing a block costs one pass over its codes.
 template <typename CodesOf>
-at::Tensor dense_blocks(const at::Tensor& x, const at::Tensor& order, int64_t n, const float* scales,
-                        const uint8_t* zeros, int64_t group, CodesOf&& codes_of) {
+at::Tensor dense_blocks(const at::Tensor& x, const at::Tensor& order, int64_t n, const uint16_t* scales,
+                        const uint8_t* zeros, int fixed_zero, int64_t group, CodesOf&& codes_of) {
   const int64_t rows = x.size(0), k = x.size(1), groups = k / group, blocks = k / kBlock, in_chunks = chunked(k);
   const at::Tensor xs = in_chunks > 0 ? x.index_select(1, order) : x;
   at::Tensor y = at::empty({rows, n}, x.options());
@@ -316,9 +322,11 @@ at::Tensor dense_blocks(const at::Tensor& x, const at::Tensor& order, int64_t n,
       for (int64_t c = c0; c < c1; ++c) {
         float* out = buffer.data_ptr<float>() + (c - c0) * k;
         const auto codes = codes_of(c);
-        const float* sc = scales + c * groups;
+        const uint16_t* sc = scales + c * groups;
         const uint8_t* zc = zeros != nullptr ? zeros + c * groups : nullptr;
-        auto scale_zero = [&](int64_t b, float& s, float& z) { s = sc[layout.of[b]], z = zc ? zc[layout.of[b]] : 0; };
+        auto scale_zero = [&](int64_t b, float& s, float& z) {
+          s = _cvtsh_ss(sc[layout.of[b]]), z = zc ? zc[layout.of[b]] : fixed_zero;
+        };
         for (int64_t b0 = 0; b0 < in_chunks; b0 += kChunk) {
           float s[kChunk], z[kChunk];  // lane p of a stored vector is block p / 2's
           for (int i = 0; i < kChunk; ++i) scale_zero(b0 + i, s[i], z[i]);
@@ -355,8 +363,8 @@ void check(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [m, k]");
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
   TORCH_CHECK(group > 0 && group % 32 == 0 && k % group == 0, "group ", group, " must be a multiple of 32 dividing ", k);
-  TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kFloat,
-              "codes and fp32 scales must be contiguous");
+  TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kHalf,
+              "codes and fp16 scales must be contiguous");
   TORCH_CHECK(scales.numel() == codes.size(0) * (k / group), "one scale per channel and group");
   TORCH_CHECK(order.scalar_type() == at::kLong && order.numel() == k, "order: int64 [k], the stored order (kernel_order)");
 }
@@ -365,12 +373,17 @@ at::Tensor w4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
                  const at::Tensor& order, int64_t group, bool blas) {
   const int64_t n = codes.size(0), k = 2 * codes.size(1);
   check(x, codes, scales, order, k, group);
+  const bool symmetric = zeros.numel() == 0;  // codes 0..15 around 8
   TORCH_CHECK(codes.scalar_type() == at::kByte && zeros.scalar_type() == at::kByte && zeros.is_contiguous() &&
-                  zeros.numel() == scales.numel(), "int4: uint8 codes [n, k/2] and uint8 zeros like the scales");
+                  (symmetric || zeros.numel() == scales.numel()),
+              "int4: uint8 codes [n, k/2] and uint8 zeros like the scales (none: symmetric, 8)");
   const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint8_t* zp = symmetric ? nullptr : zeros.data_ptr<uint8_t>();
   auto codes_of = [&](int64_t c) { return Int4Codes{cp + c * (k / 2)}; };
-  return blas ? dense_blocks(x, order, n, scales.data_ptr<float>(), zeros.data_ptr<uint8_t>(), group, codes_of)
-              : matmul(x, n, scales.data_ptr<float>(), zeros.data_ptr<uint8_t>(), group, codes_of);
+  if (blas) return dense_blocks(x, order, n, sp, zp, 8, group, codes_of);
+  return symmetric ? matmul<Zero::kEight>(x, n, sp, nullptr, group, codes_of)
+                   : matmul<Zero::kGroup>(x, n, sp, zp, group, codes_of);
 }
 
 at::Tensor w8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& order,
@@ -380,8 +393,9 @@ at::Tensor w8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
   TORCH_CHECK(codes.scalar_type() == at::kChar, "int8: int8 codes [n, k]");
   const int8_t* cp = codes.data_ptr<int8_t>();
   auto codes_of = [&](int64_t c) { return Int8Codes{cp + c * k}; };
-  return blas ? dense_blocks(x, order, n, scales.data_ptr<float>(), nullptr, group, codes_of)
-              : matmul(x, n, scales.data_ptr<float>(), nullptr, group, codes_of);
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  return blas ? dense_blocks(x, order, n, sp, nullptr, 0, group, codes_of)
+              : matmul<Zero::kNone>(x, n, sp, nullptr, group, codes_of);
 }
 
 // W8A8 int8 (SmoothQuant): each row of x quantized to int8 with its own scale, multiplied by the int8

@@ -35,8 +35,9 @@ Layouts, made once when a weight is prepared (the checkpoint keeps its canonical
 - int4: ``codes`` uint8 ``[n, k/2]``: a chunk as 128 bytes, byte ``i`` holding stored value ``i`` in its
   low nibble and ``128 + i`` in its high one; a block past the chunks as 16 bytes, byte ``j`` holding
   its weights ``j`` and ``16 + j`` (either unpacks with one mask and one shift); ``zeros`` uint8 per
-  group (8 for symmetric grids); ``scales`` fp32 per group.
-- int8, symmetric: ``codes`` int8 ``[n, k]`` (the stored code minus 128), ``scales`` fp32 per group or per
+  group (none for symmetric grids: 8); ``scales`` fp16 per group, as the checkpoint stores them (half the
+  bytes of fp32: at one row the codes and scales stream from memory, 4.5 bits a weight at g32).
+- int8, symmetric: ``codes`` int8 ``[n, k]`` (the stored code minus 128), ``scales`` fp16 per group or per
   channel.
 Groups must be multiples of 32 (per-channel int4 too: ``k`` a multiple of 32).
 
@@ -47,12 +48,13 @@ without one of them ``unavailable()`` names what is missing, it is logged once a
 weight goes to PyTorch's packed kernels instead (the layer reports backend ``cpu_packed``, not
 ``cpu_native``). ``QUANTDEPLOY_CPU_KERNELS=packed`` asks for the packed kernels (for comparisons).
 
-Rows: the integer dots cost ~7 instructions per block and row, so their time grows with the rows; from
+Rows: the integer dots cost ~4 instructions per block and row, so their time grows with the rows; from
 ``DENSE_FROM_ROWS`` rows (a prefill, a large batch) the same op dequantizes 128 channels at a time into an
 fp32 buffer per thread and multiplies it with BLAS (``at::mm_out``), exact fp32 weights and activations:
 the fp32 GEMM's speed without holding an fp32 copy. The thresholds are where that route overtook the dots
-on the bundled model's shapes (``benchmarks/cpu_kernels.py --sweep``, 2-core AVX2 EPYC: int8 48-128 rows,
-int4 24-32); there the route ran at 0.9-1.25x the time of the fp32 matmul on the unquantized weight.
+summed over the bundled model's layer shapes (``benchmarks/cpu_kernels.py --sweep``, 2-core AVX2 EPYC,
+with the chunked dots: int4 g32 at 48-64 rows, dense/dots 1.01 then 0.95; int8 at 96-128, 1.01 then 0.97);
+per shape the crossing moves by a factor of two either way (results/cpu-kernels-sweep-chunked-avx2.txt).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ ATTENTION_SOURCE = Path(__file__).with_name("cpu_attention.cpp")  # decode atten
 #: head sizes the decode-attention kernel is built for
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)
 #: rows of activations from which a call dequantizes and runs the dense matmul
-DENSE_FROM_ROWS = {"int8": 64, "int4": 32}
+DENSE_FROM_ROWS = {"int8": 128, "int4": 64}
 
 
 @functools.cache
@@ -148,7 +150,7 @@ def attends(dtype: torch.dtype, kv_quant: str | None, head_dim: int) -> bool:
 def supports(qw: QuantizedWeight) -> bool:
     spec, (n, k) = qw.spec, qw.shape
     group = spec.group_for(k)
-    if spec.activations is not None or group % 32 or k % group:
+    if spec.activations is not None or group % 32 or k % group or qw.tensors["scales"].dtype != torch.float16:
         return False
     if spec.dtype == "int8":
         return spec.symmetric
@@ -204,8 +206,9 @@ class NativeInt4(_Packed):
         self.group = qw.spec.group_for(k)
         self.order = kernel_order(k)
         self.codes = repack_int4(unpack_bits(qw.tensors["qweight"], 4, k))
-        self.scales = qw.tensors["scales"].float().contiguous()  # [n, k/G]
-        zeros = torch.full_like(self.scales, 8) if qw.spec.symmetric else qw.tensors["zeros"]
+        self.scales = qw.tensors["scales"].contiguous()  # [n, k/G] fp16, as stored
+        # symmetric: none (codes 0..15 around 8, not read per group)
+        zeros = torch.empty(0) if qw.spec.symmetric else qw.tensors["zeros"]
         self.zeros = zeros.to(torch.uint8).contiguous()
         self.dense_from = DENSE_FROM_ROWS["int4"]
 
@@ -222,7 +225,8 @@ class NativeInt4(_Packed):
         q = unpack_int4(self.codes)
         n, k = q.shape
         q = q.view(n, -1, self.group).to(dtype)
-        w = (q - self.zeros.unsqueeze(-1).to(dtype)) * self.scales.unsqueeze(-1).to(dtype)
+        zeros = self.zeros.view(n, -1) if self.zeros.numel() else torch.full_like(self.scales, 8)
+        w = (q - zeros.unsqueeze(-1).to(dtype)) * self.scales.unsqueeze(-1).to(dtype)
         return w.reshape(n, k)
 
 
@@ -235,7 +239,7 @@ class NativeInt8(_Packed):
         self.order = kernel_order(k)
         codes = (qw.tensors["qweight"].to(torch.int16) - 128).to(torch.int8)  # [n, k]
         self.codes = codes[:, self.order].contiguous()
-        self.scales = qw.tensors["scales"].float().contiguous()  # [n, k/G]
+        self.scales = qw.tensors["scales"].contiguous()  # [n, k/G] fp16, as stored
         self.dense_from = DENSE_FROM_ROWS["int8"]
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
