@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the kernels are written for x86 (AVX2); other CPUs take PyTorch's packed ones")
 
 NATIVE = [QuantSpec("int8", None), QuantSpec("int8", 32), QuantSpec("int8", 128), QuantSpec("int4", 32),
-          QuantSpec("int4", 64, symmetric=False), QuantSpec("int4", 96), QuantSpec("int4", 128),
-          QuantSpec("int4", 256, symmetric=False), QuantSpec("int4", None), QuantSpec("int4", None, symmetric=False)]
+          QuantSpec("int4", 32, symmetric=False), QuantSpec("int4", 64, symmetric=False), QuantSpec("int4", 96),
+          QuantSpec("int4", 128), QuantSpec("int4", 256, symmetric=False), QuantSpec("int4", None),
+          QuantSpec("int4", None, symmetric=False)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
