@@ -137,7 +137,8 @@ struct Int8Codes {
 };
 
 // How the groups of a weight meet chunks of kChunk blocks, worked out once a call (the same for every
-// channel): a chunk's weight scales (and zero points) come from one load, a broadcast, a permute or a gather.
+// channel): a chunk's weight scales (and zero points) come from one load, a broadcast, a permute or, for
+// groups that meet chunks unevenly (g96), eight scalar reads.
 struct Groups {
   enum Spread : uint8_t { kEach, kOne, kPairs, kQuads, kAny };  // a group a block / the chunk / two / four / other
   Spread spread;
